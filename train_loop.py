@@ -1,0 +1,890 @@
+"""An explicit causal-LM pretraining loop on Hugging Face Accelerate (+ DeepSpeed ZeRO), readable top to bottom.
+
+    python train_loop.py --max_steps 2                                     # one process, debugger-friendly
+    accelerate launch --config_file accelerate_configs/zero2.yaml train_loop.py [flags]
+
+`main()` is the outline of a run; each stage is a short function below it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import resource
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import data_utils
+from data_utils import DataArguments, DataError
+
+logger = logging.getLogger("train_loop")
+
+SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"]
+RUN_FILES = {"metrics.jsonl", "run_config.json", "swanlog", "logs"}  # what a run writes before its first checkpoint
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
+
+# Dense bf16/fp16 tensor-core peaks in TFLOP/s (not the 2:4-sparsity figures), matched against the device name.
+PEAK_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0), ("A100", 312.0),
+               ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
+               ("RTX 6000 Ada", 364.0), ("A6000", 155.0), ("4090", 165.0), ("3090", 71.0), ("V100", 125.0)]
+
+
+class UsageError(ValueError):
+    """A bad flag or combination of flags: a one-line message naming the flag and what to do."""
+
+
+# ======================================================================================================================
+# Arguments
+# ======================================================================================================================
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Continue training these weights (Hub name or local path), e.g. Qwen/Qwen2.5-1.5B."})
+    config_name: str | None = field(default=None, metadata={
+        "help": "Train from random initialisation with this config (Hub name, folder or config.json)."})
+    tokenizer_name: str | None = field(default=None, metadata={
+        "help": "Tokenizer (default: the model's or config's own)."})
+    config_overrides: str | None = field(default=None, metadata={
+        "help": "Comma-separated config changes, e.g. 'hidden_size=256,num_hidden_layers=4'."})
+    torch_dtype: str | None = field(default=None, metadata={
+        "help": "dtype of the loaded weights; keep float32 masters with --bf16/--fp16.",
+        "choices": ["auto", "bfloat16", "float16", "float32"]})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub."})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "Attention kernel: sdpa, eager, flash_attention_2 (default: the model's)."})
+
+
+@dataclass
+class TrainArguments:
+    output_dir: str = field(default="output/demo", metadata={"help": "Checkpoints, metrics and the final model."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start afresh in a non-empty output_dir (deletes its checkpoints) instead of resuming or refusing."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Blocks per device per micro-step."})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Blocks per device per eval step."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer step."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay; never applied to biases and norms."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables clipping)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training blocks."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides num_train_epochs when > 0."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Schedule after warmup.",
+                                                                "choices": SCHEDULERS})
+    lr_scheduler_kwargs: str | None = field(default=None, metadata={
+        "help": "JSON of extra schedule arguments, e.g. '{\"min_lr_rate\": 0.1}' for cosine_with_min_lr."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps (wins over warmup_ratio)."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Warmup as a fraction of all steps."})
+    logging_steps: int = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (default: save_steps)."})
+    save_steps: int = field(default=500, metadata={"help": "Checkpoint every N optimizer steps."})
+    save_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "A checkpoint folder or 'latest'. Default: resume from output_dir's newest complete checkpoint."})
+    seed: int = field(default=42, metadata={"help": "Seed of initialisation, data order and validation split."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision."})
+    fp16: bool = field(default=False, metadata={"help": "fp16 mixed precision with loss scaling (CUDA only)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
+    report_to: str = field(default="swanlab", metadata={"help": "swanlab or none.", "choices": ["swanlab", "none"]})
+    run_name: str | None = field(default=None, metadata={"help": "Name of the SwanLab experiment."})
+    swanlab_project: str = field(default="pretrain", metadata={"help": "SwanLab project."})
+    swanlab_mode: str | None = field(default=None, metadata={
+        "help": "online, local, offline or disabled (default: online with an API key, else local or offline).",
+        "choices": ["online", "local", "offline", "disabled"]})
+    peak_tflops: float | None = field(default=None, metadata={
+        "help": "Peak dense TFLOP/s of one device for MFU (default: looked up for known GPUs; none on CPU)."})
+    # Accepted for the chapter's pretrain.sh and TrainingArguments users.
+    deepspeed: str | None = field(default=None, metadata={"help": "A DeepSpeed JSON config, when the accelerate "
+                                                                   "config does not already name one."})
+    eval_strategy: str = field(default="steps", metadata={
+        "help": "no, steps or epoch.", "choices": ["no", "steps", "epoch"], "aliases": ["--evaluation_strategy"]})
+    save_strategy: str = field(default="steps", metadata={"help": "no, steps or epoch.",
+                                                          "choices": ["no", "steps", "epoch"]})
+    logging_strategy: str = field(default="steps", metadata={"help": "no, steps or epoch.",
+                                                             "choices": ["no", "steps", "epoch"]})
+    logging_dir: str | None = field(default=None, metadata={"help": "SwanLab's log folder (default: "
+                                                                    "<output_dir>/swanlog)."})
+    do_train: bool = field(default=False, metadata={"help": "Accepted for compatibility: this script trains."})
+    do_eval: bool = field(default=False, metadata={"help": "Accepted for compatibility: see --eval_strategy."})
+    local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; read from LOCAL_RANK."})
+
+
+DEMO_DEFAULTS = {  # applied when neither a model nor data is given, to fields the user left at their default
+    "block_size": 128, "learning_rate": 2e-3, "per_device_train_batch_size": 8, "warmup_steps": 10,
+    "logging_steps": 10, "save_steps": 100, "eval_steps": 50, "num_train_epochs": 1.0, "weight_decay": 0.0,
+    "gradient_accumulation_steps": 1,
+}
+DEMO_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
+    """Flags, or a single .yaml/.json file holding the same arguments."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
+    parser.error = lambda message: (_ for _ in ()).throw(UsageError(message))  # one line, no usage dump
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        path = Path(argv[0])
+        if not path.is_file():
+            raise UsageError(f"{path}: no such arguments file")
+        try:
+            parse = parser.parse_json_file if path.suffix == ".json" else parser.parse_yaml_file
+            model_args, data_args, train_args = parse(path)
+        except ValueError as error:
+            raise UsageError(f"{path}: {error}") from None
+    else:
+        model_args, data_args, train_args, unknown = parser.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True, look_for_args_file=False)
+        if unknown:
+            raise UsageError(f"unknown argument(s): {' '.join(unknown)}; see python train_loop.py --help")
+    if is_demo(model_args, data_args):
+        defaults = {f.name: f.default for cls in (DataArguments, TrainArguments) for f in fields(cls)}
+        for name, value in DEMO_DEFAULTS.items():
+            target = data_args if hasattr(data_args, name) else train_args
+            if getattr(target, name) == defaults[name]:
+                setattr(target, name, value)
+    validate_args(model_args, data_args, train_args)
+    return model_args, data_args, train_args
+
+
+def is_demo(model_args: ModelArguments, data_args: DataArguments) -> bool:
+    return not (model_args.model_name_or_path or model_args.config_name or data_args.train_files)
+
+
+def validate_args(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments) -> None:
+    checks = [
+        (args.bf16 and args.fp16, "--bf16 and --fp16: choose one"),
+        (args.fp16 and not torch.cuda.is_available(), "--fp16 needs a CUDA GPU; use --bf16 on CPU"),
+        (model_args.model_name_or_path and model_args.config_name,
+         "--model_name_or_path and --config_name: give one (weights to continue, or a config to start from)"),
+        (data_args.train_files is None and not is_demo(model_args, data_args),
+         "--train_files is required with a model (the demo corpus goes only with the demo model)"),
+        (args.per_device_train_batch_size < 1, "--per_device_train_batch_size must be at least 1"),
+        (args.per_device_eval_batch_size < 1, "--per_device_eval_batch_size must be at least 1"),
+        (args.gradient_accumulation_steps < 1, "--gradient_accumulation_steps must be at least 1"),
+        (args.learning_rate <= 0, "--learning_rate must be positive"),
+        (args.max_steps == 0 or (args.max_steps < 0 and args.num_train_epochs <= 0),
+         "--max_steps or --num_train_epochs must be positive"),
+        (args.warmup_steps < 0, "--warmup_steps must be >= 0"),
+        (not 0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
+        (args.logging_steps < 1, "--logging_steps must be at least 1"),
+        (args.save_steps < 1, "--save_steps must be at least 1"),
+        (args.eval_steps is not None and args.eval_steps < 1, "--eval_steps must be at least 1"),
+        (args.save_total_limit is not None and args.save_total_limit < 1, "--save_total_limit must be at least 1"),
+        (args.max_grad_norm < 0, "--max_grad_norm must be >= 0"),
+        (not 0 <= args.adam_beta1 < 1 or not 0 <= args.adam_beta2 < 1, "--adam_beta1/--adam_beta2 must be in [0, 1)"),
+        (data_args.block_size is not None and data_args.block_size < 2, "--block_size must be at least 2"),
+        (args.deepspeed is not None and not Path(args.deepspeed).is_file(),
+         f"--deepspeed {args.deepspeed}: no such file"),
+    ]
+    for failed, message in checks:
+        if failed:
+            raise UsageError(message)
+    if args.lr_scheduler_kwargs:
+        try:
+            assert isinstance(json.loads(args.lr_scheduler_kwargs), dict)
+        except (ValueError, AssertionError):
+            raise UsageError("--lr_scheduler_kwargs must be a JSON object, e.g. '{\"min_lr_rate\": 0.1}'") from None
+    if model_args.config_overrides:
+        parse_config_overrides(model_args.config_overrides)
+
+
+def parse_config_overrides(text: str) -> dict[str, Any]:
+    overrides = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--config_overrides: '{item}' is not key=value; write e.g. 'hidden_size=256'")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except ValueError:
+            overrides[key.strip()] = value
+    return overrides
+
+
+# ======================================================================================================================
+# Accelerator, data, model, optimizer
+# ======================================================================================================================
+
+def build_accelerator(args: TrainArguments):
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    plugin = None
+    if args.deepspeed:
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            raise UsageError("--deepspeed: the accelerate config already selects DeepSpeed; drop one of the two")
+        plugin = DeepSpeedPlugin(hf_ds_config=args.deepspeed)
+        if "LOCAL_RANK" not in os.environ:  # plain `python train_loop.py --deepspeed ...`: a world of one
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
+    handlers = []
+    if not torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))  # DeepSpeed/DDP on a CPU-only machine
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "no",
+        deepspeed_plugin=plugin,
+        kwargs_handlers=handlers,
+        step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimizer step itself
+    )
+    configure_logging(accelerator.is_main_process)
+    return accelerator
+
+
+def configure_logging(is_main_process: bool) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if is_main_process else logging.WARNING, force=True)
+    import datasets
+    import transformers
+    transformers.utils.logging.set_verbosity_warning() if is_main_process else \
+        transformers.utils.logging.set_verbosity_error()
+    datasets.utils.logging.set_verbosity_error()
+
+
+def deepspeed_config(accelerator) -> dict[str, Any] | None:
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin.deepspeed_config if plugin is not None else None
+
+
+def load_tokenizer(model_args: ModelArguments, data_args: DataArguments):
+    from transformers import AutoTokenizer
+
+    if is_demo(model_args, data_args):
+        corpus, tokenizer_dir = data_utils.ensure_demo_assets()
+        data_args.train_files = [str(corpus)]
+        return AutoTokenizer.from_pretrained(tokenizer_dir)
+    name = model_args.tokenizer_name or model_args.model_name_or_path or model_args.config_name
+    return AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+
+
+def build_config(model_args: ModelArguments, tokenizer):
+    from transformers import AutoConfig, Qwen2Config
+
+    if model_args.model_name_or_path or model_args.config_name:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path or model_args.config_name,
+                                            trust_remote_code=model_args.trust_remote_code)
+    else:
+        config = Qwen2Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                             bos_token_id=tokenizer.eos_token_id, **DEMO_MODEL)
+    for key, value in parse_config_overrides(model_args.config_overrides or "").items():
+        if not hasattr(config, key):
+            raise UsageError(f"--config_overrides: {type(config).__name__} has no '{key}'")
+        setattr(config, key, value)
+    return config
+
+
+def resolve_block_size(data_args: DataArguments, config) -> int:
+    limit = getattr(config, "max_position_embeddings", None)
+    if data_args.block_size is None:
+        data_args.block_size = min(2048, limit or 2048)
+    if limit is not None and data_args.block_size > limit:
+        raise UsageError(f"--block_size {data_args.block_size} exceeds the model's max_position_embeddings ({limit}); "
+                         f"lower it")
+    return data_args.block_size
+
+
+def build_model(model_args: ModelArguments, config, tokenizer, args: TrainArguments):
+    from transformers import AutoModelForCausalLM
+
+    if len(tokenizer) > config.vocab_size:
+        raise UsageError(f"--tokenizer_name: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{config.vocab_size}; use the model's tokenizer or raise vocab_size in --config_overrides")
+    dtype = model_args.torch_dtype if model_args.torch_dtype in (None, "auto") else getattr(torch, model_args.torch_dtype)
+    kwargs = {"trust_remote_code": model_args.trust_remote_code}
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if model_args.model_name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config,
+                                                     dtype=dtype or "float32", **kwargs)
+    else:
+        torch.manual_seed(args.seed)
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+        if dtype not in (None, "auto"):
+            model.to(dtype)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model
+
+
+def build_optimizer(model, args: TrainArguments, accelerator):
+    """AdamW without weight decay on biases and norm weights (the 1-D parameters); fused kernels where available."""
+    from accelerate.utils import DummyOptim
+
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    hyper = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    if "optimizer" in (deepspeed_config(accelerator) or {}):
+        return DummyOptim(groups, weight_decay=args.weight_decay, **hyper)
+    return torch.optim.AdamW(groups, fused=True, **hyper)
+
+
+def warmup_steps_of(args: TrainArguments, total_steps: int) -> int:
+    return args.warmup_steps if args.warmup_steps > 0 else math.ceil(args.warmup_ratio * total_steps)
+
+
+def build_scheduler(optimizer, args: TrainArguments, total_steps: int, accelerator):
+    from accelerate.utils import DummyScheduler
+    from transformers import get_scheduler
+
+    warmup = warmup_steps_of(args, total_steps)
+    if "scheduler" in (deepspeed_config(accelerator) or {}):
+        if deepspeed_config(accelerator)["scheduler"].get("type") == "WarmupLR":
+            logger.warning("the DeepSpeed config's WarmupLR warms up and then never decays the learning rate; "
+                           "remove its 'scheduler' block to use --lr_scheduler_type")
+        return DummyScheduler(optimizer, total_num_steps=total_steps, warmup_num_steps=warmup)
+    kwargs = json.loads(args.lr_scheduler_kwargs) if args.lr_scheduler_kwargs else {}
+    if args.lr_scheduler_type == "warmup_stable_decay":
+        kwargs.setdefault("num_decay_steps", max(1, (total_steps - warmup) // 10))
+    try:
+        return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                             num_training_steps=total_steps, scheduler_specific_kwargs=kwargs)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"--lr_scheduler_type {args.lr_scheduler_type} / --lr_scheduler_kwargs: {error}") from None
+
+
+def fill_deepspeed_config(accelerator, args: TrainArguments) -> None:
+    """Resolve the "auto" entries that Accelerate would otherwise fill with its own defaults."""
+    config = deepspeed_config(accelerator)
+    if config is None:
+        return
+    if config.get("gradient_clipping") == "auto":
+        config["gradient_clipping"] = args.max_grad_norm
+    for key, value in config.get("optimizer", {}).get("params", {}).items():
+        if value == "auto":
+            config["optimizer"]["params"][key] = {
+                "lr": args.learning_rate, "betas": [args.adam_beta1, args.adam_beta2], "eps": args.adam_epsilon,
+                "weight_decay": args.weight_decay}[key]
+
+
+# ======================================================================================================================
+# Checkpoints
+# ======================================================================================================================
+
+@dataclass
+class TrainState:
+    """Everything besides model/optimizer/schedule/RNG that a resumed run needs."""
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0
+    swanlab_run_id: str | None = None
+    num_processes: int = 1
+    distributed_type: str = "NO"
+    global_batch_blocks: int = 0
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (renamed from their temporary name), oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint folder, comparing it to the manifest written when it was completed."""
+    manifest_path = checkpoint / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError:
+        return "unreadable manifest"
+    for relative, size in manifest.items():
+        path = checkpoint / relative
+        if not path.is_file():
+            return f"missing {relative}"
+        if path.stat().st_size != size:
+            return f"truncated {relative} ({path.stat().st_size} of {size} bytes)"
+    return None
+
+
+def save_checkpoint(accelerator, state: TrainState, args: TrainArguments) -> Path:
+    """Every rank writes its part into checkpoint-N.tmp; the main process then renames it into place."""
+    output_dir = Path(args.output_dir)
+    final = output_dir / f"checkpoint-{state.step}"
+    temporary = output_dir / f"checkpoint-{state.step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))  # DeepSpeed's save has a barrier inside: every rank must call it
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (temporary / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
+        files = {str(p.relative_to(temporary)): p.stat().st_size for p in temporary.rglob("*") if p.is_file()}
+        (temporary / MANIFEST).write_text(json.dumps(files, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(temporary, final)
+        prune_checkpoints(output_dir, args.save_total_limit)
+        logger.info(f"saved {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
+    checkpoints = list_checkpoints(output_dir)
+    for old in checkpoints[: max(0, len(checkpoints) - limit)] if limit else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_resume_checkpoint(args: TrainArguments) -> Path | None:
+    """The checkpoint to resume from, after refusing an output_dir that holds foreign files."""
+    output_dir = Path(args.output_dir)
+    requested = args.resume_from_checkpoint
+    if requested and requested != "latest":
+        path = Path(requested)
+        if not path.is_dir():
+            raise UsageError(f"--resume_from_checkpoint {requested}: no such checkpoint folder")
+        damage = checkpoint_damage(path)
+        if damage:
+            raise UsageError(f"--resume_from_checkpoint {requested}: damaged checkpoint ({damage}); pick another")
+        return path
+    checkpoints = list_checkpoints(output_dir)
+    if args.overwrite_output_dir:
+        for checkpoint in checkpoints:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        return None
+    for checkpoint in reversed(checkpoints):
+        damage = checkpoint_damage(checkpoint)
+        if damage is None:
+            return checkpoint
+        logger.warning(f"checkpoint {checkpoint} is damaged ({damage}); falling back to the previous one")
+    if requested == "latest":
+        raise UsageError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
+    foreign = [p.name for p in output_dir.iterdir()
+               if p.name not in RUN_FILES and not p.name.startswith("checkpoint-")] if output_dir.is_dir() else []
+    if foreign:
+        raise UsageError(f"--output_dir {output_dir} holds other files ({', '.join(sorted(foreign)[:3])}) and no "
+                         f"checkpoint; pass --overwrite_output_dir or choose another folder")
+    return None
+
+
+def choose_checkpoint(accelerator, args: TrainArguments) -> Path | None:
+    """The main process decides (and may delete, with --overwrite_output_dir); every rank gets the same answer."""
+    from accelerate.utils import broadcast_object_list
+
+    choice: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            choice = [find_resume_checkpoint(args)]
+        except UsageError as error:
+            choice = [error]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(choice)
+    if isinstance(choice[0], UsageError):
+        raise choice[0]
+    return choice[0]
+
+
+def resume(accelerator, checkpoint: Path | None, state: TrainState) -> TrainState:
+    if checkpoint is None:
+        return state
+    saved = TrainState(**json.loads((checkpoint / TRAINER_STATE).read_text()))
+    zero = saved.distributed_type == "DEEPSPEED"
+    if zero and saved.num_processes != state.num_processes:
+        raise UsageError(f"--resume_from_checkpoint {checkpoint}: a ZeRO checkpoint of {saved.num_processes} "
+                         f"processes cannot load on {state.num_processes}; convert it with `python "
+                         f"{checkpoint}/pytorch_model/zero_to_fp32.py` (weights only) or DeepSpeed's "
+                         f"ds_to_universal.py, or resume with {saved.num_processes} processes")
+    if saved.global_batch_blocks != state.global_batch_blocks:
+        logger.warning(f"global batch changed from {saved.global_batch_blocks} to {state.global_batch_blocks} "
+                       f"blocks: the resumed data order will not match the interrupted run")
+    accelerator.load_state(str(checkpoint))
+    logger.info(f"resumed from {checkpoint} at step {saved.step} (epoch {saved.epoch}, step {saved.step_in_epoch})")
+    saved.num_processes, saved.distributed_type = state.num_processes, state.distributed_type
+    saved.global_batch_blocks = state.global_batch_blocks
+    return saved
+
+
+def save_final_model(accelerator, model, tokenizer, args: TrainArguments) -> None:
+    """A complete Hugging Face model (safetensors) under ZeRO-2/3 too: the state dict is gathered on every rank."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.config.use_cache = True
+        unwrapped.save_pretrained(args.output_dir, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(args.output_dir)
+        logger.info(f"saved the final model to {args.output_dir}")
+    accelerator.wait_for_everyone()
+
+
+# ======================================================================================================================
+# Metrics
+# ======================================================================================================================
+
+def flops_per_token(model, seq_len: int) -> int:
+    """6 x matmul parameters (all but the input embedding; a tied output projection still counts) + attention."""
+    config = model.config
+    params = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    tied = model.get_output_embeddings() is not None and \
+        model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    matmul_params = params if tied else params - embedding
+    return 6 * matmul_params + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+
+
+def device_peak_tflops(args: TrainArguments) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class MetricsLogger:
+    """Console/progress bar, <output_dir>/metrics.jsonl and SwanLab, on the main process only."""
+
+    def __init__(self, accelerator, args: TrainArguments, total_steps: int, state: TrainState,
+                 run_config: dict[str, Any]):
+        self.enabled = accelerator.is_main_process
+        self.path = Path(args.output_dir) / "metrics.jsonl"
+        self.swanlab = None
+        self.progress = None
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        (self.path.parent / "run_config.json").write_text(json.dumps(run_config, indent=1, default=str))
+        if state.step == 0 and self.path.exists():
+            self.path.unlink()  # a fresh start: old metrics belong to a run that made no checkpoint
+        self.progress = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+        if args.report_to == "swanlab":
+            self.swanlab = start_swanlab(args, state, run_config)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+        self.progress.write(shown)
+        if self.swanlab is not None:
+            self.swanlab.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+
+    def advance(self) -> None:
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.swanlab is not None:
+            self.swanlab.finish()
+
+
+def swanlab_mode(args: TrainArguments) -> str:
+    """online with an API key; otherwise local (needs swanboard for `swanlab watch`) or offline. Never a prompt."""
+    if args.swanlab_mode:
+        return args.swanlab_mode
+    if os.environ.get("SWANLAB_API_KEY"):
+        return "online"
+    try:
+        from swanlab.sdk.internal.settings import Settings
+        if Settings().api_key:
+            return "online"
+    except Exception:  # no saved login, or an unreadable settings file
+        pass
+    try:
+        import swanboard  # noqa: F401
+        return "local"
+    except ImportError:
+        return "offline"
+
+
+def start_swanlab(args: TrainArguments, state: TrainState, run_config: dict[str, Any]):
+    import uuid
+
+    os.environ.setdefault("SWANLAB_INTERACTIVE", "false")
+    import swanlab
+
+    state.swanlab_run_id = state.swanlab_run_id or uuid.uuid4().hex[:21]
+    swanlab.init(project=args.swanlab_project, name=args.run_name or Path(args.output_dir).name,
+                 log_dir=args.logging_dir or str(Path(args.output_dir) / "swanlog"), mode=swanlab_mode(args),
+                 id=state.swanlab_run_id, resume="allow", config=run_config)
+    return swanlab
+
+
+class StepTimer:
+    """Wall time and data-wait time between two logging steps, without synchronising the device."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.data_wait = 0.0
+        self.steps = 0
+
+    def timed_next(self, iterator):
+        begin = time.perf_counter()
+        batch = next(iterator, None)
+        self.data_wait += time.perf_counter() - begin
+        return batch
+
+
+def throughput(timer: StepTimer, tokens_per_step: int, num_devices: int, flops_token: int,
+               peak_tflops: float | None) -> dict[str, Any]:
+    seconds = max(time.perf_counter() - timer.start, 1e-9)
+    tokens_per_s = timer.steps * tokens_per_step / seconds
+    return {
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_device": tokens_per_s / num_devices,
+        "step_time_s": seconds / max(timer.steps, 1),
+        "data_wait_share": timer.data_wait / seconds,
+        "peak_mem_gb": peak_memory_gb(),
+        "mfu": flops_token * tokens_per_s / (num_devices * peak_tflops * 1e12) if peak_tflops else None,
+    }
+
+
+# ======================================================================================================================
+# The loop
+# ======================================================================================================================
+
+class StopRequest:
+    """SIGTERM/SIGINT ask the loop to finish the current optimizer step, save and exit."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, accelerator) -> bool:
+        """True on every rank once any rank was signalled (one tiny all-reduce per optimizer step when distributed)."""
+        if accelerator.num_processes == 1:
+            return self.signal_name is not None
+        if self.signal_name is not None:
+            accelerator.set_trigger()
+        return accelerator.check_trigger()
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def evaluate(accelerator, model, eval_loader) -> dict[str, float]:
+    """Mean token loss and perplexity over all validation blocks, gathered across processes."""
+    model.eval()
+    block_losses = []
+    with torch.no_grad():
+        for batch in eval_loader:
+            logits = model(input_ids=batch["input_ids"]).logits
+            per_token = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
+            block_losses.append(accelerator.gather_for_metrics(per_token.mean(dim=1)))
+    model.train()
+    loss = torch.cat(block_losses).mean().item()
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def grad_norm_of(accelerator, model, max_grad_norm: float):
+    """Clip (plain/DDP) or read DeepSpeed's norm; returns a tensor or float that is read only when logged."""
+    if accelerator.state.deepspeed_plugin is not None:
+        return None  # DeepSpeed clips inside its step; the norm is read after it
+    return accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+
+
+def train(accelerator, model, optimizer, scheduler, train_loader, eval_loader, state: TrainState,
+          total_steps: int, args: TrainArguments, metrics: MetricsLogger, block_size: int) -> str:
+    """Run optimizer steps until total_steps; returns why it ended: 'done' or the signal name."""
+    steps_per_epoch = len(train_loader) // args.gradient_accumulation_steps
+    tokens_per_step = state.global_batch_blocks * block_size
+    flops_token = flops_per_token(accelerator.unwrap_model(model), block_size)
+    peak_tflops = device_peak_tflops(args)
+    uses_deepspeed = accelerator.state.deepspeed_plugin is not None
+    eval_every = args.eval_steps or args.save_steps
+    stop = StopRequest()
+    timer = StepTimer()
+    loss_sum = torch.zeros((), device=accelerator.device)
+    micro_steps = 0
+    grad_norm = None
+    model.train()
+    while state.step < total_steps:
+        train_loader.set_epoch(state.epoch)
+        skip = state.step_in_epoch * args.gradient_accumulation_steps
+        # Skipping works on batch indices only: the skipped blocks are never read.
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        iterator = iter(loader)
+        while state.step < total_steps and (batch := timer.timed_next(iterator)) is not None:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = grad_norm_of(accelerator, model, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            micro_steps += 1
+            if not accelerator.sync_gradients:
+                continue
+            if not accelerator.optimizer_step_was_skipped:  # an fp16 overflow skips the step: the schedule waits
+                scheduler.step()
+            if uses_deepspeed:
+                grad_norm = model.get_global_grad_norm()
+            state.step += 1
+            state.step_in_epoch += 1
+            state.tokens_seen += tokens_per_step
+            timer.steps += 1
+            metrics.advance()
+            epoch_done = state.step_in_epoch == steps_per_epoch
+            last = state.step == total_steps
+            if should(args.logging_strategy, args.logging_steps, state.step, epoch_done) or last:
+                mean_loss = accelerator.reduce(loss_sum / micro_steps, reduction="mean").item()
+                if not math.isfinite(mean_loss):
+                    raise NonFiniteLoss(f"non-finite loss ({mean_loss}) at step {state.step}: stopping without "
+                                        f"saving; lower --learning_rate or use --bf16, then resume from the last "
+                                        f"checkpoint in {args.output_dir}")
+                state.elapsed_s += time.perf_counter() - timer.start
+                record = {"step": state.step, "epoch": round(state.epoch + state.step_in_epoch / steps_per_epoch, 4),
+                          "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": None if grad_norm is None else float(grad_norm),
+                          "tokens_seen": state.tokens_seen, "elapsed_s": round(state.elapsed_s, 3)}
+                record.update(throughput(timer, tokens_per_step, accelerator.num_processes, flops_token, peak_tflops))
+                metrics.log(record)
+                loss_sum.zero_()
+                micro_steps = 0
+                timer.reset()
+            if eval_loader is not None and (should(args.eval_strategy, eval_every, state.step, epoch_done) or last):
+                metrics.log({"step": state.step, **evaluate(accelerator, model, eval_loader)})
+            stopping = stop.agreed(accelerator)
+            if should(args.save_strategy, args.save_steps, state.step, epoch_done) or stopping:
+                check_finite_before_save(accelerator, loss_sum, micro_steps, state.step)
+                save_checkpoint(accelerator, state, args)
+            if stopping:
+                return stop.signal_name or "signal on another rank"
+            if epoch_done:
+                state.epoch += 1
+                state.step_in_epoch = 0
+                break
+    return "done"
+
+
+def should(strategy: str, every: int, step: int, epoch_done: bool) -> bool:
+    return (strategy == "steps" and step % every == 0) or (strategy == "epoch" and epoch_done)
+
+
+def check_finite_before_save(accelerator, loss_sum, micro_steps: int, step: int) -> None:
+    """Never write weights that have seen a non-finite loss over a good checkpoint."""
+    if micro_steps and not torch.isfinite(accelerator.reduce(loss_sum, reduction="sum")).item():
+        raise NonFiniteLoss(f"non-finite loss before the checkpoint of step {step}: stopping without saving; "
+                            f"lower --learning_rate, then resume from the last checkpoint")
+
+
+def print_sample(model, tokenizer, accelerator, prompt: str = "alice went to") -> None:
+    """A short greedy continuation, to see what the model learned."""
+    if accelerator.state.deepspeed_plugin is not None and \
+            accelerator.state.deepspeed_plugin.zero_stage == 3:
+        return  # generation under ZeRO-3 needs every rank in each forward; load the saved model instead
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.eval()
+    inputs = tokenizer(prompt, return_tensors="pt").to(accelerator.device)
+    with torch.no_grad():
+        output = unwrapped.generate(**inputs, max_new_tokens=40, do_sample=False,
+                                    pad_token_id=tokenizer.eos_token_id, use_cache=True)
+    logger.info(f"sample: {tokenizer.decode(output[0], skip_special_tokens=True)!r}")
+
+
+# ======================================================================================================================
+# The run
+# ======================================================================================================================
+
+def main(argv: list[str] | None = None) -> str:
+    model_args, data_args, args = parse_args(argv)
+    accelerator = build_accelerator(args)
+    torch.manual_seed(args.seed)
+
+    tokenizer = load_tokenizer(model_args, data_args)
+    config = build_config(model_args, tokenizer)
+    block_size = resolve_block_size(data_args, config)
+    with accelerator.main_process_first():  # the main process builds the cache, the others load it
+        data = data_utils.prepare_data(data_args, tokenizer, seed=args.seed)
+    logger.info(f"data: {json.dumps(data.stats)}")
+
+    global_batch_blocks = args.per_device_train_batch_size * accelerator.num_processes * \
+        args.gradient_accumulation_steps
+    train_loader = data_utils.build_train_dataloader(
+        data.train, args.per_device_train_batch_size, global_batch_blocks, args.seed,
+        data_args.dataloader_num_workers, data_args.dataloader_pin_memory and torch.cuda.is_available())
+    steps_per_epoch = len(data.train) // global_batch_blocks
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+
+    model = build_model(model_args, config, tokenizer, args)
+    logger.info(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+                f"{steps_per_epoch} steps per epoch, {total_steps} steps, {global_batch_blocks} blocks per step")
+    optimizer = build_optimizer(model, args, accelerator)
+    scheduler = build_scheduler(optimizer, args, total_steps, accelerator)
+
+    fill_deepspeed_config(accelerator, args)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    if args.torch_compile:
+        model = torch.compile(model)
+    eval_loader = None
+    if data.validation is not None and args.eval_strategy != "no":
+        eval_loader = accelerator.prepare_data_loader(data_utils.build_eval_dataloader(
+            data.validation, args.per_device_eval_batch_size))
+
+    state = TrainState(num_processes=accelerator.num_processes, distributed_type=str(accelerator.distributed_type.value),
+                       global_batch_blocks=global_batch_blocks)
+    state = resume(accelerator, choose_checkpoint(accelerator, args), state)
+    run_config = {"model": asdict(model_args), "data": asdict(data_args), "train": asdict(args),
+                  "num_processes": accelerator.num_processes, "total_steps": total_steps}
+    metrics = MetricsLogger(accelerator, args, total_steps, state, run_config)
+    try:
+        ended = train(accelerator, model, optimizer, scheduler, train_loader, eval_loader, state, total_steps, args,
+                      metrics, block_size)
+    finally:
+        metrics.close()
+    if ended != "done":
+        logger.warning(f"stopped by {ended} at step {state.step}; checkpoint saved in {args.output_dir}: "
+                       f"rerun the same command to resume")
+        return ended
+    save_final_model(accelerator, model, tokenizer, args)
+    print_sample(model, tokenizer, accelerator)
+    accelerator.end_training()
+    return ended
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (UsageError, DataError, NonFiniteLoss) as error:
+        sys.exit(f"error: {error}")
