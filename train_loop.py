@@ -678,8 +678,11 @@ class StopRequest:
 
     def __init__(self):
         self.signal_name: str | None = None
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._handle)
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     def _handle(self, signum, frame) -> None:
         if self.signal_name is not None and signum == signal.SIGINT:
@@ -722,7 +725,7 @@ def grad_norm_of(accelerator, model, max_grad_norm: float):
 
 
 def train(accelerator, model, optimizer, scheduler, train_loader, eval_loader, state: TrainState,
-          total_steps: int, args: TrainArguments, metrics: MetricsLogger, block_size: int) -> str:
+          total_steps: int, args: TrainArguments, metrics: MetricsLogger, block_size: int, stop: StopRequest) -> str:
     """Run optimizer steps until total_steps; returns why it ended: 'done' or the signal name."""
     steps_per_epoch = len(train_loader) // args.gradient_accumulation_steps
     tokens_per_step = state.global_batch_blocks * block_size
@@ -730,7 +733,6 @@ def train(accelerator, model, optimizer, scheduler, train_loader, eval_loader, s
     peak_tflops = device_peak_tflops(args)
     uses_deepspeed = accelerator.state.deepspeed_plugin is not None
     eval_every = args.eval_steps or args.save_steps
-    stop = StopRequest()
     timer = StepTimer()
     loss_sum = torch.zeros((), device=accelerator.device)
     micro_steps = 0
@@ -868,10 +870,12 @@ def main(argv: list[str] | None = None) -> str:
     run_config = {"model": asdict(model_args), "data": asdict(data_args), "train": asdict(args),
                   "num_processes": accelerator.num_processes, "total_steps": total_steps}
     metrics = MetricsLogger(accelerator, args, total_steps, state, run_config)
+    stop = StopRequest()
     try:
         ended = train(accelerator, model, optimizer, scheduler, train_loader, eval_loader, state, total_steps, args,
-                      metrics, block_size)
+                      metrics, block_size, stop)
     finally:
+        stop.restore()
         metrics.close()
     if ended != "done":
         logger.warning(f"stopped by {ended} at step {state.step}; checkpoint saved in {args.output_dir}: "

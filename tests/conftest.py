@@ -1,0 +1,97 @@
+"""Shared fixtures: a generated corpus, a tokenizer trained on it, a tiny model config, and run helpers."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data_utils  # noqa: E402
+
+TINY_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """corpus.jsonl (the demo generator), its BPE tokenizer, and a tiny Qwen2 config folder."""
+    from transformers import AutoTokenizer, Qwen2Config
+
+    root = tmp_path_factory.mktemp("assets")
+    corpus, tokenizer_dir = data_utils.ensure_demo_assets(root)
+    small = data_utils.write_demo_corpus(root / "small.jsonl", documents=800, seed=1)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config_dir = root / "tiny_config"
+    Qwen2Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, **TINY_MODEL).save_pretrained(config_dir)
+    return {"corpus": corpus, "small": small, "tokenizer": tokenizer_dir, "config": config_dir}
+
+
+def tiny_flags(assets, output_dir, cache_dir, *extra):
+    """Flags for a tiny fp32 run on the small corpus; later flags override earlier ones."""
+    return ["--config_name", str(assets["config"]), "--tokenizer_name", str(assets["tokenizer"]),
+            "--train_files", str(assets["small"]), "--data_cache_dir", str(cache_dir),
+            "--output_dir", str(output_dir), "--block_size", "64", "--report_to", "none",
+            "--per_device_train_batch_size", "2", "--learning_rate", "3e-3", "--warmup_steps", "3",
+            "--logging_steps", "1", "--save_steps", "1000", "--eval_steps", "1000", *map(str, extra)]
+
+
+def run_in_process(argv):
+    """train_loop.main in this process, with Accelerate's singletons reset between runs."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    import train_loop
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    try:
+        return train_loop.main(argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def launch_command(config, num_processes, argv, extra_launch=()):
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / config),
+            "--num_processes", str(num_processes), *extra_launch, str(ROOT / "train_loop.py"), *argv]
+
+
+def launch_env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["MASTER_PORT"] = str(free_port())
+    return env
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(config, num_processes, argv, timeout=300, extra_launch=()):
+    """`accelerate launch` from the repository root, as a user would; fails the test with the output's tail."""
+    env = launch_env()
+    command = launch_command(config, num_processes, argv,
+                             ("--main_process_port", env["MASTER_PORT"], *extra_launch))
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def read_metrics(output_dir):
+    """Training records by step (the last one written wins, as after a resume) and eval records."""
+    train, evals = {}, []
+    for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "eval_loss" in record:
+            evals.append(record)
+        else:
+            train[record["step"]] = record
+    return train, evals
