@@ -519,22 +519,19 @@ def write_demo_corpus(path: Path, documents: int = 6000, seed: int = 0) -> Path:
     return path
 
 
-def train_demo_tokenizer(corpus: Path, output_dir: Path, vocab_size: int = 384) -> Path:
-    """Train a byte-level BPE tokenizer with an <|endoftext|> EOS and save it as a transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def train_demo_tokenizer(corpus: Path, output_dir: Path, vocab_size: int = 512) -> Path:
+    """Train a Qwen2-style byte-level BPE tokenizer (EOS <|endoftext|>) on the corpus and save it.
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    It is a Qwen2Tokenizer, so that AutoTokenizer rebuilds the very same pipeline from a saved Qwen2 model folder.
+    """
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
     texts = (json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines())
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
-                                      pad_token="<|endoftext|>")
+    tokenizer = Qwen2Tokenizer().train_new_from_iterator(
+        texts, vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     temporary = output_dir.with_name(output_dir.name + f".tmp-{os.getpid()}")
-    wrapped.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
     try:
         os.rename(temporary, output_dir)
     except OSError:

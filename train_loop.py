@@ -229,9 +229,11 @@ def build_accelerator(args: TrainArguments):
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
     plugin = None
-    if args.deepspeed:
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-            raise UsageError("--deepspeed: the accelerate config already selects DeepSpeed; drop one of the two")
+    launched_with = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if args.deepspeed and launched_with and Path(launched_with).resolve() != Path(args.deepspeed).resolve():
+        raise UsageError(f"--deepspeed {args.deepspeed}: the accelerate config already selects {launched_with}; "
+                         f"drop one of the two")
+    if args.deepspeed and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         plugin = DeepSpeedPlugin(hf_ds_config=args.deepspeed)
         if "LOCAL_RANK" not in os.environ:  # plain `python train_loop.py --deepspeed ...`: a world of one
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -265,6 +267,16 @@ def deepspeed_config(accelerator) -> dict[str, Any] | None:
     return plugin.deepspeed_config if plugin is not None else None
 
 
+def from_hub(flag: str, name: str, loader, **kwargs):
+    """A Hub or local load whose failure names the flag instead of a traceback."""
+    try:
+        return loader(name, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"{flag} {name}: cannot be loaded ({first_line}); check the name, the path or the "
+                         f"network") from None
+
+
 def load_tokenizer(model_args: ModelArguments, data_args: DataArguments):
     from transformers import AutoTokenizer
 
@@ -272,16 +284,19 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments):
         corpus, tokenizer_dir = data_utils.ensure_demo_assets()
         data_args.train_files = [str(corpus)]
         return AutoTokenizer.from_pretrained(tokenizer_dir)
-    name = model_args.tokenizer_name or model_args.model_name_or_path or model_args.config_name
-    return AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+    flag, name = next((f, n) for f, n in (("--tokenizer_name", model_args.tokenizer_name),
+                                          ("--model_name_or_path", model_args.model_name_or_path),
+                                          ("--config_name", model_args.config_name)) if n)
+    return from_hub(flag, name, AutoTokenizer.from_pretrained, trust_remote_code=model_args.trust_remote_code)
 
 
 def build_config(model_args: ModelArguments, tokenizer):
     from transformers import AutoConfig, Qwen2Config
 
     if model_args.model_name_or_path or model_args.config_name:
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path or model_args.config_name,
-                                            trust_remote_code=model_args.trust_remote_code)
+        flag = "--model_name_or_path" if model_args.model_name_or_path else "--config_name"
+        config = from_hub(flag, model_args.model_name_or_path or model_args.config_name, AutoConfig.from_pretrained,
+                          trust_remote_code=model_args.trust_remote_code)
     else:
         config = Qwen2Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                              bos_token_id=tokenizer.eos_token_id, **DEMO_MODEL)
@@ -313,8 +328,8 @@ def build_model(model_args: ModelArguments, config, tokenizer, args: TrainArgume
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
     if model_args.model_name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config,
-                                                     dtype=dtype or "float32", **kwargs)
+        model = from_hub("--model_name_or_path", model_args.model_name_or_path,
+                         AutoModelForCausalLM.from_pretrained, config=config, dtype=dtype or "float32", **kwargs)
     else:
         torch.manual_seed(args.seed)
         model = AutoModelForCausalLM.from_config(config, **kwargs)

@@ -60,7 +60,7 @@ def test_validation_split_holds_out_whole_documents(assets, tokenizer, tmp_path)
 
 
 def test_dtype_is_the_narrowest_that_fits(assets, tokenizer, tmp_path):
-    assert data_utils.token_dtype(384) == np.uint16
+    assert data_utils.token_dtype(387) == np.uint16
     assert data_utils.token_dtype(65_536) == np.uint16
     assert data_utils.token_dtype(65_537) == np.int32
     assert data_utils.token_dtype(151_936) == np.int32

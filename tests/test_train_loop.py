@@ -1,0 +1,218 @@
+"""train_loop on one process: a real tiny run, the schedule, accumulation, the chapter's flags, bad arguments."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_loop
+from conftest import ROOT, read_metrics, run_in_process, tiny_flags
+from train_loop import UsageError
+
+METRIC_KEYS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "elapsed_s"}
+
+
+def cosine_lr(step, peak, warmup, total):
+    """The learning rate after `step` optimizer steps: linear warmup, then half a cosine down to zero."""
+    if step < warmup:
+        return peak * step / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(assets, tmp_path_factory):
+    output = tmp_path_factory.mktemp("tiny_run")
+    run_in_process(tiny_flags(assets, output, output.parent / "cache", "--max_steps", 40, "--eval_steps", 20,
+                              "--validation_split_percentage", 10, "--per_device_eval_batch_size", 3))
+    return output
+
+
+def test_loss_falls_and_metrics_have_the_schema(tiny_run):
+    train, evals = read_metrics(tiny_run)
+    assert sorted(train) == list(range(1, 41))
+    for record in train.values():
+        assert METRIC_KEYS <= record.keys()
+        assert record["tokens_seen"] == record["step"] * 2 * 64
+    assert train[40]["loss"] < train[1]["loss"] - 1.0
+    assert [e["step"] for e in evals] == [20, 40]
+    for record in evals:
+        assert {"step", "eval_loss", "perplexity"} <= record.keys()
+        assert record["perplexity"] == pytest.approx(math.exp(record["eval_loss"]))
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
+
+
+def test_lr_follows_the_schedule_formula(tiny_run):
+    train, _ = read_metrics(tiny_run)
+    for step, record in train.items():
+        assert record["lr"] == pytest.approx(cosine_lr(step, 3e-3, 3, 40), abs=1e-12), step
+
+
+def test_final_model_reloads_and_matches_last_eval(tiny_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import data_utils
+
+    config = json.loads((tiny_run / "run_config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run)
+    data_args = data_utils.DataArguments(**config["data"])
+    validation = np.asarray(data_utils.prepare_data(data_args, tokenizer, seed=42).validation)
+    model = AutoModelForCausalLM.from_pretrained(tiny_run).eval()
+    with torch.no_grad():
+        ids = torch.from_numpy(validation.astype(np.int64))
+        logits = model(input_ids=ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:]).item()
+    _, evals = read_metrics(tiny_run)
+    assert loss == pytest.approx(evals[-1]["eval_loss"], abs=1e-4)
+    generated = model.generate(ids[:1, :8], max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, 13)
+
+
+def test_gradient_accumulation_is_equivalent(assets, tmp_path):
+    """Micro-batch 2 x GA 4 and micro-batch 8 x GA 1 see the same blocks and give the same losses (fp32)."""
+    losses = {}
+    for micro, accumulation in ((2, 4), (8, 1)):
+        output = tmp_path / f"mb{micro}"
+        run_in_process(tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 6,
+                                  "--per_device_train_batch_size", micro,
+                                  "--gradient_accumulation_steps", accumulation))
+        losses[micro] = [record["loss"] for record in read_metrics(output)[0].values()]
+    np.testing.assert_allclose(losses[2], losses[8], rtol=0, atol=1e-5)
+    assert len(losses[2]) == 6
+
+
+def test_chapter_pretrain_sh_flags_parse_and_run(assets, tmp_path):
+    """pretrain.sh's flags with tiny local paths and sizes, its DeepSpeed config (AdamW + WarmupLR) included."""
+    ds_config = tmp_path / "chapter_ds_config.json"
+    ds_config.write_text(json.dumps({
+        "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16},
+        "bf16": {"enabled": "auto"},
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                  "weight_decay": "auto"}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                     "warmup_num_steps": "auto"}},
+        "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True},
+        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto"}))
+    output = tmp_path / "pretrain"
+    flags = ["--config_name", assets["config"], "--tokenizer_name", assets["tokenizer"],
+             "--train_files", assets["small"], "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 2,
+             "--do_train", "--output_dir", output, "--evaluation_strategy", "no", "--learning_rate", "1e-3",
+             "--num_train_epochs", 1, "--warmup_steps", 5, "--logging_dir", output / "logs",
+             "--logging_strategy", "steps", "--logging_steps", 5, "--save_strategy", "steps", "--save_steps", 20,
+             "--preprocessing_num_workers", 2, "--save_total_limit", 1, "--seed", 12, "--block_size", 64, "--bf16",
+             "--gradient_checkpointing", "--deepspeed", ds_config, "--report_to", "swanlab",
+             "--data_cache_dir", tmp_path / "cache", "--local_rank=0"]
+    result = subprocess.run([sys.executable, str(ROOT / "train_loop.py"), *map(str, flags)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=400, env=_env_without_swanlab_key())
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "WarmupLR warms up and then never decays" in result.stderr
+    train, evals = read_metrics(output)
+    assert evals == [] and len(train) >= 5
+    last = max(train)
+    assert train[last]["lr"] == pytest.approx(1e-3)  # WarmupLR: flat after warmup, as warned
+    assert (output / "model.safetensors").is_file() and (output / "logs").is_dir()
+    assert last > 40  # two checkpoints were written, and --save_total_limit 1 kept the newest
+    assert [p.name for p in output.glob("checkpoint-*")] == [f"checkpoint-{last // 20 * 20}"]
+
+
+def _env_without_swanlab_key():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "SWANLAB_API_KEY"}
+    env.update(SWANLAB_INTERACTIVE="false", PYTHONUNBUFFERED="1")
+    return env
+
+
+def test_arguments_from_a_yaml_file(assets, tmp_path):
+    flags = tiny_flags(assets, tmp_path / "out", tmp_path / "cache", "--max_steps", 2)
+    values = {}
+    for key, value in zip(flags[::2], flags[1::2]):
+        values[key.lstrip("-")] = [value] if key == "--train_files" else value
+    path = tmp_path / "args.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(values))
+    model_args, data_args, args = train_loop.parse_args([str(path)])
+    assert args.max_steps == 2 and data_args.block_size == 64 and model_args.config_name == str(assets["config"])
+    path.write_text(yaml.safe_dump({**values, "not_a_flag": 1}))
+    with pytest.raises(UsageError, match="not_a_flag"):
+        train_loop.parse_args([str(path)])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad arguments: one line naming the flag
+# ---------------------------------------------------------------------------------------------------------------------
+
+BAD_ARGUMENTS = [
+    (["--no_such_flag", "1"], "unknown argument(s): --no_such_flag"),
+    (["--bf16", "--fp16"], "--bf16 and --fp16"),
+    (["--model_name_or_path", "x", "--config_name", "y"], "--model_name_or_path and --config_name"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps"),
+    (["--max_steps", "0"], "--max_steps or --num_train_epochs"),
+    (["--warmup_ratio", "1.5"], "--warmup_ratio"),
+    (["--learning_rate", "-1"], "--learning_rate"),
+    (["--lr_scheduler_type", "sawtooth"], "sawtooth"),
+    (["--lr_scheduler_kwargs", "{oops"], "--lr_scheduler_kwargs"),
+    (["--config_overrides", "hidden_size"], "--config_overrides"),
+    (["--config_overrides", "no_such_field=3"], "no_such_field"),
+    (["--deepspeed", "missing.json"], "--deepspeed missing.json"),
+    (["--block_size", "4096"], "--block_size 4096 exceeds the model's max_position_embeddings (256)"),
+    (["--config_overrides", "vocab_size=100"], "but the model's vocab_size is 100"),
+    (["--resume_from_checkpoint", "nowhere/checkpoint-3"], "--resume_from_checkpoint nowhere/checkpoint-3"),
+    (["--eval_strategy", "sometimes"], "sometimes"),
+]
+
+
+@pytest.mark.parametrize("extra,expected", BAD_ARGUMENTS, ids=[b[1][:30] for b in BAD_ARGUMENTS])
+def test_bad_argument_gets_one_line(assets, tmp_path, extra, expected):
+    with pytest.raises(UsageError) as raised:
+        run_in_process(tiny_flags(assets, tmp_path / "out", tmp_path / "cache", "--max_steps", 1, *extra))
+    assert expected in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_fp16_on_cpu_is_refused(assets, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(UsageError, match="--fp16 needs a CUDA GPU"):
+        run_in_process(tiny_flags(assets, tmp_path / "out", tmp_path / "cache", "--fp16"))
+
+
+def test_foreign_output_dir_is_refused(assets, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="--output_dir .* holds other files .*--overwrite_output_dir"):
+        run_in_process(tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 1))
+    run_in_process(tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 1, "--overwrite_output_dir"))
+    assert (output / "notes.txt").exists() and (output / "model.safetensors").exists()
+
+
+def test_command_line_error_is_one_line_without_traceback(assets, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train_loop.py"), "--train_files", str(tmp_path / "none*.jsonl"),
+                             "--config_name", str(assets["config"]), "--tokenizer_name", str(assets["tokenizer"]),
+                             "--report_to", "none", "--output_dir", str(tmp_path / "o")],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and "--train_files" in lines[0] and "matches no file" in lines[0]
+
+
+def test_missing_local_model_names_the_flag(tmp_path):
+    with pytest.raises(UsageError, match="--config_name .*cannot be loaded"):
+        run_in_process(["--config_name", str(tmp_path / "no_model_here"), "--train_files", "x.jsonl"])
+
+
+def test_bad_data_is_reported_before_training(assets, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{broken\n')
+    from data_utils import DataError
+
+    with pytest.raises(DataError, match=f"{bad}:2: malformed JSON"):
+        run_in_process(tiny_flags(assets, tmp_path / "out", tmp_path / "cache", "--train_files", bad))
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
