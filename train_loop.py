@@ -142,19 +142,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     parser.error = lambda message: (_ for _ in ()).throw(UsageError(message))  # one line, no usage dump
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
-        path = Path(argv[0])
-        if not path.is_file():
-            raise UsageError(f"{path}: no such arguments file")
-        try:
-            parse = parser.parse_json_file if path.suffix == ".json" else parser.parse_yaml_file
-            model_args, data_args, train_args = parse(path)
-        except ValueError as error:
-            raise UsageError(f"{path}: {error}") from None
-    else:
-        model_args, data_args, train_args, unknown = parser.parse_args_into_dataclasses(
-            args=argv, return_remaining_strings=True, look_for_args_file=False)
-        if unknown:
-            raise UsageError(f"unknown argument(s): {' '.join(unknown)}; see python train_loop.py --help")
+        argv = args_file_to_argv(Path(argv[0]))
+    model_args, data_args, train_args, unknown = parser.parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True, look_for_args_file=False)
+    if unknown:
+        raise UsageError(f"unknown argument(s): {' '.join(unknown)}; see python train_loop.py --help")
     if is_demo(model_args, data_args):
         defaults = {f.name: f.default for cls in (DataArguments, TrainArguments) for f in fields(cls)}
         for name, value in DEMO_DEFAULTS.items():
@@ -163,6 +155,27 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
                 setattr(target, name, value)
     validate_args(model_args, data_args, train_args)
     return model_args, data_args, train_args
+
+
+def args_file_to_argv(path: Path) -> list[str]:
+    """A YAML or JSON mapping of flag names to values, turned into flags so that it is checked like them."""
+    import yaml
+
+    if not path.is_file():
+        raise UsageError(f"{path}: no such arguments file")
+    try:
+        values = (json.loads if path.suffix == ".json" else yaml.safe_load)(path.read_text())
+    except (ValueError, yaml.YAMLError) as error:
+        raise UsageError(f"{path}: not valid {path.suffix[1:].upper()} ({str(error).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"{path}: expected a mapping of argument names to values")
+    argv = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        argv.append(f"--{key}")
+        argv.extend(map(str, value) if isinstance(value, list) else [str(value)])
+    return argv
 
 
 def is_demo(model_args: ModelArguments, data_args: DataArguments) -> bool:
