@@ -57,7 +57,9 @@ class DataArguments:
                                        "--validation_files is not given (0 disables evaluation)."},
     )
     text_column: str = field(default="text", metadata={"help": "Field holding the document text in JSON and Parquet."})
-    block_size: int = field(default=512, metadata={"help": "Tokens per training block (sequence length)."})
+    block_size: int | None = field(default=None, metadata={
+        "help": "Tokens per training block (sequence length). Training default: min(2048, the model's "
+                "max_position_embeddings); required by `python data_utils.py`."})
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Threads for tokenization (default: all cores)."},
     )
@@ -360,7 +362,7 @@ def set_tokenizer_threads(num_workers: int | None) -> None:
 def prepare_data(args: DataArguments, tokenizer: Any, seed: int = 42) -> PackedData:
     """Load the packed blocks from the cache, or build and cache them."""
     start = time.perf_counter()
-    if args.block_size < 2:
+    if args.block_size is None or args.block_size < 2:
         raise DataError(f"--block_size {args.block_size}: must be at least 2")
     if not 0 <= args.validation_split_percentage < 100:
         raise DataError(f"--validation_split_percentage {args.validation_split_percentage}: must be in [0, 100)")

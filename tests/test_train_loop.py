@@ -195,7 +195,7 @@ def test_foreign_output_dir_is_refused(assets, tmp_path):
 def test_command_line_error_is_one_line_without_traceback(assets, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "train_loop.py"), "--train_files", str(tmp_path / "none*.jsonl"),
                              "--config_name", str(assets["config"]), "--tokenizer_name", str(assets["tokenizer"]),
-                             "--report_to", "none", "--output_dir", str(tmp_path / "o")],
+                             "--report_to", "none", "--output_dir", str(tmp_path / "o"), "--block_size", "64"],
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode != 0
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
