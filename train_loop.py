@@ -127,7 +127,7 @@ class TrainArguments:
 
 DEMO_DEFAULTS = {  # applied when neither a model nor data is given, to fields the user left at their default
     "block_size": 128, "learning_rate": 2e-3, "per_device_train_batch_size": 8, "warmup_steps": 10,
-    "logging_steps": 10, "save_steps": 100, "eval_steps": 50, "num_train_epochs": 1.0, "weight_decay": 0.0,
+    "logging_steps": 10, "save_steps": 100, "eval_steps": 50, "num_train_epochs": 3.0, "weight_decay": 0.0,
     "gradient_accumulation_steps": 1,
 }
 DEMO_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -251,8 +251,10 @@ def build_accelerator(args: TrainArguments):
         if "LOCAL_RANK" not in os.environ:  # plain `python train_loop.py --deepspeed ...`: a world of one
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
+    uses_deepspeed = plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    launched = "LOCAL_RANK" in os.environ
     handlers = []
-    if not torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+    if not torch.cuda.is_available() and launched:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))  # DeepSpeed/DDP on a CPU-only machine
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -260,7 +262,13 @@ def build_accelerator(args: TrainArguments):
         deepspeed_plugin=plugin,
         kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimizer step itself
+        # Without CUDA, Accelerate makes DDP across processes (MULTI_CPU) only when told it runs on the CPU;
+        # `cpu=True` would drop a DeepSpeed plugin, so it is set only for runs without DeepSpeed.
+        cpu=not torch.cuda.is_available() and launched and not uses_deepspeed,
     )
+    if accelerator.num_processes > 1 and accelerator.distributed_type.value == "NO":
+        raise UsageError(f"{accelerator.num_processes} processes but no distributed backend: they would train "
+                         f"independently; check the accelerate config's distributed_type")
     configure_logging(accelerator.is_main_process)
     return accelerator
 
@@ -273,6 +281,7 @@ def configure_logging(is_main_process: bool) -> None:
     transformers.utils.logging.set_verbosity_warning() if is_main_process else \
         transformers.utils.logging.set_verbosity_error()
     datasets.utils.logging.set_verbosity_error()
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
 
 
 def deepspeed_config(accelerator) -> dict[str, Any] | None:
@@ -373,17 +382,11 @@ def warmup_steps_of(args: TrainArguments, total_steps: int) -> int:
     return args.warmup_steps if args.warmup_steps > 0 else math.ceil(args.warmup_ratio * total_steps)
 
 
-def build_scheduler(optimizer, args: TrainArguments, total_steps: int, accelerator):
-    from accelerate.utils import DummyScheduler
+def build_scheduler(optimizer, args: TrainArguments, total_steps: int):
     from transformers import get_scheduler
 
-    warmup = warmup_steps_of(args, total_steps)
-    if "scheduler" in (deepspeed_config(accelerator) or {}):
-        if deepspeed_config(accelerator)["scheduler"].get("type") == "WarmupLR":
-            logger.warning("the DeepSpeed config's WarmupLR warms up and then never decays the learning rate; "
-                           "remove its 'scheduler' block to use --lr_scheduler_type")
-        return DummyScheduler(optimizer, total_num_steps=total_steps, warmup_num_steps=warmup)
     kwargs = json.loads(args.lr_scheduler_kwargs) if args.lr_scheduler_kwargs else {}
+    warmup = warmup_steps_of(args, total_steps)
     if args.lr_scheduler_type == "warmup_stable_decay":
         kwargs.setdefault("num_decay_steps", max(1, (total_steps - warmup) // 10))
     try:
@@ -391,6 +394,26 @@ def build_scheduler(optimizer, args: TrainArguments, total_steps: int, accelerat
                              num_training_steps=total_steps, scheduler_specific_kwargs=kwargs)
     except (TypeError, ValueError) as error:
         raise UsageError(f"--lr_scheduler_type {args.lr_scheduler_type} / --lr_scheduler_kwargs: {error}") from None
+
+
+def prepare(accelerator, model, optimizer, train_loader, args: TrainArguments, total_steps: int):
+    """Wrap everything for the launch's layout (DDP, ZeRO-2/3 or one process); returns the prepared four."""
+    from accelerate.utils import DummyScheduler
+
+    fill_deepspeed_config(accelerator, args)
+    ds_scheduler = (deepspeed_config(accelerator) or {}).get("scheduler")
+    if ds_scheduler is not None:  # the user's DeepSpeed config owns the schedule (the chapter's does)
+        if ds_scheduler.get("type") == "WarmupLR":
+            logger.warning("the DeepSpeed config's WarmupLR warms up and then never decays the learning rate; "
+                           "remove its 'scheduler' block to use --lr_scheduler_type")
+        scheduler = DummyScheduler(optimizer, total_num_steps=total_steps,
+                                   warmup_num_steps=warmup_steps_of(args, total_steps))
+        return accelerator.prepare(model, optimizer, train_loader, scheduler)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    # Built on the prepared optimizer, whose parameter groups ZeRO-3 has rebuilt. With
+    # step_scheduler_with_optimizer=False, Accelerate's wrapper steps it exactly once per call.
+    scheduler = accelerator.prepare_scheduler(build_scheduler(optimizer, args, total_steps))
+    return model, optimizer, train_loader, scheduler
 
 
 def fill_deepspeed_config(accelerator, args: TrainArguments) -> None:
@@ -600,6 +623,7 @@ class MetricsLogger:
         self.path = Path(args.output_dir) / "metrics.jsonl"
         self.swanlab = None
         self.progress = None
+        self.losses: list[tuple[int, float]] = []  # (step, loss) of this process's logged steps
         if not self.enabled:
             return
         from tqdm.auto import tqdm
@@ -615,6 +639,8 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        if "loss" in record:
+            self.losses.append((record["step"], record["loss"]))
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
@@ -629,6 +655,9 @@ class MetricsLogger:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.close()
+        if len(self.losses) >= 2:
+            (first_step, first), (last_step, last) = self.losses[0], self.losses[-1]
+            logger.info(f"loss {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
         if self.swanlab is not None:
             self.swanlab.finish()
 
@@ -881,10 +910,8 @@ def main(argv: list[str] | None = None) -> str:
     logger.info(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                 f"{steps_per_epoch} steps per epoch, {total_steps} steps, {global_batch_blocks} blocks per step")
     optimizer = build_optimizer(model, args, accelerator)
-    scheduler = build_scheduler(optimizer, args, total_steps, accelerator)
-
-    fill_deepspeed_config(accelerator, args)
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    model, optimizer, train_loader, scheduler = prepare(accelerator, model, optimizer, train_loader, args,
+                                                        total_steps)
     if args.torch_compile:
         model = torch.compile(model)
     eval_loader = None

@@ -25,10 +25,11 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
     corpus, tokenizer_dir = data_utils.ensure_demo_assets(root)
     small = data_utils.write_demo_corpus(root / "small.jsonl", documents=800, seed=1)
+    tiny = data_utils.write_demo_corpus(root / "tiny.jsonl", documents=120, seed=2)  # ~8 steps of 8 blocks
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config_dir = root / "tiny_config"
     Qwen2Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, **TINY_MODEL).save_pretrained(config_dir)
-    return {"corpus": corpus, "small": small, "tokenizer": tokenizer_dir, "config": config_dir}
+    return {"corpus": corpus, "small": small, "tiny": tiny, "tokenizer": tokenizer_dir, "config": config_dir}
 
 
 def tiny_flags(assets, output_dir, cache_dir, *extra):
@@ -95,3 +96,28 @@ def read_metrics(output_dir):
         else:
             train[record["step"]] = record
     return train, evals
+
+
+def cosine_lr(step, peak, warmup, total):
+    """The learning rate after `step` optimizer steps: linear warmup, then half a cosine down to zero."""
+    import math
+
+    if step < warmup:
+        return peak * step / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+def kill_tree(process, sig=9):
+    """Signal a launcher and every process under it (SIGKILL by default), as a crash or preemption would."""
+    import psutil
+
+    try:
+        parent = psutil.Process(process.pid)
+        targets = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        return
+    for target in targets:
+        try:
+            target.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass

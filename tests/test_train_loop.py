@@ -10,17 +10,10 @@ import pytest
 import torch
 
 import train_loop
-from conftest import ROOT, read_metrics, run_in_process, tiny_flags
+from conftest import ROOT, cosine_lr, read_metrics, run_in_process, tiny_flags
 from train_loop import UsageError
 
 METRIC_KEYS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "elapsed_s"}
-
-
-def cosine_lr(step, peak, warmup, total):
-    """The learning rate after `step` optimizer steps: linear warmup, then half a cosine down to zero."""
-    if step < warmup:
-        return peak * step / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
 
 
 @pytest.fixture(scope="module")

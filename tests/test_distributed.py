@@ -1,0 +1,141 @@
+"""Two processes through `accelerate launch` on the CPU (gloo): DDP, ZeRO-2, ZeRO-3 and a two-"machine" run.
+
+The same global batch of 8 blocks per step must give the same losses and learning rates whatever the layout.
+"""
+
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import cosine_lr, free_port, kill_tree, launch, launch_command, launch_env, read_metrics, \
+    run_in_process, tiny_flags
+
+STEPS = 12
+
+
+def flags(assets, output, cache, micro, accumulation, *extra):
+    return tiny_flags(assets, output, cache, "--train_files", assets["tiny"], "--validation_split_percentage", 0,
+                      "--max_steps", STEPS, "--per_device_train_batch_size", micro,
+                      "--gradient_accumulation_steps", accumulation, *extra)
+
+
+@pytest.fixture(scope="module")
+def runs(assets, tmp_path_factory):
+    """(a) 1 process mb 2 x GA 4; (b) ddp.yaml 2 x mb 2 x GA 2; (c) zero2.yaml 2 x mb 2 x GA 2 (checkpoints at 6, 12)."""
+    root = tmp_path_factory.mktemp("layouts")
+    cache = root / "cache"
+    run_in_process(flags(assets, root / "single", cache, 2, 4))
+    launch("ddp.yaml", 2, flags(assets, root / "ddp", cache, 2, 2))
+    launch("zero2.yaml", 2, flags(assets, root / "zero2", cache, 2, 2, "--save_steps", 6))
+    return root
+
+
+def test_same_losses_and_lrs_on_every_layout(runs):
+    single, _ = read_metrics(runs / "single")
+    assert sorted(single) == list(range(1, STEPS + 1))
+    for layout in ("ddp", "zero2"):
+        other, _ = read_metrics(runs / layout)
+        for step in range(1, 11):
+            assert other[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-4), (layout, step)
+            assert other[step]["lr"] == pytest.approx(single[step]["lr"], rel=1e-4, abs=1e-12), (layout, step)
+            assert other[step]["tokens_seen"] == single[step]["tokens_seen"]
+
+
+def test_lr_follows_the_formula_on_two_processes(runs):
+    for layout in ("ddp", "zero2"):
+        train, _ = read_metrics(runs / layout)
+        for step, record in train.items():
+            assert record["lr"] == pytest.approx(cosine_lr(step, 3e-3, 3, STEPS), abs=1e-12), (layout, step)
+
+
+def test_zero2_checkpoint_has_one_optimizer_shard_per_rank(runs):
+    checkpoint = runs / "zero2" / "checkpoint-6"
+    shards = sorted(p.name for p in checkpoint.rglob("*optim_states.pt"))
+    assert len(shards) == 2 and "rank_0" in shards[0] and "rank_1" in shards[1]
+    assert (checkpoint / "scheduler.bin").is_file()  # the HF schedule, which DeepSpeed does not save itself
+
+
+def final_model_matches_checkpoint(output, checkpoint):
+    """The saved HF model gives the logits of the fp32 weights DeepSpeed held at the end of training."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(output).eval()
+    trained = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(output)).eval()
+    missing, unexpected = trained.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint)),
+                                                  strict=False)
+    assert unexpected == [] and set(missing) <= {"lm_head.weight"}  # tied to the embedding
+    trained.tie_weights()
+    ids = torch.randint(0, reloaded.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+        assert torch.allclose(reloaded(input_ids=ids).logits, expected, atol=1e-5)
+        assert not torch.allclose(expected, AutoModelForCausalLM.from_config(trained.config)(input_ids=ids).logits)
+
+
+def test_zero2_final_model_is_complete(runs):
+    final_model_matches_checkpoint(runs / "zero2", runs / "zero2" / f"checkpoint-{STEPS}")
+
+
+def test_zero3_final_model_is_complete(assets, tmp_path):
+    output = tmp_path / "zero3"
+    launch("zero3.yaml", 2, flags(assets, output, tmp_path / "cache", 2, 2, "--max_steps", 4, "--save_steps", 4))
+    losses = [r["loss"] for r in read_metrics(output)[0].values()]
+    assert len(losses) == 4 and np.isfinite(losses).all()
+    final_model_matches_checkpoint(output, output / "checkpoint-4")
+
+
+def test_two_machines_over_loopback_match_one_launch(assets, runs, tmp_path):
+    """Two launches acting as two nodes of one process each, rendezvous on 127.0.0.1."""
+    output = tmp_path / "two_nodes"
+    argv = flags(assets, output, runs / "cache", 2, 2)
+    port = str(free_port())
+    results = {}
+
+    def node(rank):
+        node_flags = ("--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                      "--main_process_port", port)
+        env = launch_env()
+        env.pop("MASTER_PORT")
+        results[rank] = subprocess.run(launch_command("zero2.yaml", 2, argv, node_flags), env=env,
+                                       capture_output=True, text=True, timeout=400)
+
+    threads = [threading.Thread(target=node, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for rank, result in results.items():
+        assert result.returncode == 0, (rank, result.stderr[-4000:])
+    two_nodes, _ = read_metrics(output)
+    one_launch, _ = read_metrics(runs / "zero2")
+    for step in range(1, STEPS + 1):
+        assert two_nodes[step]["loss"] == pytest.approx(one_launch[step]["loss"], rel=1e-5), step
+
+
+def test_zero2_resume_after_sigkill_matches_straight_run(assets, runs, tmp_path):
+    """6 steps, SIGKILL, the same command again: steps 7-12 as in the straight run (mid-epoch resume, then the
+    epoch boundary at step 10)."""
+    output = tmp_path / "resumed"
+    argv = flags(assets, output, runs / "cache", 2, 2, "--save_steps", 6)
+    env = launch_env()
+    process = subprocess.Popen(launch_command("zero2.yaml", 2, argv, ("--main_process_port", env["MASTER_PORT"])),
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (output / "checkpoint-6").is_dir() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    kill_tree(process)
+    process.wait()
+    assert (output / "checkpoint-6").is_dir() and not (output / "model.safetensors").exists()
+    launch("zero2.yaml", 2, argv)
+    resumed, _ = read_metrics(output)
+    straight, _ = read_metrics(runs / "zero2")
+    steps_per_epoch = 10  # the tiny corpus holds 87 blocks: 10 global batches of 8
+    assert resumed[STEPS]["epoch"] > 1 and straight[steps_per_epoch]["epoch"] == 1
+    for step in range(7, STEPS + 1):
+        assert resumed[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-6), step
+        assert resumed[step]["lr"] == straight[step]["lr"]
