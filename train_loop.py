@@ -801,6 +801,7 @@ def train(accelerator, model, optimizer, scheduler, train_loader, eval_loader, s
         # Skipping works on batch indices only: the skipped blocks are never read.
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         iterator = iter(loader)
+        steps_before = state.step
         while state.step < total_steps and (batch := timer.timed_next(iterator)) is not None:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
@@ -818,25 +819,25 @@ def train(accelerator, model, optimizer, scheduler, train_loader, eval_loader, s
             if uses_deepspeed:
                 grad_norm = model.get_global_grad_norm()
             state.step += 1
-            state.step_in_epoch += 1
             state.tokens_seen += tokens_per_step
+            state.step_in_epoch += 1
+            epoch = state.epoch + state.step_in_epoch / steps_per_epoch
+            epoch_done = state.step_in_epoch == steps_per_epoch
+            if epoch_done:  # roll over before any save, so that a checkpoint never points past its epoch's end
+                state.epoch, state.step_in_epoch = state.epoch + 1, 0
             timer.steps += 1
             metrics.advance()
-            epoch_done = state.step_in_epoch == steps_per_epoch
             last = state.step == total_steps
             if should(args.logging_strategy, args.logging_steps, state.step, epoch_done) or last:
                 mean_loss = accelerator.reduce(loss_sum / micro_steps, reduction="mean").item()
-                if not math.isfinite(mean_loss):
-                    raise NonFiniteLoss(f"non-finite loss ({mean_loss}) at step {state.step}: stopping without "
-                                        f"saving; lower --learning_rate or use --bf16, then resume from the last "
-                                        f"checkpoint in {args.output_dir}")
+                ensure_finite(mean_loss, state.step, args)
                 state.elapsed_s += time.perf_counter() - timer.start
-                record = {"step": state.step, "epoch": round(state.epoch + state.step_in_epoch / steps_per_epoch, 4),
-                          "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": None if grad_norm is None else float(grad_norm),
-                          "tokens_seen": state.tokens_seen, "elapsed_s": round(state.elapsed_s, 3)}
-                record.update(throughput(timer, tokens_per_step, accelerator.num_processes, flops_token, peak_tflops))
-                metrics.log(record)
+                metrics.log({"step": state.step, "epoch": round(epoch, 4), "loss": mean_loss,
+                             "lr": scheduler.get_last_lr()[0],
+                             "grad_norm": None if grad_norm is None else float(grad_norm),
+                             "tokens_seen": state.tokens_seen, "elapsed_s": round(state.elapsed_s, 3),
+                             **throughput(timer, tokens_per_step, accelerator.num_processes, flops_token,
+                                          peak_tflops)})
                 loss_sum.zero_()
                 micro_steps = 0
                 timer.reset()
@@ -844,14 +845,15 @@ def train(accelerator, model, optimizer, scheduler, train_loader, eval_loader, s
                 metrics.log({"step": state.step, **evaluate(accelerator, model, eval_loader)})
             stopping = stop.agreed(accelerator)
             if should(args.save_strategy, args.save_steps, state.step, epoch_done) or stopping:
-                check_finite_before_save(accelerator, loss_sum, micro_steps, state.step)
+                ensure_savable(accelerator, model, loss_sum, state.step, args)
                 save_checkpoint(accelerator, state, args)
             if stopping:
                 return stop.signal_name or "signal on another rank"
             if epoch_done:
-                state.epoch += 1
-                state.step_in_epoch = 0
                 break
+        if state.step == steps_before:
+            raise RuntimeError(f"epoch {state.epoch} gave no optimizer step (skipped {skip} batches of "
+                               f"{len(train_loader)}): the data position is inconsistent")
     return "done"
 
 
@@ -859,11 +861,21 @@ def should(strategy: str, every: int, step: int, epoch_done: bool) -> bool:
     return (strategy == "steps" and step % every == 0) or (strategy == "epoch" and epoch_done)
 
 
-def check_finite_before_save(accelerator, loss_sum, micro_steps: int, step: int) -> None:
-    """Never write weights that have seen a non-finite loss over a good checkpoint."""
-    if micro_steps and not torch.isfinite(accelerator.reduce(loss_sum, reduction="sum")).item():
-        raise NonFiniteLoss(f"non-finite loss before the checkpoint of step {step}: stopping without saving; "
-                            f"lower --learning_rate, then resume from the last checkpoint")
+def ensure_finite(loss: float, step: int, args: TrainArguments) -> None:
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"non-finite loss ({loss}) at step {step}: stopping without saving; lower "
+                            f"--learning_rate or use --bf16, then resume from the last checkpoint in {args.output_dir}")
+
+
+def ensure_savable(accelerator, model, loss_sum: torch.Tensor, step: int, args: TrainArguments) -> None:
+    """Never write NaN or inf over a good checkpoint: check the unlogged losses and the weights (one sync)."""
+    bad = (~torch.isfinite(loss_sum)).sum().float()
+    for parameter in model.parameters():
+        bad += (~torch.isfinite(parameter.detach())).sum()
+    if accelerator.reduce(bad, reduction="sum").item():
+        raise NonFiniteLoss(f"non-finite loss or weights at step {step}: stopping without saving; lower "
+                            f"--learning_rate or use --bf16, then resume from the last checkpoint in "
+                            f"{args.output_dir}")
 
 
 def print_sample(model, tokenizer, accelerator, prompt: str = "alice went to") -> None:

@@ -1,0 +1,195 @@
+"""Checkpoints on one process: exact resume after SIGKILL, SIGTERM, random kills, damage, NaN, retention."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import train_loop
+from conftest import ROOT, kill_tree, read_metrics, run_in_process, tiny_flags
+from train_loop import UsageError
+
+STEPS = 12
+# A wider model than the tiny default, so that a step takes long enough for a kill to land mid-run.
+SLOW = ("--config_overrides", "hidden_size=192,intermediate_size=768,num_attention_heads=6,num_key_value_heads=2")
+
+
+def flags(assets, output, cache, *extra):
+    return tiny_flags(assets, output, cache, "--train_files", assets["tiny"], "--validation_split_percentage", 0,
+                      "--max_steps", STEPS, "--gradient_accumulation_steps", 4, *extra)
+
+
+def start(argv):
+    return subprocess.Popen([sys.executable, str(ROOT / "train_loop.py"), *map(str, argv)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(argv, timeout=300):
+    result = subprocess.run([sys.executable, str(ROOT / "train_loop.py"), *map(str, argv)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stderr
+
+
+def wait_for(predicate, process, timeout=120):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def logged_steps(output):
+    path = output / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_resume_after_sigkill_is_bit_exact_across_an_epoch_boundary(assets, tmp_path):
+    """12 steps straight against 6 steps, SIGKILL, the same command again: steps 7-12 identical to the bit.
+    The tiny corpus holds 10 steps per epoch, so the resumed run starts mid-epoch and crosses into epoch 2."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    finish(flags(assets, straight, tmp_path / "cache", *SLOW))
+    argv = flags(assets, resumed, tmp_path / "cache", *SLOW, "--save_steps", 6)
+    process = start(argv)
+    wait_for(lambda: (resumed / "checkpoint-6").is_dir(), process)
+    kill_tree(process)
+    process.wait()
+    assert not (resumed / "model.safetensors").exists(), "the run ended before the kill"
+    log = finish(argv)
+    assert "resumed from" in log and "checkpoint-6" in log
+    expected, _ = read_metrics(straight)
+    got, _ = read_metrics(resumed)
+    assert expected[10]["epoch"] == 1 and expected[12]["epoch"] > 1
+    for step in range(7, STEPS + 1):
+        assert got[step]["loss"] == expected[step]["loss"], step  # exact, not approximate
+        assert got[step]["lr"] == expected[step]["lr"] and got[step]["tokens_seen"] == expected[step]["tokens_seen"]
+
+
+def test_sigterm_saves_a_checkpoint_and_a_rerun_continues(assets, tmp_path):
+    output = tmp_path / "run"
+    argv = flags(assets, output, tmp_path / "cache", *SLOW, "--max_steps", 60, "--save_steps", 1000)
+    process = start(argv)
+    wait_for(lambda: len(logged_steps(output)) >= 3, process)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, out[-3000:]
+    assert "stopped by SIGTERM" in out and "rerun the same command to resume" in out
+    stopped_at = max(logged_steps(output))
+    assert stopped_at < 60 and [p.name for p in output.glob("checkpoint-*")] == [f"checkpoint-{stopped_at}"]
+    log = finish(argv)
+    assert f"checkpoint-{stopped_at}" in log
+    train, _ = read_metrics(output)
+    assert sorted(train) == list(range(1, 61)) and (output / "model.safetensors").exists()
+
+
+def test_sigkill_at_random_moments_always_resumes_from_a_complete_checkpoint(assets, tmp_path):
+    output = tmp_path / "run"
+    argv = flags(assets, output, tmp_path / "cache", *SLOW, "--max_steps", 40, "--save_steps", 1,
+                 "--save_total_limit", 2)
+    rng = random.Random(1234)
+    resumed_steps = []
+    killed_mid_save = 0
+    for attempt in range(5):
+        before = max(logged_steps(output), default=0)
+        process = start(argv)
+        wait_for(lambda: max(logged_steps(output), default=0) > before, process)
+        if attempt % 2:  # odd attempts: the moment a save is under way
+            wait_for(lambda: any(output.glob("checkpoint-*.tmp")), process)
+        else:
+            time.sleep(rng.uniform(0.0, 0.4))
+        kill_tree(process)
+        out = process.communicate()[0]
+        killed_mid_save += any(output.glob("checkpoint-*.tmp"))
+        assert "Traceback" not in out, out[-3000:]
+        if attempt:
+            assert "resumed from" in out, out[-3000:]
+            resumed_steps.append(int(out.split("resumed from ")[1].split(" at step ")[1].split(" ")[0]))
+        complete = train_loop.list_checkpoints(output)
+        assert complete and all(train_loop.checkpoint_damage(c) is None for c in complete)
+    assert killed_mid_save >= 1 and resumed_steps == sorted(resumed_steps)
+    assert not (output / "model.safetensors").exists()
+    log = finish(argv)
+    assert "resumed from" in log
+    train, _ = read_metrics(output)
+    assert sorted(train) == list(range(1, 41)) and (output / "model.safetensors").exists()
+
+
+def test_damaged_newest_checkpoint_falls_back_with_a_warning(assets, tmp_path, capfd):
+    output = tmp_path / "run"
+    argv = flags(assets, output, tmp_path / "cache", "--max_steps", 6, "--save_steps", 3)
+    run_in_process(argv)
+    weights = output / "checkpoint-6" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated, as by a crash of the storage
+    capfd.readouterr()
+    run_in_process(argv)
+    err = capfd.readouterr().err
+    assert "checkpoint-6 is damaged (truncated model.safetensors" in err and "falling back" in err
+    assert "checkpoint-3 at step 3" in err
+    steps = logged_steps(output)
+    assert steps.count(4) == 2 and steps.count(6) == 2  # steps 4-6 were trained again
+    assert train_loop.checkpoint_damage(output / "checkpoint-6") is None  # and saved whole
+
+
+def test_interrupted_save_is_never_picked(assets, tmp_path):
+    output = tmp_path / "run"
+    argv = flags(assets, output, tmp_path / "cache", "--max_steps", 4, "--save_steps", 2)
+    run_in_process(argv)
+    (output / "checkpoint-8.tmp").mkdir()  # a save killed before its rename
+    (output / "checkpoint-8.tmp" / "model.safetensors").write_bytes(b"partial")
+    assert [c.name for c in train_loop.list_checkpoints(output)] == ["checkpoint-2", "checkpoint-4"]
+    args = train_loop.parse_args(argv)[2]
+    assert train_loop.find_resume_checkpoint(args) == output / "checkpoint-4"
+
+
+def test_save_total_limit_keeps_the_newest(assets, tmp_path):
+    output = tmp_path / "run"
+    run_in_process(flags(assets, output, tmp_path / "cache", "--max_steps", 8, "--save_steps", 2,
+                         "--save_total_limit", 2))
+    assert [c.name for c in train_loop.list_checkpoints(output)] == ["checkpoint-6", "checkpoint-8"]
+    state = json.loads((output / "checkpoint-8" / "trainer_state.json").read_text())
+    assert state["step"] == 8 and state["tokens_seen"] == 8 * 8 * 64 and state["epoch"] == 0
+
+
+def test_resume_latest_and_explicit_path(assets, tmp_path):
+    output = tmp_path / "run"
+    run_in_process(flags(assets, output, tmp_path / "cache", "--max_steps", 4, "--save_steps", 2))
+    other = tmp_path / "other"
+    run_in_process(flags(assets, other, tmp_path / "cache", "--max_steps", 6,
+                         "--resume_from_checkpoint", output / "checkpoint-2"))
+    assert logged_steps(other) == [3, 4, 5, 6]
+    with pytest.raises(UsageError, match="latest: no complete checkpoint"):
+        run_in_process(flags(assets, tmp_path / "empty", tmp_path / "cache", "--resume_from_checkpoint", "latest"))
+
+
+def test_zero_checkpoint_on_another_world_size_says_how_to_convert(assets, tmp_path):
+    output = tmp_path / "run"
+    run_in_process(flags(assets, output, tmp_path / "cache", "--max_steps", 2, "--save_steps", 2))
+    state_path = output / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state.update(distributed_type="DEEPSPEED", num_processes=8)
+    state_path.write_text(json.dumps(state))
+    manifest = output / "checkpoint-2" / "manifest.json"
+    sizes = json.loads(manifest.read_text())
+    sizes["trainer_state.json"] = state_path.stat().st_size
+    manifest.write_text(json.dumps(sizes))
+    with pytest.raises(UsageError, match="ZeRO checkpoint of 8 processes cannot load on 1.*zero_to_fp32.py"):
+        run_in_process(flags(assets, output, tmp_path / "cache", "--max_steps", 4))
+
+
+def test_non_finite_loss_stops_without_overwriting_a_good_checkpoint(assets, tmp_path):
+    from safetensors.torch import load_file
+
+    output = tmp_path / "run"
+    with pytest.raises(train_loop.NonFiniteLoss, match="non-finite loss") as raised:
+        run_in_process(flags(assets, output, tmp_path / "cache", "--learning_rate", "1e6", "--warmup_steps", 0,
+                             "--max_grad_norm", 0, "--save_steps", 1, "--logging_steps", 100, "--max_steps", 10))
+    failed_at = int(str(raised.value).split(" at step ")[1].split(":")[0])
+    checkpoints = train_loop.list_checkpoints(output)
+    assert 1 <= len(checkpoints) and int(checkpoints[-1].name.split("-")[1]) == failed_at - 1 < 10
+    for checkpoint in checkpoints:  # every step until the failure was saved, and no weights are NaN or inf
+        assert all(t.isfinite().all() for t in load_file(checkpoint / "model.safetensors").values())
+    assert not (output / "model.safetensors").exists()
