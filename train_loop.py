@@ -262,6 +262,7 @@ def build_accelerator(args: TrainArguments):
         deepspeed_plugin=plugin,
         kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimizer step itself
+        dynamo_backend="inductor" if args.torch_compile else None,
         # Without CUDA, Accelerate makes DDP across processes (MULTI_CPU) only when told it runs on the CPU;
         # `cpu=True` would drop a DeepSpeed plugin, so it is set only for runs without DeepSpeed.
         cpu=not torch.cuda.is_available() and launched and not uses_deepspeed,
@@ -276,11 +277,9 @@ def build_accelerator(args: TrainArguments):
 def configure_logging(is_main_process: bool) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if is_main_process else logging.WARNING, force=True)
-    import datasets
     import transformers
     transformers.utils.logging.set_verbosity_warning() if is_main_process else \
         transformers.utils.logging.set_verbosity_error()
-    datasets.utils.logging.set_verbosity_error()
     logging.getLogger("accelerate").setLevel(logging.WARNING)
 
 
@@ -782,11 +781,11 @@ def grad_norm_of(accelerator, model, max_grad_norm: float):
 
 
 def train(accelerator, model, optimizer, scheduler, train_loader, eval_loader, state: TrainState,
-          total_steps: int, args: TrainArguments, metrics: MetricsLogger, block_size: int, stop: StopRequest) -> str:
+          total_steps: int, args: TrainArguments, metrics: MetricsLogger, block_size: int, flops_token: int,
+          stop: StopRequest) -> str:
     """Run optimizer steps until total_steps; returns why it ended: 'done' or the signal name."""
     steps_per_epoch = len(train_loader) // args.gradient_accumulation_steps
     tokens_per_step = state.global_batch_blocks * block_size
-    flops_token = flops_per_token(accelerator.unwrap_model(model), block_size)
     peak_tflops = device_peak_tflops(args)
     uses_deepspeed = accelerator.state.deepspeed_plugin is not None
     eval_every = args.eval_steps or args.save_steps
@@ -921,11 +920,10 @@ def main(argv: list[str] | None = None) -> str:
     model = build_model(model_args, config, tokenizer, args)
     logger.info(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                 f"{steps_per_epoch} steps per epoch, {total_steps} steps, {global_batch_blocks} blocks per step")
+    flops_token = flops_per_token(model, block_size)
     optimizer = build_optimizer(model, args, accelerator)
     model, optimizer, train_loader, scheduler = prepare(accelerator, model, optimizer, train_loader, args,
                                                         total_steps)
-    if args.torch_compile:
-        model = torch.compile(model)
     eval_loader = None
     if data.validation is not None and args.eval_strategy != "no":
         eval_loader = accelerator.prepare_data_loader(data_utils.build_eval_dataloader(
@@ -940,7 +938,7 @@ def main(argv: list[str] | None = None) -> str:
     stop = StopRequest()
     try:
         ended = train(accelerator, model, optimizer, scheduler, train_loader, eval_loader, state, total_steps, args,
-                      metrics, block_size, stop)
+                      metrics, block_size, flops_token, stop)
     finally:
         stop.restore()
         metrics.close()
