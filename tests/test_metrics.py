@@ -1,0 +1,54 @@
+"""Throughput and MFU fields on a CPU run, and the FLOPs count against a hand count."""
+
+import pytest
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import train_loop
+from conftest import read_metrics, run_in_process, tiny_flags
+
+
+def hand_count_flops_per_token(vocab, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, seq=64):
+    """6 x (every parameter but the input embedding, plus the tied output projection) + 12 x L x H x S."""
+    head_dim = hidden // heads
+    attention = hidden * hidden + hidden + 2 * (hidden * kv_heads * head_dim + kv_heads * head_dim) + hidden * hidden
+    mlp = 3 * hidden * intermediate
+    norms = 2 * hidden
+    matmul_params = layers * (attention + mlp + norms) + hidden + vocab * hidden
+    return 6 * matmul_params + 12 * layers * hidden * seq
+
+
+def test_flops_per_token_matches_a_hand_count(assets):
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(assets["config"]))
+    assert train_loop.flops_per_token(model, 64) == hand_count_flops_per_token(model.config.vocab_size)
+    untied = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(assets["config"], tie_word_embeddings=False))
+    assert train_loop.flops_per_token(untied, 64) == train_loop.flops_per_token(model, 64)
+
+
+def test_throughput_fields_are_present_and_sane(assets, tmp_path):
+    output = tmp_path / "run"
+    run_in_process(tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 8, "--logging_steps", 4,
+                              "--peak_tflops", "0.5"))
+    train, _ = read_metrics(output)
+    flops = hand_count_flops_per_token(len(__import__("transformers").AutoTokenizer.from_pretrained(assets["tokenizer"])))
+    for record in train.values():
+        assert record["tokens_per_s"] > 0 and record["tokens_per_s_per_device"] == record["tokens_per_s"]
+        assert record["step_time_s"] == pytest.approx(2 * 64 / record["tokens_per_s"], rel=1e-6)
+        assert 0 <= record["data_wait_share"] < 0.5
+        assert 0.05 < record["peak_mem_gb"] < 24
+        assert record["mfu"] == pytest.approx(flops * record["tokens_per_s"] / 0.5e12, rel=1e-9)
+        assert 0 < record["mfu"] < 1
+
+
+def test_no_mfu_on_a_cpu_without_a_peak(assets, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the peak is looked up")
+    output = tmp_path / "run"
+    run_in_process(tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 2))
+    assert all(record["mfu"] is None for record in read_metrics(output)[0].values())
+
+
+def test_known_gpu_peaks_are_dense_figures():
+    peaks = dict(train_loop.PEAK_TFLOPS)
+    assert peaks["A100"] == 312 and peaks["H100"] == 989 and peaks["H200"] == 989
