@@ -1,0 +1,172 @@
+"""Training tokens/s of train_loop.py against a bare PyTorch loop and against transformers.Trainer.
+
+Same model (random init, same seed), same packed blocks, same batch, fused AdamW and the same schedule in all
+three; one process each, run one after the other. Each side times every optimizer step; the table shows the
+median over the steps after a warm-up, and ratios to train_loop.py.
+
+    python bench/train_throughput.py [--steps 40] [--warmup 10] [--hidden_size 256] [--layers 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data_utils  # noqa: E402
+
+
+def prepare(work: Path, options) -> dict:
+    """The shared inputs: demo corpus and tokenizer, a model config, the packed cache."""
+    from transformers import AutoTokenizer, Qwen2Config
+
+    corpus, tokenizer_dir = data_utils.ensure_demo_assets(work / "demo")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config_dir = work / "config"
+    Qwen2Config(vocab_size=len(tokenizer), hidden_size=options.hidden_size, intermediate_size=4 * options.hidden_size,
+                num_hidden_layers=options.layers, num_attention_heads=options.hidden_size // 64,
+                num_key_value_heads=max(1, options.hidden_size // 128), max_position_embeddings=options.block_size,
+                tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id).save_pretrained(config_dir)
+    return {"corpus": str(corpus), "tokenizer": str(tokenizer_dir), "config": str(config_dir),
+            "cache": str(work / "cache"), "work": str(work), "block_size": options.block_size,
+            "batch": options.batch, "steps": options.steps + options.warmup, "lr": 1e-3}
+
+
+def packed_blocks(spec: dict):
+    from transformers import AutoTokenizer
+
+    args = data_utils.DataArguments(train_files=[spec["corpus"]], block_size=spec["block_size"],
+                                    data_cache_dir=spec["cache"], validation_split_percentage=0)
+    return data_utils.prepare_data(args, AutoTokenizer.from_pretrained(spec["tokenizer"]), seed=42).train
+
+
+def fresh_model(spec: dict):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(42)
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec["config"]))
+
+
+def run_train_loop(spec: dict) -> list[float]:
+    output = Path(spec["work"]) / "train_loop_out"
+    command = [sys.executable, str(ROOT / "train_loop.py"), "--config_name", spec["config"],
+               "--tokenizer_name", spec["tokenizer"], "--train_files", spec["corpus"], "--data_cache_dir", spec["cache"],
+               "--validation_split_percentage", "0", "--block_size", str(spec["block_size"]),
+               "--per_device_train_batch_size", str(spec["batch"]), "--max_steps", str(spec["steps"]),
+               "--learning_rate", str(spec["lr"]), "--weight_decay", "0", "--logging_steps", "1",
+               "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none",
+               "--output_dir", str(output), "--overwrite_output_dir"]
+    subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return [r["step_time_s"] for r in records if "loss" in r]
+
+
+def run_bare(spec: dict) -> list[float]:
+    """The minimal hand-written loop: no Accelerate, no logging beyond reading the loss."""
+    import torch
+    from transformers import get_scheduler
+
+    model = fresh_model(spec)
+    loader = data_utils.build_train_dataloader(packed_blocks(spec), spec["batch"], spec["batch"], seed=42)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0, betas=(0.9, 0.95), fused=True)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=0, num_training_steps=spec["steps"])
+    model.train()
+    times = []
+    iterator = iter(loader)
+    for _ in range(spec["steps"]):
+        start = time.perf_counter()
+        batch = next(iterator)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run_trainer(spec: dict) -> list[float]:
+    """transformers.Trainer, as the reference chapter uses it."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    blocks = packed_blocks(spec)
+
+    class Blocks(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(blocks)
+
+        def __getitem__(self, index):
+            ids = torch.from_numpy(blocks[index].astype("int64"))
+            return {"input_ids": ids, "labels": ids}
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.times, self.start = [], None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = StepTimes()
+    arguments = TrainingArguments(output_dir=str(Path(spec["work"]) / "trainer_out"),
+                                  per_device_train_batch_size=spec["batch"], max_steps=spec["steps"],
+                                  learning_rate=spec["lr"], lr_scheduler_type="cosine", weight_decay=0.0,
+                                  adam_beta2=0.95, logging_steps=1, save_strategy="no", report_to=[],
+                                  optim="adamw_torch_fused", use_cpu=True, dataloader_num_workers=0,
+                                  disable_tqdm=True, seed=42)
+    Trainer(model=fresh_model(spec), args=arguments, train_dataset=Blocks(), callbacks=[timer]).train()
+    return timer.times
+
+
+RUNNERS = {"train_loop.py": run_train_loop, "bare PyTorch loop": run_bare, "transformers.Trainer": run_trainer}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed first steps")
+    parser.add_argument("--hidden_size", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--block_size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one side, print its step times
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.one:
+        print(json.dumps(RUNNERS[options.one](json.loads(options.spec))))
+        return
+    with tempfile.TemporaryDirectory() as work:
+        spec = prepare(Path(work), options)
+        packed_blocks(spec)  # build the cache once, outside every timing
+        tokens_per_step = spec["batch"] * spec["block_size"]
+        results = {}
+        for name in RUNNERS:
+            output = subprocess.run([sys.executable, __file__, "--one", name, "--spec", json.dumps(spec)],
+                                    check=True, capture_output=True, text=True, cwd=ROOT).stdout
+            times = json.loads(output.strip().splitlines()[-1])[options.warmup:]
+            results[name] = tokens_per_step / statistics.median(times)
+    ours = results["train_loop.py"]
+    print(f"model: Qwen2 hidden {options.hidden_size} x {options.layers} layers, block {options.block_size}, "
+          f"batch {options.batch}, 1 process, CPU; median of {options.steps} steps after {options.warmup}")
+    print("| loop | tokens/s | train_loop.py / this |")
+    print("|---|---:|---:|")
+    for name, tokens_per_s in results.items():
+        print(f"| {name} | {tokens_per_s:,.0f} | {ours / tokens_per_s:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
