@@ -116,7 +116,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, row in rows.items():
         print(f"| {name} | {row['tokens']:,} | {row['tokens_per_s']:,.0f} | {row['cold_s']:.2f} | "
-              f"{row["warm_s"]:.3f} | {row["warm_s"] / row["cold_s"]:.1%} | {row['rss']:.2f} | "
+              f"{row['warm_s']:.3f} | {row['warm_s'] / row['cold_s']:.1%} | {row['rss']:.2f} | "
               f"{row['bytes_per_token']:.2f} |")
     print(f"ours / chapter: {ours_row['tokens_per_s'] / chapter_row['tokens_per_s']:.2f}x tokens/s, "
           f"{ours_row['bytes_per_token'] / chapter_row['bytes_per_token']:.3f}x cache bytes per token "
