@@ -730,10 +730,17 @@ def throughput(timer: StepTimer, tokens_per_step: int, num_devices: int, flops_t
 # ======================================================================================================================
 
 class StopRequest:
-    """SIGTERM/SIGINT ask the loop to finish the current optimizer step, save and exit."""
+    """SIGTERM/SIGINT ask the loop to finish the current optimizer step, save and exit.
 
-    def __init__(self):
+    Ranks agree through a CPU (gloo) all-reduce of one integer per optimizer step: host-to-host only, so the
+    accelerator queue is never drained for it.
+    """
+
+    def __init__(self, num_processes: int):
+        import torch.distributed as dist
+
         self.signal_name: str | None = None
+        self.group = dist.new_group(backend="gloo") if num_processes > 1 else None
         self.previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGTERM, signal.SIGINT)}
 
     def restore(self) -> None:
@@ -745,13 +752,15 @@ class StopRequest:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         self.signal_name = signal.Signals(signum).name
 
-    def agreed(self, accelerator) -> bool:
-        """True on every rank once any rank was signalled (one tiny all-reduce per optimizer step when distributed)."""
-        if accelerator.num_processes == 1:
+    def agreed(self) -> bool:
+        """True on every rank once any rank was signalled."""
+        if self.group is None:
             return self.signal_name is not None
-        if self.signal_name is not None:
-            accelerator.set_trigger()
-        return accelerator.check_trigger()
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(self.signal_name is not None)])
+        dist.all_reduce(flag, group=self.group)
+        return bool(flag.item())
 
 
 class NonFiniteLoss(RuntimeError):
@@ -842,7 +851,7 @@ def train(accelerator, model, optimizer, scheduler, train_loader, eval_loader, s
                 timer.reset()
             if eval_loader is not None and (should(args.eval_strategy, eval_every, state.step, epoch_done) or last):
                 metrics.log({"step": state.step, **evaluate(accelerator, model, eval_loader)})
-            stopping = stop.agreed(accelerator)
+            stopping = stop.agreed()
             if should(args.save_strategy, args.save_steps, state.step, epoch_done) or stopping:
                 ensure_savable(accelerator, model, loss_sum, state.step, args)
                 save_checkpoint(accelerator, state, args)
@@ -935,7 +944,7 @@ def main(argv: list[str] | None = None) -> str:
     run_config = {"model": asdict(model_args), "data": asdict(data_args), "train": asdict(args),
                   "num_processes": accelerator.num_processes, "total_steps": total_steps}
     metrics = MetricsLogger(accelerator, args, total_steps, state, run_config)
-    stop = StopRequest()
+    stop = StopRequest(accelerator.num_processes)
     try:
         ended = train(accelerator, model, optimizer, scheduler, train_loader, eval_loader, state, total_steps, args,
                       metrics, block_size, flops_token, stop)

@@ -28,7 +28,7 @@ def runs(assets, tmp_path_factory):
     """(a) 1 process mb 2 x GA 4; (b) ddp.yaml 2 x mb 2 x GA 2; (c) zero2.yaml 2 x mb 2 x GA 2 (checkpoints at 6, 12)."""
     root = tmp_path_factory.mktemp("layouts")
     cache = root / "cache"
-    run_in_process(flags(assets, root / "single", cache, 2, 4))
+    run_in_process(flags(assets, root / "single", cache, 2, 4, "--save_steps", 6))
     launch("ddp.yaml", 2, flags(assets, root / "ddp", cache, 2, 2))
     launch("zero2.yaml", 2, flags(assets, root / "zero2", cache, 2, 2, "--save_steps", 6))
     return root
@@ -139,3 +139,38 @@ def test_zero2_resume_after_sigkill_matches_straight_run(assets, runs, tmp_path)
     for step in range(7, STEPS + 1):
         assert resumed[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-6), step
         assert resumed[step]["lr"] == straight[step]["lr"]
+
+
+def test_plain_checkpoint_resumes_on_another_process_count(assets, runs, tmp_path):
+    """A 1-process checkpoint continues under ddp.yaml with 2 processes and the same global batch."""
+    output = tmp_path / "more_processes"
+    launch("ddp.yaml", 2, flags(assets, output, runs / "cache", 2, 2,
+                                "--resume_from_checkpoint", runs / "single" / "checkpoint-6"))
+    resumed, _ = read_metrics(output)
+    single, _ = read_metrics(runs / "single")
+    assert sorted(resumed) == list(range(7, STEPS + 1))
+    for step in resumed:
+        assert resumed[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-5), step
+
+
+def test_sigterm_under_zero2_saves_on_every_rank_and_resumes(assets, runs, tmp_path):
+    output = tmp_path / "preempted"
+    argv = flags(assets, output, runs / "cache", 2, 2, "--max_steps", 400, "--save_steps", 1000,
+                 "--lr_scheduler_type", "constant")
+    env = launch_env()
+    process = subprocess.Popen(launch_command("zero2.yaml", 2, argv, ("--main_process_port", env["MASTER_PORT"])),
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = output / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert process.poll() is None and time.time() < deadline, process.stdout.read()[-3000:]
+        time.sleep(0.02)
+    kill_tree(process, sig=15)  # as a scheduler's preemption does: every process gets SIGTERM
+    out = process.communicate(timeout=120)[0]
+    assert "stopped by SIGTERM" in out, out[-3000:]
+    checkpoints = sorted(output.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and len(list(checkpoints[0].rglob("*optim_states.pt"))) == 2
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    launch("zero2.yaml", 2, argv[:-6] + ["--max_steps", str(stopped_at + 3), "--lr_scheduler_type", "constant"])
+    train, _ = read_metrics(output)
+    assert max(train) == stopped_at + 3

@@ -1,0 +1,54 @@
+"""The README's demo command on a fresh machine: no flags, ZeRO-2 with 2 processes, in under 3 minutes."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, free_port, read_metrics, run_in_process, tiny_flags
+
+PROJECT_FILES = ["train_loop.py", "data_utils.py", "ds_config_zero2.json", "accelerate_configs"]
+
+
+def test_demo_command_from_a_fresh_checkout(tmp_path):
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in PROJECT_FILES:  # what a clone holds, without any output or cache
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, checkout / name)
+    env = dict(os.environ, PRETRAIN_LOOP_CACHE=str(tmp_path / "cache"), SWANLAB_INTERACTIVE="false",
+               PYTHONUNBUFFERED="1")
+    env.pop("SWANLAB_API_KEY", None)
+    start = time.time()
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                             "accelerate_configs/zero2.yaml", "--main_process_port", str(free_port()),
+                             "train_loop.py"], cwd=checkout, env=env, capture_output=True, text=True, timeout=400)
+    seconds = time.time() - start
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert seconds < 180, f"the demo took {seconds:.0f} s"
+    first, last = map(float, re.search(r"loss ([\d.]+) at step \d+ -> ([\d.]+) at step", result.stderr).groups())
+    assert last < first - 3.0  # from about ln(vocab) to well under 2
+    sample = re.search(r"sample: '(.*)'", result.stderr).group(1)
+    assert sample.startswith("alice went to") and len(sample) > 40
+    output = checkout / "output" / "demo"
+    assert (output / "model.safetensors").is_file() and (output / "tokenizer.json").is_file()
+    assert len(list((output / "swanlog").glob("run-*"))) == 1  # one SwanLab run, not one per rank
+    train, evals = read_metrics(output)
+    assert evals and evals[-1]["eval_loss"] < 2.0
+
+
+def test_swanlab_run_id_survives_a_resume(assets, tmp_path):
+    output = tmp_path / "run"
+    argv = tiny_flags(assets, output, tmp_path / "cache", "--report_to", "swanlab", "--swanlab_mode", "offline",
+                      "--max_steps", 4, "--save_steps", 2)
+    run_in_process(argv)
+    saved_id = json.loads((output / "checkpoint-4" / "trainer_state.json").read_text())["swanlab_run_id"]
+    assert saved_id
+    run_in_process(argv[:-4] + ["--max_steps", "6", "--save_steps", "2"])
+    assert json.loads((output / "checkpoint-6" / "trainer_state.json").read_text())["swanlab_run_id"] == saved_id
+    runs = sorted(p.name for p in (output / "swanlog").glob("run-*"))
+    assert len(runs) == 2 and all(name.endswith(saved_id) for name in runs)
