@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Tokens/s and MFU on one GPU: a Qwen2.5-0.5B-shaped model (random init), block 2048, bf16, SDPA attention,
 # through accelerate_configs/single_gpu.yaml and accelerate_configs/zero2.yaml (one process), each with and
-# without gradient checkpointing. About 4 minutes on one H100; COMPILE=1 adds a torch.compile row.
+# without gradient checkpointing. About 4 minutes on one H100; COMPILE=1 adds torch.compile rows.
 #
 #   bash bench/gpu_mfu.sh                 # STEPS=30 MICRO_BATCH=8 WORK=/tmp/gpu_mfu by default
+#   COMPILE=1 ONLY="single_gpu+compile zero2+compile" MICRO_BATCH=16 bash bench/gpu_mfu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/gpu_mfu}
@@ -31,6 +32,7 @@ PY
 
 run() {  # name, accelerate config, extra flags...
   local name=$1 config=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
   accelerate launch --config_file "accelerate_configs/$config" --num_processes 1 train_loop.py \
     --config_name "$WORK/qwen2.5-0.5b-shape" --tokenizer_name "$WORK/demo/tokenizer" \
     --train_files "$WORK/corpus.jsonl" --data_cache_dir "$WORK/cache" --validation_split_percentage 0 \
@@ -38,10 +40,10 @@ run() {  # name, accelerate config, extra flags...
     --max_steps "$STEPS" --logging_steps 10 --save_strategy no --eval_strategy no --report_to none \
     --output_dir "$WORK/out_$name" --overwrite_output_dir "$@" > "$WORK/$name.log" 2>&1 \
     || { echo "$name failed: tail of $WORK/$name.log"; tail -20 "$WORK/$name.log"; return 0; }
-  python3 - "$name" "$WORK/out_$name/metrics.jsonl" <<'PY'
+  python3 - "$name" "$WORK/out_$name/metrics.jsonl" "$MICRO_BATCH" <<'PY'
 import json, sys
 last = [json.loads(l) for l in open(sys.argv[2]) if '"loss"' in l][-1]  # steps after the first 2/3: warm
-print(f"| {sys.argv[1]:<22} | {last['tokens_per_s']:>10,.0f} | {last['step_time_s']:>7.3f} | "
+print(f"| {sys.argv[1] + ' mb' + sys.argv[3]:<22} | {last['tokens_per_s']:>10,.0f} | {last['step_time_s']:>7.3f} | "
       f"{100 * last['mfu']:>5.1f}% | {last['peak_mem_gb']:>6.1f} | {last['loss']:.3f} |", flush=True)
 PY
 }
@@ -53,4 +55,7 @@ run single_gpu single_gpu.yaml
 run single_gpu+ckpt single_gpu.yaml --gradient_checkpointing
 run zero2 zero2.yaml
 run zero2+ckpt zero2.yaml --gradient_checkpointing
-if [ "${COMPILE:-0}" = 1 ]; then run single_gpu+compile single_gpu.yaml --torch_compile; fi
+if [ "${COMPILE:-0}" = 1 ]; then
+  run single_gpu+compile single_gpu.yaml --torch_compile
+  run zero2+compile zero2.yaml --torch_compile
+fi
