@@ -778,9 +778,10 @@ def evaluate(accelerator, model, eval_loader) -> dict[str, float]:
     with torch.no_grad():
         for batch in eval_loader:
             logits = model(input_ids=batch["input_ids"]).logits
-            per_token = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
-            block_losses.append(accelerator.gather_for_metrics(per_token.mean(dim=1)))
+            # One block at a time in fp32: a whole batch of fp32 logits over a 150k vocabulary is gigabytes.
+            losses = [torch.nn.functional.cross_entropy(block_logits[:-1].float(), ids[1:])
+                      for block_logits, ids in zip(logits, batch["input_ids"])]
+            block_losses.append(accelerator.gather_for_metrics(torch.stack(losses)))
     model.train()
     loss = torch.cat(block_losses).mean().item()
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
