@@ -568,7 +568,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transformers import AutoTokenizer, HfArgumentParser
 
     parser = HfArgumentParser((DataArguments, PreprocessArguments))
-    data_args, preprocess_args = parser.parse_args_into_dataclasses(args=argv)
+    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage dump
+    data_args, preprocess_args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     tokenizer = AutoTokenizer.from_pretrained(preprocess_args.tokenizer_name,
                                               trust_remote_code=preprocess_args.trust_remote_code)
     packed = prepare_data(data_args, tokenizer, seed=preprocess_args.seed)

@@ -75,6 +75,8 @@ class TrainArguments:
         "help": "Start afresh in a non-empty output_dir (deletes its checkpoints) instead of resuming or refusing."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Blocks per device per micro-step."})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Blocks per device per eval step."})
+    max_eval_samples: int | None = field(default=None, metadata={
+        "help": "Evaluate on the first N validation blocks only (default: all of them)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer step."})
     learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate."})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay; never applied to biases and norms."})
@@ -192,6 +194,7 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, args: Tr
          "--train_files is required with a model (the demo corpus goes only with the demo model)"),
         (args.per_device_train_batch_size < 1, "--per_device_train_batch_size must be at least 1"),
         (args.per_device_eval_batch_size < 1, "--per_device_eval_batch_size must be at least 1"),
+        (args.max_eval_samples is not None and args.max_eval_samples < 1, "--max_eval_samples must be at least 1"),
         (args.gradient_accumulation_steps < 1, "--gradient_accumulation_steps must be at least 1"),
         (args.learning_rate <= 0, "--learning_rate must be positive"),
         (args.max_steps == 0 or (args.max_steps < 0 and args.num_train_epochs <= 0),
@@ -931,7 +934,8 @@ def build_loaders(accelerator, data, data_args: DataArguments, args: TrainArgume
                                                      args.seed, data_args.dataloader_num_workers, pin_memory)
     eval_loader = None
     if data.validation is not None and args.eval_strategy != "no":
-        eval_loader = data_utils.build_eval_dataloader(data.validation, args.per_device_eval_batch_size,
+        eval_loader = data_utils.build_eval_dataloader(data.validation[: args.max_eval_samples],
+                                                       args.per_device_eval_batch_size,
                                                        data_args.dataloader_num_workers, pin_memory)
     return train_loader, eval_loader, global_batch_blocks
 

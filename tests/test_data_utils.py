@@ -270,3 +270,11 @@ def test_tokenizer_without_eos(assets, tokenizer, tmp_path):
     no_eos = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
     message = error_of(no_eos, [assets["small"]], tmp_path)
     assert "no EOS token" in message
+
+
+def test_cli_error_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "data_utils.py"), "--train_files", str(tmp_path / "x.jsonl"),
+                             "--tokenizer_name", "unused", "--block_size", "8", "--bogus", "1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["error: unrecognized arguments: --bogus 1"]

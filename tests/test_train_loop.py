@@ -21,6 +21,8 @@ def tiny_run(assets, tmp_path_factory):
     output = tmp_path_factory.mktemp("tiny_run")
     run_in_process(tiny_flags(assets, output, output.parent / "cache", "--max_steps", 40, "--eval_steps", 20,
                               "--validation_split_percentage", 10, "--per_device_eval_batch_size", 3))
+    run_in_process(tiny_flags(assets, output.parent / "capped", output.parent / "cache", "--max_steps", 40,
+                              "--eval_steps", 20, "--validation_split_percentage", 10, "--max_eval_samples", 5))
     return output
 
 
@@ -36,6 +38,9 @@ def test_loss_falls_and_metrics_have_the_schema(tiny_run):
         assert {"step", "eval_loss", "perplexity"} <= record.keys()
         assert record["perplexity"] == pytest.approx(math.exp(record["eval_loss"]))
     assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    capped_train, capped_evals = read_metrics(tiny_run.parent / "capped")
+    assert capped_train[40]["loss"] == train[40]["loss"]  # the same run, evaluated on fewer blocks
+    assert capped_evals[-1]["eval_loss"] != evals[-1]["eval_loss"]
 
 
 def test_lr_follows_the_schedule_formula(tiny_run):
