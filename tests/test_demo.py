@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from conftest import ROOT, free_port, read_metrics, run_in_process, tiny_flags
 

@@ -1,7 +1,7 @@
 """Throughput and MFU fields on a CPU run, and the FLOPs count against a hand count."""
 
 import pytest
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import train_loop
 from conftest import read_metrics, run_in_process, tiny_flags
@@ -29,7 +29,7 @@ def test_throughput_fields_are_present_and_sane(assets, tmp_path):
     run_in_process(tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 8, "--logging_steps", 4,
                               "--peak_tflops", "0.5"))
     train, _ = read_metrics(output)
-    flops = hand_count_flops_per_token(len(__import__("transformers").AutoTokenizer.from_pretrained(assets["tokenizer"])))
+    flops = hand_count_flops_per_token(len(AutoTokenizer.from_pretrained(assets["tokenizer"])))
     for record in train.values():
         assert record["tokens_per_s"] > 0 and record["tokens_per_s_per_device"] == record["tokens_per_s"]
         assert record["step_time_s"] == pytest.approx(2 * 64 / record["tokens_per_s"], rel=1e-6)
