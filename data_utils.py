@@ -81,7 +81,9 @@ def resolve_files(patterns: Iterable[str], flag: str = "--train_files") -> list[
         matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
-            raise DataError(f"{flag}: '{pattern}' matches no file; check the path or quote the glob pattern")
+            hint = f"pass a glob such as '{pattern.rstrip('/')}/*.jsonl'" if os.path.isdir(pattern) else \
+                "check the path or quote the glob pattern"
+            raise DataError(f"{flag}: '{pattern}' matches no file; {hint}")
         for match in matches:
             _file_format(Path(match))  # fail early on an unknown extension
             files.append(Path(match).resolve())

@@ -203,6 +203,8 @@ def error_of(tokenizer, files, tmp_path, **overrides):
 def test_glob_matching_nothing(tokenizer, tmp_path):
     message = error_of(tokenizer, [tmp_path / "missing/*.jsonl"], tmp_path)
     assert "--train_files" in message and "matches no file" in message
+    (tmp_path / "shards").mkdir()
+    assert f"pass a glob such as '{tmp_path}/shards/*.jsonl'" in error_of(tokenizer, [tmp_path / "shards"], tmp_path)
 
 
 def test_unknown_format(tokenizer, tmp_path):
