@@ -193,3 +193,17 @@ def test_non_finite_loss_stops_without_overwriting_a_good_checkpoint(assets, tmp
     for checkpoint in checkpoints:  # every step until the failure was saved, and no weights are NaN or inf
         assert all(t.isfinite().all() for t in load_file(checkpoint / "model.safetensors").values())
     assert not (output / "model.safetensors").exists()
+
+
+def test_resume_inside_a_later_epoch_keeps_that_epochs_order(assets, tmp_path):
+    """Resuming at step 13 (3 steps into epoch 2) replays epoch 2's shuffle, not epoch 1's."""
+    straight = tmp_path / "straight"
+    run_in_process(flags(assets, straight, tmp_path / "cache", "--max_steps", 16, "--save_steps", 13))
+    resumed = tmp_path / "resumed"
+    run_in_process(flags(assets, resumed, tmp_path / "cache", "--max_steps", 16,
+                         "--resume_from_checkpoint", straight / "checkpoint-13"))
+    expected, _ = read_metrics(straight)
+    got, _ = read_metrics(resumed)
+    assert sorted(got) == [14, 15, 16] and expected[13]["epoch"] == 1.3
+    for step in got:
+        assert got[step]["loss"] == expected[step]["loss"], step
