@@ -18,9 +18,10 @@ STEPS = 12
 
 
 def flags(assets, output, cache, micro, accumulation, *extra):
-    return tiny_flags(assets, output, cache, "--train_files", assets["tiny"], "--validation_split_percentage", 0,
-                      "--max_steps", STEPS, "--per_device_train_batch_size", micro,
-                      "--gradient_accumulation_steps", accumulation, *extra)
+    """The tiny corpus for training; the small one for validation, in uneven batches of 5 across processes."""
+    return tiny_flags(assets, output, cache, "--train_files", assets["tiny"], "--validation_files", assets["small"],
+                      "--eval_steps", 6, "--per_device_eval_batch_size", 5, "--max_steps", STEPS,
+                      "--per_device_train_batch_size", micro, "--gradient_accumulation_steps", accumulation, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,16 @@ def test_same_losses_and_lrs_on_every_layout(runs):
             assert other[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-4), (layout, step)
             assert other[step]["lr"] == pytest.approx(single[step]["lr"], rel=1e-4, abs=1e-12), (layout, step)
             assert other[step]["tokens_seen"] == single[step]["tokens_seen"]
+
+
+def test_eval_gathers_every_validation_block_once(runs):
+    """The mean over all validation blocks is the same whether 1 or 2 processes computed it."""
+    _, single = read_metrics(runs / "single")
+    assert [e["step"] for e in single] == [6, 12]
+    for layout in ("ddp", "zero2"):
+        _, other = read_metrics(runs / layout)
+        for mine, theirs in zip(other, single, strict=True):
+            assert mine["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-5), layout
 
 
 def test_lr_follows_the_formula_on_two_processes(runs):
