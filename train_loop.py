@@ -253,7 +253,7 @@ def build_accelerator(args: TrainArguments):
         plugin = DeepSpeedPlugin(hf_ds_config=args.deepspeed)
         if "LOCAL_RANK" not in os.environ:  # plain `python train_loop.py --deepspeed ...`: a world of one
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
+                              MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_local_port()))
     uses_deepspeed = plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     launched = "LOCAL_RANK" in os.environ
     handlers = []
@@ -278,6 +278,14 @@ def build_accelerator(args: TrainArguments):
                          f"independently; check the accelerate config's distributed_type")
     configure_logging(accelerator.is_main_process)
     return accelerator
+
+
+def free_local_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def configure_logging(is_main_process: bool) -> None:
