@@ -208,6 +208,15 @@ class TokenizedCorpus:
     skipped_documents: int
 
 
+def join_with_eos(documents: list[list[int]], eos: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate token-id lists with one EOS after each; returns (ids, each document's length with its EOS)."""
+    pieces = [np.asarray(document, dtype=dtype) for document in documents]
+    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+    # inserted before the first token of the next document, and after the last one
+    ids = np.insert(np.concatenate(pieces), np.cumsum(lengths), eos).astype(dtype, copy=False)
+    return ids, lengths + 1
+
+
 def tokenize_documents(texts: Iterable[Any], tokenizer: Any, *, description: str = "tokenizing") -> TokenizedCorpus:
     """Tokenize with the fast tokenizer's parallel batch encoder and append EOS after each document.
 
@@ -225,11 +234,9 @@ def tokenize_documents(texts: Iterable[Any], tokenizer: Any, *, description: str
 
     def flush() -> None:
         encodings = backend.encode_batch_fast(batch, add_special_tokens=False)
-        pieces = [np.asarray(encoding.ids, dtype=dtype) for encoding in encodings]
-        lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
-        # one EOS after each document: inserted before the first token of the next one
-        id_chunks.append(np.insert(np.concatenate(pieces), np.cumsum(lengths), eos).astype(dtype, copy=False))
-        length_chunks.append(lengths + 1)
+        ids, lengths = join_with_eos([encoding.ids for encoding in encodings], eos, dtype)
+        id_chunks.append(ids)
+        length_chunks.append(lengths)
         batch.clear()
 
     progress = tqdm(desc=description, unit=" docs", disable=None, mininterval=1.0)

@@ -43,9 +43,7 @@ def ours_with_datasets_map(corpus: str, tokenizer, cache: str, workers: int, blo
     raw = datasets.load_dataset("json", data_files=corpus, cache_dir=cache)["train"]
     ids = raw.map(lambda batch: {"ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]},
                   batched=True, num_proc=workers, remove_columns=raw.column_names)["ids"]
-    pieces = [np.asarray(document, dtype=np.uint16) for document in ids]
-    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
-    stream = np.insert(np.concatenate(pieces), np.cumsum(lengths), tokenizer.eos_token_id)
+    stream, _ = data_utils.join_with_eos(ids, tokenizer.eos_token_id, data_utils.token_dtype(len(tokenizer)))
     blocks, _ = data_utils.pack_blocks(stream, block_size)
     np.save(Path(cache) / "blocks.npy", blocks)
     return len(stream)
