@@ -819,6 +819,8 @@ def train(accelerator, model, optimizer, scheduler, train_loader, eval_loader, s
     micro_steps = 0
     grad_norm = None
     model.train()
+    if state.step >= total_steps:
+        logger.info(f"the checkpoint is at step {state.step} of {total_steps}: nothing left to train")
     while state.step < total_steps:
         train_loader.set_epoch(state.epoch)
         skip = state.step_in_epoch * args.gradient_accumulation_steps
@@ -868,7 +870,10 @@ def train(accelerator, model, optimizer, scheduler, train_loader, eval_loader, s
             if eval_loader is not None and (should(args.eval_strategy, eval_every, state.step, epoch_done) or last):
                 metrics.log({"step": state.step, **evaluate(accelerator, model, eval_loader)})
             stopping = stop.agreed()
-            if should(args.save_strategy, args.save_steps, state.step, epoch_done) or stopping:
+            # The last step is saved too, so that rerunning a finished command (or raising --max_steps) resumes
+            # from the end rather than redoing the tail after the last save_steps checkpoint.
+            final_save = last and args.save_strategy != "no"
+            if should(args.save_strategy, args.save_steps, state.step, epoch_done) or stopping or final_save:
                 ensure_savable(accelerator, model, loss_sum, state.step, args)
                 save_checkpoint(accelerator, state, args)
             if stopping:

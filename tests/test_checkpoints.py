@@ -154,6 +154,22 @@ def test_save_total_limit_keeps_the_newest(assets, tmp_path):
     assert state["step"] == 8 and state["tokens_seen"] == 8 * 8 * 64 and state["epoch"] == 0
 
 
+def test_the_last_step_is_saved_and_a_finished_run_reruns_without_training(assets, tmp_path, capfd):
+    output = tmp_path / "run"
+    argv = flags(assets, output, tmp_path / "cache", "--max_steps", 5, "--save_steps", 3)
+    run_in_process(argv)
+    assert [c.name for c in train_loop.list_checkpoints(output)] == ["checkpoint-3", "checkpoint-5"]
+    weights = (output / "model.safetensors").read_bytes()
+    capfd.readouterr()
+    run_in_process(argv)
+    err = capfd.readouterr().err
+    assert "checkpoint-5 at step 5" in err and "nothing left to train" in err
+    assert logged_steps(output) == [1, 2, 3, 4, 5]  # no step trained or logged twice
+    assert (output / "model.safetensors").read_bytes() == weights
+    run_in_process(flags(assets, output, tmp_path / "cache", "--max_steps", 7, "--save_steps", 3))
+    assert logged_steps(output) == [1, 2, 3, 4, 5, 6, 7]  # a longer run continues from the end
+
+
 def test_resume_latest_needs_a_complete_checkpoint(assets, tmp_path):
     with pytest.raises(UsageError, match="latest: no complete checkpoint"):
         run_in_process(flags(assets, tmp_path / "empty", tmp_path / "cache", "--resume_from_checkpoint", "latest"))
