@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from types import MethodType
 from typing import Any
 
 import torch
@@ -103,6 +104,9 @@ class TrainArguments:
     fp16: bool = field(default=False, metadata={"help": "fp16 mixed precision with loss scaling (CUDA only)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
     torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
+    loss_chunk_size: int = field(default=0, metadata={
+        "help": "Compute the output projection and the cross-entropy together, this many tokens at a time, never "
+                "holding the whole batch's logits (tokens x vocabulary); 0: transformers' loss on full logits."})
     report_to: str = field(default="swanlab", metadata={"help": "swanlab or none.", "choices": ["swanlab", "none"]})
     run_name: str | None = field(default=None, metadata={"help": "Name of the SwanLab experiment."})
     swanlab_project: str = field(default="pretrain", metadata={"help": "SwanLab project."})
@@ -206,6 +210,7 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, args: Tr
         (args.eval_steps is not None and args.eval_steps < 1, "--eval_steps must be at least 1"),
         (args.save_total_limit is not None and args.save_total_limit < 1, "--save_total_limit must be at least 1"),
         (args.max_grad_norm < 0, "--max_grad_norm must be >= 0"),
+        (args.loss_chunk_size < 0, "--loss_chunk_size must be >= 0 (0 turns chunking off)"),
         (not 0 <= args.adam_beta1 < 1 or not 0 <= args.adam_beta2 < 1, "--adam_beta1/--adam_beta2 must be in [0, 1)"),
         (data_args.block_size is not None and data_args.block_size < 2, "--block_size must be at least 2"),
         (args.deepspeed is not None and not Path(args.deepspeed).is_file(),
@@ -273,6 +278,10 @@ def build_accelerator(args: TrainArguments):
     if args.torch_compile and uses_deepspeed:
         logger.warning("--torch_compile under DeepSpeed: measured 7.7 s per step against 0.3 s without ZeRO on an "
                        "H200 (bench/gpu_mfu.sh); prefer accelerate_configs/single_gpu.yaml or ddp.yaml with it")
+    zero_stage = accelerator.state.deepspeed_plugin.zero_stage if uses_deepspeed else None
+    if args.loss_chunk_size and zero_stage == 3:
+        raise UsageError("--loss_chunk_size with ZeRO-3: the output projection's weight is partitioned outside its "
+                         "own forward; use accelerate_configs/zero2.yaml or --loss_chunk_size 0")
     if accelerator.num_processes > 1 and accelerator.distributed_type.value == "NO":
         raise UsageError(f"{accelerator.num_processes} processes but no distributed backend: they would train "
                          f"independently; check the accelerate config's distributed_type")
@@ -374,6 +383,8 @@ def build_model(model_args: ModelArguments, config, tokenizer, args: TrainArgume
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    if args.loss_chunk_size:
+        compute_loss_in_chunks(model, args.loss_chunk_size)
     return model
 
 
@@ -442,6 +453,82 @@ def fill_deepspeed_config(accelerator, args: TrainArguments) -> None:
             config["optimizer"]["params"][key] = {
                 "lr": args.learning_rate, "betas": [args.adam_beta1, args.adam_beta2], "eps": args.adam_epsilon,
                 "weight_decay": args.weight_decay}[key]
+
+
+# ======================================================================================================================
+# Loss
+# ======================================================================================================================
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T` against `targets`, made chunk by chunk of tokens.
+
+    The logits of a 150k-token vocabulary are the largest tensors of a small model's step (tokens x vocab, in
+    fp32 for the softmax). Here each chunk's logits become its loss and both its gradients at once and are
+    freed, so memory holds one chunk. The matrix products are the ones backward would do anyway, done early.
+    Gradients are kept unscaled (fp32 for the weight's sum over all tokens) and scaled in backward, so fp16
+    loss scaling still applies to them.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):  # mixed precision without DeepSpeed: cast once, not per product
+            dtype = torch.get_autocast_dtype(device_type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        valid = targets != -100
+        safe_targets = targets.masked_fill(~valid, 0)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            chunk, chunk_targets, chunk_valid = hidden[rows], safe_targets[rows, None], valid[rows, None]
+            logits = (chunk @ weight.T).float()
+            log_norm = logits.logsumexp(dim=-1, keepdim=True)
+            loss_sum += ((log_norm - logits.gather(1, chunk_targets)) * chunk_valid).sum()
+            # d(loss_sum)/d(logits) = softmax - one_hot(target), on the counted rows; made in place in the logits
+            grad_logits = logits.sub_(log_norm).exp_()
+            grad_logits.scatter_add_(1, chunk_targets, torch.full_like(log_norm, -1.0))
+            grad_logits = grad_logits.mul_(chunk_valid).to(chunk.dtype)
+            grad_hidden[rows] = grad_logits @ weight
+            grad_weight += (grad_logits.T @ chunk).float()
+        count = valid.sum().clamp(min=1)
+        ctx.save_for_backward(grad_hidden, grad_weight, count)
+        return loss_sum / count
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_hidden, grad_weight, count = ctx.saved_tensors
+        scale = grad_loss / count
+        return (grad_hidden * scale).to(ctx.hidden_dtype), (grad_weight * scale).to(ctx.weight_dtype), None, None
+
+
+def compute_loss_in_chunks(model, chunk_size: int) -> None:
+    """Make `model(input_ids=..., labels=...)` return the loss of ChunkedLinearCrossEntropy (and no logits).
+
+    The forward is replaced on this instance only, so DDP and DeepSpeed call it as usual, the state dict keeps its
+    keys, and a call without labels (generation, evaluation) is the model's own forward.
+    """
+    from transformers.modeling_outputs import CausalLMOutput
+
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or \
+            getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logits_scaling", 1) != 1:
+        raise UsageError(f"--loss_chunk_size: {type(model).__name__} does not end in a plain linear output "
+                         f"projection; use --loss_chunk_size 0")
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        if labels is None:
+            return type(self).forward(self, input_ids=input_ids, **kwargs)
+        hidden = self.base_model(input_ids=input_ids, **kwargs).last_hidden_state
+        # Position t predicts token t + 1: the last position has no target, so its logits are never made.
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        targets = labels[:, 1:].reshape(-1)
+        weight = self.get_output_embeddings().weight
+        return CausalLMOutput(loss=ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size))
+
+    model.forward = MethodType(forward, model)
 
 
 # ======================================================================================================================

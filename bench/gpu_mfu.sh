@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Tokens/s and MFU on one GPU: a Qwen2.5-0.5B-shaped model (random init), block 2048, bf16, SDPA attention,
 # through accelerate_configs/single_gpu.yaml and accelerate_configs/zero2.yaml (one process), each with and
-# without gradient checkpointing. About 4 minutes on one H100; COMPILE=1 adds torch.compile rows.
+# without gradient checkpointing, and with the loss computed in chunks (--loss_chunk_size). About 5 minutes on one
+# H100; COMPILE=1 adds torch.compile rows.
 #
-#   bash bench/gpu_mfu.sh                 # STEPS=30 MICRO_BATCH=8 WORK=/tmp/gpu_mfu by default
-#   COMPILE=1 ONLY="single_gpu+compile zero2+compile" MICRO_BATCH=16 bash bench/gpu_mfu.sh
+#   bash bench/gpu_mfu.sh                 # STEPS=30 MICRO_BATCH=8 CHUNK=4096 WORK=/tmp/gpu_mfu by default
+#   COMPILE=1 ONLY="single_gpu+compile single_gpu+compile+chunks" MICRO_BATCH=16 bash bench/gpu_mfu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/gpu_mfu}
 STEPS=${STEPS:-30}
 MICRO_BATCH=${MICRO_BATCH:-8}
+CHUNK=${CHUNK:-4096}
 mkdir -p "$WORK"
 
 python3 - "$WORK" <<'PY'
@@ -43,19 +45,22 @@ run() {  # name, accelerate config, extra flags...
   python3 - "$name" "$WORK/out_$name/metrics.jsonl" "$MICRO_BATCH" <<'PY'
 import json, sys
 last = [json.loads(l) for l in open(sys.argv[2]) if '"loss"' in l][-1]  # steps after the first 2/3: warm
-print(f"| {sys.argv[1] + ' mb' + sys.argv[3]:<22} | {last['tokens_per_s']:>10,.0f} | {last['step_time_s']:>7.3f} | "
+print(f"| {sys.argv[1] + ' mb' + sys.argv[3]:<30} | {last['tokens_per_s']:>10,.0f} | {last['step_time_s']:>7.3f} | "
       f"{100 * last['mfu']:>5.1f}% | {last['peak_mem_gb']:>6.1f} | {last['loss']:.3f} |", flush=True)
 PY
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-echo "| run                    |   tokens/s |  step s |   MFU | mem GB | loss  |"
-echo "|------------------------|-----------:|--------:|------:|-------:|-------|"
+echo "| run                            |   tokens/s |  step s |   MFU | mem GB | loss  |"
+echo "|--------------------------------|-----------:|--------:|------:|-------:|-------|"
 run single_gpu single_gpu.yaml
 run single_gpu+ckpt single_gpu.yaml --gradient_checkpointing
 run zero2 zero2.yaml
 run zero2+ckpt zero2.yaml --gradient_checkpointing
+run single_gpu+chunks single_gpu.yaml --loss_chunk_size "$CHUNK"
+run zero2+chunks zero2.yaml --loss_chunk_size "$CHUNK"
 if [ "${COMPILE:-0}" = 1 ]; then
   run single_gpu+compile single_gpu.yaml --torch_compile
+  run single_gpu+compile+chunks single_gpu.yaml --torch_compile --loss_chunk_size "$CHUNK"
   run zero2+compile zero2.yaml --torch_compile
 fi

@@ -26,19 +26,21 @@ def flags(assets, output, cache, micro, accumulation, *extra):
 
 @pytest.fixture(scope="module")
 def runs(assets, tmp_path_factory):
-    """(a) 1 process mb 2 x GA 4; (b) ddp.yaml 2 x mb 2 x GA 2; (c) zero2.yaml 2 x mb 2 x GA 2 (checkpoints at 6, 12)."""
+    """(a) 1 process mb 2 x GA 4; (b) ddp.yaml 2 x mb 2 x GA 2; (c) zero2.yaml 2 x mb 2 x GA 2 (checkpoints at 6, 12);
+    (d) as (c) with the loss computed in chunks."""
     root = tmp_path_factory.mktemp("layouts")
     cache = root / "cache"
     run_in_process(flags(assets, root / "single", cache, 2, 4, "--save_steps", 6))
     launch("ddp.yaml", 2, flags(assets, root / "ddp", cache, 2, 2))
     launch("zero2.yaml", 2, flags(assets, root / "zero2", cache, 2, 2, "--save_steps", 6))
+    launch("zero2.yaml", 2, flags(assets, root / "zero2_chunked", cache, 2, 2, "--loss_chunk_size", 50))
     return root
 
 
 def test_same_losses_and_lrs_on_every_layout(runs):
     single, _ = read_metrics(runs / "single")
     assert sorted(single) == list(range(1, STEPS + 1))
-    for layout in ("ddp", "zero2"):
+    for layout in ("ddp", "zero2", "zero2_chunked"):
         other, _ = read_metrics(runs / layout)
         for step in range(1, 11):
             assert other[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-4), (layout, step)
@@ -50,7 +52,7 @@ def test_eval_gathers_every_validation_block_once(runs):
     """The mean over all validation blocks is the same whether 1 or 2 processes computed it."""
     _, single = read_metrics(runs / "single")
     assert [e["step"] for e in single] == [6, 12]
-    for layout in ("ddp", "zero2"):
+    for layout in ("ddp", "zero2", "zero2_chunked"):
         _, other = read_metrics(runs / layout)
         for mine, theirs in zip(other, single, strict=True):
             assert mine["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-5), layout

@@ -165,6 +165,7 @@ BAD_ARGUMENTS = [
     (["--config_overrides", "vocab_size=100"], "but the model's vocab_size is 100"),
     (["--resume_from_checkpoint", "nowhere/checkpoint-3"], "--resume_from_checkpoint nowhere/checkpoint-3"),
     (["--eval_strategy", "sometimes"], "sometimes"),
+    (["--loss_chunk_size", "-1"], "--loss_chunk_size must be >= 0"),
 ]
 
 
@@ -201,6 +202,15 @@ def test_command_line_error_is_one_line_without_traceback(assets, tmp_path):
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
     assert "Traceback" not in result.stderr
     assert len(lines) == 1 and "--train_files" in lines[0] and "matches no file" in lines[0]
+
+
+def test_loss_chunks_under_zero3_are_refused(assets, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train_loop.py"),
+                             *tiny_flags(assets, tmp_path / "out", tmp_path / "cache", "--max_steps", 1,
+                                         "--deepspeed", ROOT / "ds_config_zero3.json", "--loss_chunk_size", 64)],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "error: --loss_chunk_size with ZeRO-3" in result.stderr and "zero2.yaml" in result.stderr
 
 
 def test_missing_local_model_names_the_flag(tmp_path):

@@ -1,0 +1,81 @@
+"""--loss_chunk_size: the chunked output projection + cross-entropy gives transformers' loss and gradients."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import train_loop
+from conftest import read_metrics, run_in_process, tiny_flags
+
+
+@pytest.fixture()
+def model_pair(assets):
+    """A tiny Qwen2 (tied head) and a copy of it whose loss is computed in chunks of 7 tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(assets["config"]))
+    chunked = copy.deepcopy(reference)
+    train_loop.compute_loss_in_chunks(chunked, 7)  # 3 x 19 targets: chunks do not divide the tokens
+    ids = torch.randint(0, reference.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, 5:9] = -100  # ignored targets are left out of the sum and of the count
+    return reference, chunked, ids, labels
+
+
+def test_loss_and_every_gradient_match_transformers(model_pair):
+    reference, chunked, ids, labels = model_pair
+    expected = reference(input_ids=ids, labels=labels).loss
+    got = chunked(input_ids=ids, labels=labels).loss
+    (expected * 3).backward()  # a scaled loss (as with accumulation or fp16 loss scaling) scales the gradients
+    (got * 3).backward()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    for (name, mine), theirs in zip(chunked.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert chunked.get_output_embeddings().weight is chunked.get_input_embeddings().weight  # still tied
+
+
+def test_bf16_autocast_stays_close(model_pair):
+    reference, chunked, ids, labels = model_pair
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = reference(input_ids=ids, labels=labels).loss
+        got = chunked(input_ids=ids, labels=labels).loss
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(expected.item(), rel=2e-3)
+    expected.backward()
+    got.backward()
+    for (name, mine), theirs in zip(chunked.named_parameters(), reference.parameters()):
+        assert mine.grad.dtype == torch.float32, name  # the fp32 masters get fp32 gradients
+        assert (mine.grad - theirs.grad).norm() < 0.03 * theirs.grad.norm(), name  # bf16 rounding, not a bug
+
+
+def test_calls_without_labels_are_the_models_own(model_pair):
+    reference, chunked, ids, _ = model_pair
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(input_ids=ids).logits, reference(input_ids=ids).logits)
+    prompt = ids[:1, :6]
+    assert torch.equal(chunked.generate(prompt, max_new_tokens=5, do_sample=False),
+                       reference.generate(prompt, max_new_tokens=5, do_sample=False))
+
+
+def test_training_with_chunks_matches_training_without(assets, tmp_path):
+    """Eight steps with accumulation, then the saved model: the same as without chunking."""
+    losses = {}
+    for chunk in (0, 50):
+        output = tmp_path / f"chunk{chunk}"
+        run_in_process(tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 8,
+                                  "--gradient_accumulation_steps", 2, "--loss_chunk_size", chunk))
+        losses[chunk] = [record["loss"] for record in read_metrics(output)[0].values()]
+    np.testing.assert_allclose(losses[50], losses[0], rtol=1e-5)
+    assert len(losses[0]) == 8 and losses[0][-1] < losses[0][0]
+    saved = [json.loads((tmp_path / f"chunk{chunk}" / "config.json").read_text()) for chunk in (0, 50)]
+    assert saved[0] == saved[1]  # nothing about chunking leaks into the saved model
+
+
+def test_a_head_that_is_not_a_plain_linear_is_refused(model_pair):
+    _, chunked, _, _ = model_pair
+    chunked.config.final_logit_softcapping = 30.0
+    with pytest.raises(train_loop.UsageError, match="--loss_chunk_size: Qwen2ForCausalLM does not end in a plain"):
+        train_loop.compute_loss_in_chunks(chunked, 8)
