@@ -11,30 +11,20 @@ process on the same data; tokens/s is the median over the steps after a warm-up,
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from train_throughput import ROOT, packed_blocks, prepare
+from train_throughput import add_run_arguments, packed_blocks, prepare, train_loop_records
 
 QWEN_VOCAB = 151936
 
 
 def run(spec: dict, chunk: int, options) -> dict:
-    output = Path(spec["work"]) / f"chunk{chunk}"
-    command = [sys.executable, str(ROOT / "train_loop.py"), "--config_name", spec["config"],
-               "--config_overrides", f"vocab_size={QWEN_VOCAB}", "--tokenizer_name", spec["tokenizer"],
-               "--train_files", spec["corpus"], "--data_cache_dir", spec["cache"], "--validation_split_percentage", "0",
-               "--block_size", str(spec["block_size"]), "--per_device_train_batch_size", str(spec["batch"]),
-               "--max_steps", str(spec["steps"]), "--learning_rate", str(spec["lr"]), "--logging_steps", "1",
-               "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none", "--output_dir", str(output),
-               "--overwrite_output_dir", "--loss_chunk_size", str(chunk), *(["--bf16"] if options.bf16 else [])]
-    subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
-    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    timed = [r["step_time_s"] for r in records if "loss" in r][options.warmup:]
+    records = train_loop_records(spec, Path(spec["work"]) / f"chunk{chunk}", "--config_overrides",
+                                 f"vocab_size={QWEN_VOCAB}", "--loss_chunk_size", str(chunk),
+                                 *(["--bf16"] if options.bf16 else []))
+    timed = [r["step_time_s"] for r in records][options.warmup:]
     return {"tokens_per_s": spec["batch"] * spec["block_size"] / statistics.median(timed),
             "peak_mem_gb": records[-1]["peak_mem_gb"], "loss": records[-1]["loss"]}
 
@@ -43,12 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", type=int, nargs="+", default=[0, 2048, 512],
                         help="--loss_chunk_size values to compare; 0 is transformers' loss on full logits")
-    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps")
-    parser.add_argument("--hidden_size", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--block_size", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=4)
+    add_run_arguments(parser, steps=6, warmup=2, layers=2, block_size=512, batch=4)
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (autocast on CPU)")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:

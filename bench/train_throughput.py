@@ -40,6 +40,17 @@ def prepare(work: Path, options) -> dict:
             "batch": options.batch, "steps": options.steps + options.warmup, "lr": 1e-3}
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, *, steps: int, warmup: int, layers: int, block_size: int,
+                      batch: int) -> None:
+    """The options that prepare() reads, with each benchmark's own defaults."""
+    parser.add_argument("--steps", type=int, default=steps, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed first steps")
+    parser.add_argument("--hidden_size", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--block_size", type=int, default=block_size)
+    parser.add_argument("--batch", type=int, default=batch)
+
+
 def packed_blocks(spec: dict):
     from transformers import AutoTokenizer
 
@@ -56,18 +67,23 @@ def fresh_model(spec: dict):
     return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec["config"]))
 
 
-def run_train_loop(spec: dict) -> list[float]:
-    output = Path(spec["work"]) / "train_loop_out"
+def train_loop_records(spec: dict, output: Path, *extra: str) -> list[dict]:
+    """Run train_loop.py as a user would on the spec's model and blocks; its record of every optimizer step."""
     command = [sys.executable, str(ROOT / "train_loop.py"), "--config_name", spec["config"],
                "--tokenizer_name", spec["tokenizer"], "--train_files", spec["corpus"], "--data_cache_dir", spec["cache"],
                "--validation_split_percentage", "0", "--block_size", str(spec["block_size"]),
                "--per_device_train_batch_size", str(spec["batch"]), "--max_steps", str(spec["steps"]),
-               "--learning_rate", str(spec["lr"]), "--weight_decay", "0", "--logging_steps", "1",
-               "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none",
-               "--output_dir", str(output), "--overwrite_output_dir"]
+               "--learning_rate", str(spec["lr"]), "--logging_steps", "1", "--save_strategy", "no",
+               "--eval_strategy", "no", "--report_to", "none", "--output_dir", str(output), "--overwrite_output_dir",
+               *extra]
     subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    return [r["step_time_s"] for r in records if "loss" in r]
+    return [r for r in records if "loss" in r]
+
+
+def run_train_loop(spec: dict) -> list[float]:
+    records = train_loop_records(spec, Path(spec["work"]) / "train_loop_out", "--weight_decay", "0")
+    return [r["step_time_s"] for r in records]
 
 
 def run_bare(spec: dict) -> list[float]:
@@ -137,12 +153,7 @@ RUNNERS = {"train_loop.py": run_train_loop, "bare PyTorch loop": run_bare, "tran
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed first steps")
-    parser.add_argument("--hidden_size", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--block_size", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
+    add_run_arguments(parser, steps=40, warmup=10, layers=4, block_size=256, batch=8)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one side, print its step times
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     options = parser.parse_args()
