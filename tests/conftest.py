@@ -69,8 +69,6 @@ def launch_env():
     return env
 
 
-
-
 def launch(config, num_processes, argv, timeout=300, extra_launch=()):
     """`accelerate launch` from the repository root, as a user would; fails the test with the output's tail."""
     env = launch_env()
