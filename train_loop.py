@@ -213,12 +213,15 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, args: Tr
         (args.loss_chunk_size < 0, "--loss_chunk_size must be >= 0 (0 turns chunking off)"),
         (not 0 <= args.adam_beta1 < 1 or not 0 <= args.adam_beta2 < 1, "--adam_beta1/--adam_beta2 must be in [0, 1)"),
         (data_args.block_size is not None and data_args.block_size < 2, "--block_size must be at least 2"),
-        (args.deepspeed is not None and not Path(args.deepspeed).is_file(),
-         f"--deepspeed {args.deepspeed}: no such file"),
+        (args.report_to == "swanlab" and args.swanlab_mode == "online" and not has_swanlab_api_key(),
+         "--swanlab_mode online: no SwanLab API key; set SWANLAB_API_KEY or run `swanlab login`, or use "
+         "--swanlab_mode local or offline"),
     ]
     for failed, message in checks:
         if failed:
             raise UsageError(message)
+    if args.deepspeed is not None:
+        read_json_object("--deepspeed", args.deepspeed)
     if args.lr_scheduler_kwargs:
         try:
             assert isinstance(json.loads(args.lr_scheduler_kwargs), dict)
@@ -226,6 +229,23 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, args: Tr
             raise UsageError("--lr_scheduler_kwargs must be a JSON object, e.g. '{\"min_lr_rate\": 0.1}'") from None
     if model_args.config_overrides:
         parse_config_overrides(model_args.config_overrides)
+
+
+def read_json_object(flag: str, path: str) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise UsageError(f"{flag} {path}: no such file")
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{flag} {path}: not a readable JSON file ({first_line(error)}); fix it") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{flag} {path}: expected a JSON object of DeepSpeed settings")
+    return value
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0].rstrip(".:") if text else type(error).__name__
 
 
 def parse_config_overrides(text: str) -> dict[str, Any]:
@@ -251,6 +271,8 @@ def build_accelerator(args: TrainArguments):
 
     plugin = None
     launched_with = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if launched_with:
+        read_json_object("the accelerate config's deepspeed_config_file", launched_with)
     if args.deepspeed and launched_with and Path(launched_with).resolve() != Path(args.deepspeed).resolve():
         raise UsageError(f"--deepspeed {args.deepspeed}: the accelerate config already selects {launched_with}; "
                          f"drop one of the two")
@@ -289,6 +311,22 @@ def build_accelerator(args: TrainArguments):
     return accelerator
 
 
+def create_output_dirs(args: TrainArguments) -> None:
+    """Fail before any work, not at the first save, when --output_dir (or SwanLab's --logging_dir) is not writable."""
+    import tempfile
+
+    folders = [("--output_dir", args.output_dir)]
+    if args.report_to == "swanlab" and args.logging_dir:
+        folders.append(("--logging_dir", args.logging_dir))
+    for flag, folder in folders:
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as error:
+            raise UsageError(f"{flag} {folder}: cannot write there ({error.strerror or error}); choose a writable "
+                             f"folder") from None
+
+
 def free_local_port() -> int:
     import socket
 
@@ -315,9 +353,8 @@ def from_hub(flag: str, name: str, loader, **kwargs):
     """A Hub or local load whose failure names the flag instead of a traceback."""
     try:
         return loader(name, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"{flag} {name}: cannot be loaded ({first_line}); check the name, the path or the "
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{flag} {name}: cannot be loaded ({first_line(error)}); check the name, the path or the "
                          f"network") from None
 
 
@@ -347,7 +384,15 @@ def build_config(model_args: ModelArguments, tokenizer):
     for key, value in parse_config_overrides(model_args.config_overrides or "").items():
         if not hasattr(config, key):
             raise UsageError(f"--config_overrides: {type(config).__name__} has no '{key}'")
-        setattr(config, key, value)
+        try:
+            setattr(config, key, value)
+        except Exception as error:  # transformers' typed configs raise their own validation errors
+            raise UsageError(f"--config_overrides {key}={value}: {' '.join(str(error).split())}") from None
+    heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    if isinstance(heads, int) and isinstance(kv_heads, int) and (kv_heads < 1 or heads % kv_heads):
+        source = "--config_overrides" if model_args.config_overrides else "the model config"
+        raise UsageError(f"{source}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
+                         f"({kv_heads})")
     return config
 
 
@@ -372,20 +417,36 @@ def build_model(model_args: ModelArguments, config, tokenizer, args: TrainArgume
     kwargs = {"trust_remote_code": model_args.trust_remote_code}
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
-    if model_args.model_name_or_path:
-        model = from_hub("--model_name_or_path", model_args.model_name_or_path,
-                         AutoModelForCausalLM.from_pretrained, config=config, dtype=dtype or "float32", **kwargs)
-    else:
-        torch.manual_seed(args.seed)
-        model = AutoModelForCausalLM.from_config(config, **kwargs)
-        if dtype not in (None, "auto"):
-            model.to(dtype)
+    try:
+        if model_args.model_name_or_path:
+            model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config,
+                                                         dtype=dtype or "float32", **kwargs)
+        else:
+            torch.manual_seed(args.seed)
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+            if dtype not in (None, "auto"):
+                model.to(dtype)
+    except (OSError, ValueError, ImportError) as error:
+        raise model_error(error, model_args) from None
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     if args.loss_chunk_size:
         compute_loss_in_chunks(model, args.loss_chunk_size)
     return model
+
+
+def model_error(error: Exception, model_args: ModelArguments) -> UsageError:
+    """Name the flag behind a failed model build: the attention kernel, the weights, or the config."""
+    message = first_line(error)
+    if model_args.attn_implementation and ("attn" in message.lower() or "attention" in message.lower()):
+        return UsageError(f"--attn_implementation {model_args.attn_implementation}: {message}; use sdpa or eager, "
+                          f"or install that kernel's package")
+    if model_args.model_name_or_path:
+        return UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot be loaded ({message}); "
+                          f"check the name, the path or the network")
+    return UsageError(f"the model cannot be built from its config ({message}); check --config_name and "
+                      f"--config_overrides")
 
 
 def build_optimizer(model, args: TrainArguments, accelerator):
@@ -767,19 +828,24 @@ def swanlab_mode(args: TrainArguments) -> str:
     """online with an API key; otherwise local (needs swanboard for `swanlab watch`) or offline. Never a prompt."""
     if args.swanlab_mode:
         return args.swanlab_mode
-    if os.environ.get("SWANLAB_API_KEY"):
+    if has_swanlab_api_key():
         return "online"
-    try:
-        from swanlab.sdk.internal.settings import Settings
-        if Settings().api_key:
-            return "online"
-    except Exception:  # no saved login, or an unreadable settings file
-        pass
     try:
         import swanboard  # noqa: F401
         return "local"
     except ImportError:
         return "offline"
+
+
+def has_swanlab_api_key() -> bool:
+    """Whether SwanLab has a key: SWANLAB_API_KEY or a saved `swanlab login`."""
+    if os.environ.get("SWANLAB_API_KEY"):
+        return True
+    try:
+        from swanlab.sdk.internal.settings import Settings
+        return bool(Settings().api_key)
+    except Exception:  # no saved login, or an unreadable settings file
+        return False
 
 
 def start_swanlab(args: TrainArguments, state: TrainState, run_config: dict[str, Any]):
@@ -789,9 +855,14 @@ def start_swanlab(args: TrainArguments, state: TrainState, run_config: dict[str,
     import swanlab
 
     state.swanlab_run_id = state.swanlab_run_id or uuid.uuid4().hex[:21]
-    swanlab.init(project=args.swanlab_project, name=args.run_name or Path(args.output_dir).name,
-                 log_dir=args.logging_dir or str(Path(args.output_dir) / "swanlog"), mode=swanlab_mode(args),
-                 id=state.swanlab_run_id, resume="allow", config=run_config)
+    mode = swanlab_mode(args)
+    try:
+        swanlab.init(project=args.swanlab_project, name=args.run_name or Path(args.output_dir).name,
+                     log_dir=args.logging_dir or str(Path(args.output_dir) / "swanlog"), mode=mode,
+                     id=state.swanlab_run_id, resume="allow", config=run_config)
+    except Exception as error:  # a login, network or folder problem, before any step is trained
+        raise UsageError(f"--report_to swanlab: SwanLab did not start in {mode} mode ({first_line(error)}); fix "
+                         f"that, pick another --swanlab_mode, or pass --report_to none") from None
     return swanlab
 
 
@@ -1047,6 +1118,7 @@ def count_steps(num_blocks: int, global_batch_blocks: int, args: TrainArguments)
 
 def main(argv: list[str] | None = None) -> str:
     model_args, data_args, args = parse_args(argv)
+    create_output_dirs(args)
     demo = is_demo(model_args, data_args)
     accelerator = build_accelerator(args)
     torch.manual_seed(args.seed)

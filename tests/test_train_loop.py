@@ -166,6 +166,10 @@ BAD_ARGUMENTS = [
     (["--resume_from_checkpoint", "nowhere/checkpoint-3"], "--resume_from_checkpoint nowhere/checkpoint-3"),
     (["--eval_strategy", "sometimes"], "sometimes"),
     (["--loss_chunk_size", "-1"], "--loss_chunk_size must be >= 0"),
+    (["--attn_implementation", "no_such_kernel"], "--attn_implementation no_such_kernel: "),
+    (["--config_overrides", "hidden_size=abc"], "--config_overrides hidden_size=abc: "),
+    (["--config_overrides", "num_attention_heads=5"], "num_attention_heads (5) must be a multiple of "
+                                                      "num_key_value_heads (2)"),
 ]
 
 
@@ -174,6 +178,48 @@ def test_bad_argument_gets_one_line(assets, tmp_path, extra, expected):
     with pytest.raises(UsageError) as raised:
         run_in_process(tiny_flags(assets, tmp_path / "out", tmp_path / "cache", "--max_steps", 1, *extra))
     assert expected in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_unusable_files_and_folders_are_refused_before_any_work(assets, tmp_path, monkeypatch):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    broken_json = tmp_path / "ds_config.json"
+    broken_json.write_text('{"zero_optimization": ')
+    cases = [
+        (["--output_dir", a_file / "out"], f"--output_dir {a_file / 'out'}: cannot write there"),
+        (["--report_to", "swanlab", "--swanlab_mode", "offline", "--logging_dir", a_file / "logs"],
+         f"--logging_dir {a_file / 'logs'}: cannot write there"),
+        (["--deepspeed", broken_json], f"--deepspeed {broken_json}: not a readable JSON file"),
+    ]
+    for extra, expected in cases:
+        with pytest.raises(UsageError) as raised:
+            run_in_process(tiny_flags(assets, tmp_path / "out", tmp_path / "cache", "--max_steps", 1, *extra))
+        assert expected in str(raised.value) and "\n" not in str(raised.value)
+    assert not (tmp_path / "cache").exists()  # refused before the data was read
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(broken_json))
+    with pytest.raises(UsageError, match="the accelerate config's deepspeed_config_file .* not a readable JSON"):
+        run_in_process(tiny_flags(assets, tmp_path / "out", tmp_path / "cache", "--max_steps", 1))
+
+
+def test_swanlab_online_without_a_key_is_refused(assets, tmp_path, monkeypatch):
+    from train_loop import has_swanlab_api_key
+
+    monkeypatch.delenv("SWANLAB_API_KEY", raising=False)
+    if has_swanlab_api_key():
+        pytest.skip("this machine has a saved `swanlab login`")
+    with pytest.raises(UsageError, match="--swanlab_mode online: no SwanLab API key; set SWANLAB_API_KEY"):
+        run_in_process(tiny_flags(assets, tmp_path / "out", tmp_path / "cache", "--report_to", "swanlab",
+                                  "--swanlab_mode", "online"))
+
+
+def test_missing_flash_attention_package_is_named(assets, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(UsageError, match="--attn_implementation flash_attention_2: .*; use sdpa or eager"):
+        run_in_process(tiny_flags(assets, tmp_path / "out", tmp_path / "cache", "--max_steps", 1,
+                                  "--attn_implementation", "flash_attention_2"))
 
 
 def test_fp16_on_cpu_is_refused(assets, tmp_path):
