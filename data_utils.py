@@ -19,10 +19,12 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,8 @@ SUPPORTED_FORMATS = ".jsonl, .json, .txt (each optionally .gz) and .parquet"
 CACHE_FORMAT_VERSION = 1
 DOCUMENTS_PER_TOKENIZER_BATCH = 2048
 DEFAULT_CACHE_ROOT = Path(os.environ.get("PRETRAIN_LOOP_CACHE", Path.home() / ".cache" / "pretrain_loop"))
+
+logger = logging.getLogger("data_utils")
 
 
 class DataError(ValueError):
@@ -315,16 +319,42 @@ class PackedData:
 
 
 def _load_cache(directory: Path) -> PackedData | None:
+    """The cached blocks, or None when there are none; a damaged cache is removed, to be rebuilt."""
     meta_path = directory / "meta.json"
     if not meta_path.exists():
         return None
-    stats = json.loads(meta_path.read_text())
-    validation_path = directory / "validation.npy"
-    return PackedData(
-        train=np.load(directory / "train.npy", mmap_mode="r"),
-        validation=np.load(validation_path, mmap_mode="r") if validation_path.exists() else None,
-        stats=stats,
-    )
+    try:
+        stats = json.loads(meta_path.read_text())
+        validation_path = directory / "validation.npy"
+        data = PackedData(
+            train=np.load(directory / "train.npy", mmap_mode="r"),
+            validation=np.load(validation_path, mmap_mode="r") if validation_path.exists() else None,
+            stats=stats,
+        )
+        if data.train.shape != (stats["blocks"], stats["block_size"]):
+            raise ValueError(f"train.npy has shape {data.train.shape}, meta.json says "
+                             f"{(stats['blocks'], stats['block_size'])}")
+    except (OSError, ValueError, KeyError) as error:
+        logger.warning(f"data cache {directory} is damaged ({error}); rebuilding it")
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
+    return data
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line, for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0].rstrip(".:") if text else type(error).__name__
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why files cannot be written in `folder` (created if missing), or None when they can."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
 
 
 def _write_cache(directory: Path, data: PackedData) -> None:
@@ -387,6 +417,10 @@ def prepare_data(args: DataArguments, tokenizer: Any, seed: int = 42) -> PackedD
     if cached is not None:
         cached.stats.update(cache_hit=True, seconds=round(time.perf_counter() - start, 3))
         return cached
+    problem = unwritable(cache_root)  # checked before hours of tokenizing, not after
+    if problem:
+        raise DataError(f"--data_cache_dir {cache_root}: cannot write there ({problem}); pass a writable "
+                        f"--data_cache_dir")
 
     set_tokenizer_threads(args.preprocessing_num_workers)
     corpus = _tokenize_files(train_files, tokenizer, args.text_column, "--train_files")
@@ -581,8 +615,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data_args, preprocess_args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    tokenizer = AutoTokenizer.from_pretrained(preprocess_args.tokenizer_name,
-                                              trust_remote_code=preprocess_args.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(preprocess_args.tokenizer_name,
+                                                  trust_remote_code=preprocess_args.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise DataError(f"--tokenizer_name {preprocess_args.tokenizer_name}: cannot be loaded "
+                        f"({first_line(error)}); check the name, the path or the network") from None
     packed = prepare_data(data_args, tokenizer, seed=preprocess_args.seed)
     print(json.dumps(packed.stats))
     return packed.stats

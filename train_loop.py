@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 import data_utils
-from data_utils import DataArguments, DataError
+from data_utils import DataArguments, DataError, first_line
 
 logger = logging.getLogger("train_loop")
 
@@ -243,11 +243,6 @@ def read_json_object(flag: str, path: str) -> dict[str, Any]:
     return value
 
 
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0].rstrip(".:") if text else type(error).__name__
-
-
 def parse_config_overrides(text: str) -> dict[str, Any]:
     overrides = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -313,18 +308,13 @@ def build_accelerator(args: TrainArguments):
 
 def create_output_dirs(args: TrainArguments) -> None:
     """Fail before any work, not at the first save, when --output_dir (or SwanLab's --logging_dir) is not writable."""
-    import tempfile
-
     folders = [("--output_dir", args.output_dir)]
     if args.report_to == "swanlab" and args.logging_dir:
         folders.append(("--logging_dir", args.logging_dir))
     for flag, folder in folders:
-        try:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=folder).close()
-        except OSError as error:
-            raise UsageError(f"{flag} {folder}: cannot write there ({error.strerror or error}); choose a writable "
-                             f"folder") from None
+        problem = data_utils.unwritable(Path(folder))
+        if problem:
+            raise UsageError(f"{flag} {folder}: cannot write there ({problem}); choose a writable folder")
 
 
 def free_local_port() -> int:
@@ -727,7 +717,11 @@ def resume(accelerator, checkpoint: Path | None, state: TrainState) -> TrainStat
     if saved.global_batch_blocks != state.global_batch_blocks:
         logger.warning(f"global batch changed from {saved.global_batch_blocks} to {state.global_batch_blocks} "
                        f"blocks: the resumed data order will not match the interrupted run")
-    accelerator.load_state(str(checkpoint))
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (RuntimeError, ValueError, KeyError) as error:  # e.g. another model shape: a size mismatch per tensor
+        raise UsageError(f"checkpoint {checkpoint} does not fit this run ({' '.join(str(error).split())[:240]}); "
+                         f"rerun with the flags it was saved with, or use another --output_dir") from None
     logger.info(f"resumed from {checkpoint} at step {saved.step} (epoch {saved.epoch}, step {saved.step_in_epoch})")
     saved.num_processes, saved.distributed_type = state.num_processes, state.distributed_type
     saved.global_batch_blocks = state.global_batch_blocks

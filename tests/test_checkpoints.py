@@ -175,6 +175,19 @@ def test_resume_latest_needs_a_complete_checkpoint(assets, tmp_path):
         run_in_process(flags(assets, tmp_path / "empty", tmp_path / "cache", "--resume_from_checkpoint", "latest"))
 
 
+def test_checkpoint_of_another_model_shape_is_refused_and_kept(assets, tmp_path):
+    output = tmp_path / "run"
+    run_in_process(flags(assets, output, tmp_path / "cache", "--max_steps", 2, "--save_steps", 2))
+    saved = {p.name: p.read_bytes() for p in (output / "checkpoint-2").iterdir() if p.is_file()}
+    with pytest.raises(UsageError) as raised:
+        run_in_process(flags(assets, output, tmp_path / "cache", "--max_steps", 4,
+                             "--config_overrides", "hidden_size=32"))
+    message = str(raised.value)
+    assert message.startswith(f"checkpoint {output / 'checkpoint-2'} does not fit this run (")
+    assert "size mismatch" in message and "\n" not in message
+    assert {p.name: p.read_bytes() for p in (output / "checkpoint-2").iterdir() if p.is_file()} == saved
+
+
 def test_zero_checkpoint_on_another_world_size_says_how_to_convert(assets, tmp_path):
     output = tmp_path / "run"
     run_in_process(flags(assets, output, tmp_path / "cache", "--max_steps", 2, "--save_steps", 2))

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,6 +94,31 @@ def test_cache_hit_and_invalidation(assets, tokenizer, tmp_path):
     assert changed_file.stats["documents"] == first.stats["documents"] + 1
     assert len({first.stats["cache_dir"], changed_block.stats["cache_dir"], changed_tokenizer.stats["cache_dir"],
                 changed_file.stats["cache_dir"]}) == 4
+
+
+@pytest.mark.parametrize("damage", ["truncated train.npy", "meta.json disagrees", "unreadable meta.json"])
+def test_damaged_cache_is_rebuilt_with_a_warning(assets, tokenizer, tmp_path, caplog, damage):
+    cache = tmp_path / "cache"
+    built = data_utils.prepare_data(args_for([assets["small"]], cache), tokenizer)
+    folder = Path(built.stats["cache_dir"])
+    if damage == "truncated train.npy":
+        os.truncate(folder / "train.npy", (folder / "train.npy").stat().st_size // 2)
+    elif damage == "meta.json disagrees":
+        meta = json.loads((folder / "meta.json").read_text())
+        (folder / "meta.json").write_text(json.dumps({**meta, "blocks": meta["blocks"] + 1}))
+    else:
+        (folder / "meta.json").write_text('{"blocks": ')
+    rebuilt = data_utils.prepare_data(args_for([assets["small"]], cache), tokenizer)
+    assert not rebuilt.stats["cache_hit"] and f"data cache {folder} is damaged" in caplog.text
+    np.testing.assert_array_equal(rebuilt.train, built.train)
+    assert data_utils.prepare_data(args_for([assets["small"]], cache), tokenizer).stats["cache_hit"]
+
+
+def test_unwritable_cache_dir_is_refused_before_tokenizing(assets, tokenizer, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    with pytest.raises(DataError, match=f"--data_cache_dir {a_file / 'cache'}: cannot write there"):
+        data_utils.prepare_data(args_for([assets["small"]], a_file / "cache"), tokenizer)
 
 
 def test_formats_give_the_same_blocks(assets, tokenizer, tmp_path):
@@ -279,3 +305,12 @@ def test_cli_error_is_one_line(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["error: unrecognized arguments: --bogus 1"]
+
+
+def test_cli_tokenizer_that_cannot_load_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "data_utils.py"), "--train_files", str(tmp_path / "x.jsonl"),
+                             "--tokenizer_name", str(tmp_path / "no_tokenizer"), "--block_size", "8"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --tokenizer_name {tmp_path / 'no_tokenizer'}: cannot be loaded (")
