@@ -934,20 +934,36 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def evaluate(accelerator, model, eval_loader) -> dict[str, float]:
+def evaluate(accelerator, model, eval_loader, chunk_size: int) -> dict[str, float]:
     """Mean token loss and perplexity over all validation blocks, gathered across processes."""
     model.eval()
     block_losses = []
     with torch.no_grad():
         for batch in eval_loader:
-            logits = model(input_ids=batch["input_ids"]).logits
-            # One block at a time in fp32: a whole batch of fp32 logits over a 150k vocabulary is gigabytes.
-            losses = [torch.nn.functional.cross_entropy(block_logits[:-1].float(), ids[1:])
-                      for block_logits, ids in zip(logits, batch["input_ids"])]
-            block_losses.append(accelerator.gather_for_metrics(torch.stack(losses)))
+            losses = eval_block_losses(accelerator, model, batch["input_ids"], chunk_size)
+            block_losses.append(accelerator.gather_for_metrics(losses))
     model.train()
     loss = torch.cat(block_losses).mean().item()
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def eval_block_losses(accelerator, model, input_ids: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Each block's mean next-token loss, in fp32 and never from a whole batch's fp32 logits (gigabytes at 150k)."""
+    if not chunk_size:
+        logits = model(input_ids=input_ids).logits
+        return torch.stack([torch.nn.functional.cross_entropy(block_logits[:-1].float(), ids[1:])
+                            for block_logits, ids in zip(logits, input_ids)])
+    # With --loss_chunk_size, not even one batch's logits: the output projection runs on chunks of tokens.
+    unwrapped = accelerator.unwrap_model(model)
+    head = unwrapped.get_output_embeddings()
+    with accelerator.autocast():
+        hidden = unwrapped.base_model(input_ids=input_ids).last_hidden_state[:, :-1]
+        hidden, targets = hidden.reshape(-1, hidden.shape[-1]), input_ids[:, 1:].reshape(-1)
+        token_losses = torch.cat([
+            torch.nn.functional.cross_entropy(head(hidden[start:start + chunk_size]).float(),
+                                              targets[start:start + chunk_size], reduction="none")
+            for start in range(0, len(targets), chunk_size)])
+    return token_losses.view(input_ids.shape[0], -1).mean(dim=1)
 
 
 def grad_norm_of(accelerator, model, max_grad_norm: float):
@@ -1020,7 +1036,8 @@ def train(accelerator, model, optimizer, scheduler, train_loader, eval_loader, s
                 micro_steps = 0
                 timer.reset()
             if eval_loader is not None and (should(args.eval_strategy, eval_every, state.step, epoch_done) or last):
-                metrics.log({"step": state.step, **evaluate(accelerator, model, eval_loader)})
+                metrics.log({"step": state.step,
+                             **evaluate(accelerator, model, eval_loader, args.loss_chunk_size)})
             stopping = stop.agreed()
             # The last step is saved too, so that rerunning a finished command (or raising --max_steps) resumes
             # from the end rather than redoing the tail after the last save_steps checkpoint.

@@ -61,15 +61,20 @@ def test_calls_without_labels_are_the_models_own(model_pair):
 
 
 def test_training_with_chunks_matches_training_without(assets, tmp_path):
-    """Eight steps with accumulation, then the saved model: the same as without chunking."""
-    losses = {}
+    """Eight steps with accumulation, evaluation, then the saved model: the same as without chunking."""
+    losses, eval_losses = {}, {}
     for chunk in (0, 50):
         output = tmp_path / f"chunk{chunk}"
-        run_in_process(tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 8,
-                                  "--gradient_accumulation_steps", 2, "--loss_chunk_size", chunk))
-        losses[chunk] = [record["loss"] for record in read_metrics(output)[0].values()]
+        run_in_process(tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 8, "--eval_steps", 4,
+                                  "--gradient_accumulation_steps", 2, "--loss_chunk_size", chunk,
+                                  "--per_device_eval_batch_size", 3))  # 3 blocks x 63 targets: 4 chunks, uneven
+        train, evals = read_metrics(output)
+        losses[chunk] = [record["loss"] for record in train.values()]
+        eval_losses[chunk] = [record["eval_loss"] for record in evals]
     np.testing.assert_allclose(losses[50], losses[0], rtol=1e-5)
     assert len(losses[0]) == 8 and losses[0][-1] < losses[0][0]
+    np.testing.assert_allclose(eval_losses[50], eval_losses[0], rtol=1e-6)
+    assert len(eval_losses[0]) == 2 and eval_losses[0][1] < eval_losses[0][0]
     saved = [json.loads((tmp_path / f"chunk{chunk}" / "config.json").read_text()) for chunk in (0, 50)]
     assert saved[0] == saved[1]  # nothing about chunking leaks into the saved model
 

@@ -272,3 +272,10 @@ def test_bad_data_is_reported_before_training(assets, tmp_path):
     with pytest.raises(DataError, match=f"{bad}:2: malformed JSON"):
         run_in_process(tiny_flags(assets, tmp_path / "out", tmp_path / "cache", "--train_files", bad))
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_readme_debugger_breakpoint_is_on_the_forward():
+    import re
+
+    line = int(re.search(r"\(Pdb\) b train_loop\.py:(\d+)", (ROOT / "README.md").read_text()).group(1))
+    assert "model(**batch)" in (ROOT / "train_loop.py").read_text().splitlines()[line - 1]
