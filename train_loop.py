@@ -1173,8 +1173,18 @@ def main(argv: list[str] | None = None) -> str:
     return ended
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> None:
+    """main() with the errors a user can fix turned into one line (and exit status 1) instead of a traceback."""
     try:
-        main()
+        main(argv)
     except (UsageError, DataError, NonFiniteLoss) as error:
         sys.exit(f"error: {error}")
+    except torch.OutOfMemoryError as error:  # the most common bad input on a GPU: a batch that does not fit
+        sys.exit(f"error: out of memory ({'. '.join(first_line(error).split('. ')[:2])}); lower --per_device_train_batch_size "
+                 f"(raise --gradient_accumulation_steps to keep the global batch), or add --gradient_checkpointing "
+                 f"or --loss_chunk_size 4096, or shard with accelerate_configs/zero2.yaml; rerunning resumes from "
+                 f"the last checkpoint")
+
+
+if __name__ == "__main__":
+    cli()

@@ -42,8 +42,8 @@ def tiny_flags(assets, output_dir, cache_dir, *extra):
             "--logging_steps", "1", "--save_steps", "1000", "--eval_steps", "1000", *map(str, extra)]
 
 
-def run_in_process(argv):
-    """train_loop.main in this process, with Accelerate's singletons reset between runs."""
+def run_in_process(argv, entry="main"):
+    """train_loop.main (or another entry point, e.g. cli) in this process, with Accelerate's singletons reset."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     import train_loop
@@ -52,7 +52,7 @@ def run_in_process(argv):
     GradientState._reset_state()
     PartialState._reset_state()
     try:
-        return train_loop.main(argv)
+        return getattr(train_loop, entry)(argv)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()

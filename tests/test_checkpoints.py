@@ -188,6 +188,41 @@ def test_checkpoint_of_another_model_shape_is_refused_and_kept(assets, tmp_path)
     assert {p.name: p.read_bytes() for p in (output / "checkpoint-2").iterdir() if p.is_file()} == saved
 
 
+def test_out_of_memory_is_one_line_and_a_rerun_resumes(assets, tmp_path, monkeypatch):
+    """A batch that does not fit (raised here in step 3's first micro-batch): one line with what to do, no work lost."""
+    import torch
+
+    build_model = train_loop.build_model
+
+    def build_one_that_runs_out_of_memory(*args, **kwargs):
+        model, calls = build_model(*args, **kwargs), []
+        forward = model.forward
+
+        def forward_until_step_3(*inputs, **named):
+            calls.append(1)
+            if len(calls) == 2 * 4 + 1:  # 4 micro-batches per step
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.27 GiB. GPU 0 has a total "
+                                             "capacity of 79.19 GiB of which 1.02 GiB is free.")
+            return forward(*inputs, **named)
+
+        model.forward = forward_until_step_3
+        return model
+
+    output = tmp_path / "run"
+    argv = flags(assets, output, tmp_path / "cache", "--max_steps", 5, "--save_steps", 2)
+    monkeypatch.setattr(train_loop, "build_model", build_one_that_runs_out_of_memory)
+    with pytest.raises(SystemExit) as exited:
+        run_in_process(argv, entry="cli")
+    assert exited.value.code == ("error: out of memory (CUDA out of memory. Tried to allocate 9.27 GiB); lower "
+                                 "--per_device_train_batch_size (raise --gradient_accumulation_steps to keep the "
+                                 "global batch), or add --gradient_checkpointing or --loss_chunk_size 4096, or shard "
+                                 "with accelerate_configs/zero2.yaml; rerunning resumes from the last checkpoint")
+    assert [c.name for c in train_loop.list_checkpoints(output)] == ["checkpoint-2"]
+    monkeypatch.undo()
+    run_in_process(argv)
+    assert logged_steps(output) == [1, 2, 3, 4, 5]
+
+
 def test_zero_checkpoint_on_another_world_size_says_how_to_convert(assets, tmp_path):
     output = tmp_path / "run"
     run_in_process(flags(assets, output, tmp_path / "cache", "--max_steps", 2, "--save_steps", 2))
