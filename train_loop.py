@@ -113,6 +113,9 @@ class TrainArguments:
     swanlab_mode: str | None = field(default=None, metadata={
         "help": "online, local, offline or disabled (default: online with an API key, else local or offline).",
         "choices": ["online", "local", "offline", "disabled"]})
+    profile_dir: str | None = field(default=None, metadata={
+        "help": "Profile optimizer steps 6-8 of this launch with torch.profiler: a trace per rank (chrome://tracing or "
+                "ui.perfetto.dev) and a table of the costliest ops go to this folder."})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "Peak dense TFLOP/s of one device for MFU (default: looked up for known GPUs; none on CPU)."})
     # Accepted for the chapter's pretrain.sh and TrainingArguments users.
@@ -233,7 +236,8 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, args: Tr
 
 def read_json_object(flag: str, path: str) -> dict[str, Any]:
     if not Path(path).is_file():
-        raise UsageError(f"{flag} {path}: no such file")
+        where = "" if Path(path).is_absolute() else f" in {Path.cwd()} (a relative path starts from where you launch)"
+        raise UsageError(f"{flag} {path}: no such file{where}")
     try:
         value = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
@@ -266,6 +270,10 @@ def build_accelerator(args: TrainArguments):
 
     plugin = None
     launched_with = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    beside_this_file = Path(__file__).parent / (launched_with or "")
+    if launched_with and not Path(launched_with).is_file() and beside_this_file.is_file():
+        # Our yamls name ds_config_*.json relative to the repository: found from any working directory.
+        launched_with = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(beside_this_file)
     if launched_with:
         read_json_object("the accelerate config's deepspeed_config_file", launched_with)
     if args.deepspeed and launched_with and Path(launched_with).resolve() != Path(args.deepspeed).resolve():
@@ -930,6 +938,47 @@ class StopRequest:
         return bool(flag.item())
 
 
+class StepProfiler:
+    """torch.profiler over a few optimizer steps after a warm-up; does nothing without --profile_dir."""
+
+    SKIP, WARMUP, ACTIVE = 4, 1, 3  # steps 1-4 unrecorded (compilation, allocator growth), 5 warms up, 6-8 recorded
+
+    def __init__(self, folder: str | None, rank: int):
+        self.folder, self.rank, self.profiler, self.written = folder, rank, None, False
+        if folder is None:
+            return
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self.profiler = profile(activities=activities, on_trace_ready=self._write,
+                                schedule=schedule(wait=self.SKIP, warmup=self.WARMUP, active=self.ACTIVE, repeat=1))
+        self.profiler.start()
+
+    def step(self) -> None:
+        if self.profiler is not None:
+            self.profiler.step()
+
+    def stop(self) -> None:
+        if self.profiler is None:
+            return
+        self.profiler.stop()
+        self.profiler = None
+        if not self.written:
+            logger.warning(f"--profile_dir: fewer than {self.SKIP + self.WARMUP + self.ACTIVE} steps ran in this "
+                           f"launch, so nothing was profiled")
+
+    def _write(self, profiler) -> None:
+        folder = Path(self.folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        profiler.export_chrome_trace(str(folder / f"trace_rank{self.rank}.json"))
+        sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        table = profiler.key_averages().table(sort_by=sort_by, row_limit=30)
+        (folder / f"top_ops_rank{self.rank}.txt").write_text(table)
+        self.written = True
+        logger.info(f"profiled steps {self.SKIP + self.WARMUP + 1}-{self.SKIP + self.WARMUP + self.ACTIVE} of "
+                    f"this launch: {folder}/trace_rank{self.rank}.json and top_ops_rank{self.rank}.txt")
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -975,7 +1024,7 @@ def grad_norm_of(accelerator, model, max_grad_norm: float):
 
 def train(accelerator, model, optimizer, scheduler, train_loader, eval_loader, state: TrainState,
           total_steps: int, args: TrainArguments, metrics: MetricsLogger, block_size: int, flops_token: int,
-          stop: StopRequest) -> str:
+          stop: StopRequest, profiler: StepProfiler) -> str:
     """Run optimizer steps until total_steps; returns why it ended: 'done' or the signal name."""
     steps_per_epoch = len(train_loader) // args.gradient_accumulation_steps
     tokens_per_step = state.global_batch_blocks * block_size
@@ -1021,6 +1070,7 @@ def train(accelerator, model, optimizer, scheduler, train_loader, eval_loader, s
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
             timer.steps += 1
             metrics.advance()
+            profiler.step()
             last = state.step == total_steps
             if should(args.logging_strategy, args.logging_steps, state.step, epoch_done) or last:
                 mean_loss = accelerator.reduce(loss_sum / micro_steps, reduction="mean").item()
@@ -1155,10 +1205,12 @@ def main(argv: list[str] | None = None) -> str:
                   "num_processes": accelerator.num_processes, "total_steps": total_steps}
     metrics = MetricsLogger(accelerator, args, total_steps, state, run_config)
     stop = StopRequest(accelerator.num_processes)
+    profiler = StepProfiler(args.profile_dir, accelerator.process_index)
     try:
         ended = train(accelerator, model, optimizer, scheduler, train_loader, eval_loader, state, total_steps, args,
-                      metrics, data_args.block_size, flops_token, stop)
+                      metrics, data_args.block_size, flops_token, stop, profiler)
     finally:
+        profiler.stop()
         stop.restore()
         metrics.close()
     if ended != "done":

@@ -6,6 +6,7 @@
 #
 #   bash bench/gpu_mfu.sh                 # STEPS=30 MICRO_BATCH=8 CHUNK=4096 WORK=/tmp/gpu_mfu by default
 #   COMPILE=1 ONLY="single_gpu+compile single_gpu+compile+chunks" MICRO_BATCH=16 bash bench/gpu_mfu.sh
+#   PROFILE="single_gpu+chunks" bash bench/gpu_mfu.sh   # also prints that run's costliest ops (steps 6-8)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/gpu_mfu}
@@ -35,6 +36,7 @@ PY
 run() {  # name, accelerate config, extra flags...
   local name=$1 config=$2; shift 2
   if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
+  if [[ " ${PROFILE:-} " == *" $name "* ]]; then set -- "$@" --profile_dir "$WORK/profile_$name"; fi
   accelerate launch --config_file "accelerate_configs/$config" --num_processes 1 train_loop.py \
     --config_name "$WORK/qwen2.5-0.5b-shape" --tokenizer_name "$WORK/demo/tokenizer" \
     --train_files "$WORK/corpus.jsonl" --data_cache_dir "$WORK/cache" --validation_split_percentage 0 \
@@ -64,3 +66,7 @@ if [ "${COMPILE:-0}" = 1 ]; then
   run single_gpu+compile+chunks single_gpu.yaml --torch_compile --loss_chunk_size "$CHUNK"
   run zero2+compile zero2.yaml --torch_compile
 fi
+for name in ${PROFILE:-}; do
+  echo; echo "costliest ops of $name (steps 6-8; trace: $WORK/profile_$name/trace_rank0.json)"
+  head -n 25 "$WORK/profile_$name/top_ops_rank0.txt" 2>/dev/null || echo "no profile (run $name failed or was skipped)"
+done

@@ -69,12 +69,12 @@ def launch_env():
     return env
 
 
-def launch(config, num_processes, argv, timeout=300, extra_launch=()):
-    """`accelerate launch` from the repository root, as a user would; fails the test with the output's tail."""
+def launch(config, num_processes, argv, timeout=300, extra_launch=(), cwd=ROOT):
+    """`accelerate launch` (from the repository root unless told), as a user would; fails with the output's tail."""
     env = launch_env()
     command = launch_command(config, num_processes, argv,
                              ("--main_process_port", env["MASTER_PORT"], *extra_launch))
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 

@@ -1,4 +1,6 @@
-"""Throughput and MFU fields on a CPU run, and the FLOPs count against a hand count."""
+"""Throughput and MFU fields on a CPU run, the FLOPs count against a hand count, and --profile_dir."""
+
+import json
 
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -52,3 +54,21 @@ def test_no_mfu_on_a_cpu_without_a_peak(assets, tmp_path):
 def test_known_gpu_peaks_are_dense_figures():
     peaks = dict(train_loop.PEAK_TFLOPS)
     assert peaks["A100"] == 312 and peaks["H100"] == 989 and peaks["H200"] == 989
+
+
+def test_profile_dir_records_steps_6_to_8_without_changing_the_run(assets, tmp_path, capfd):
+    losses = {}
+    for name, extra in (("plain", []), ("profiled", ["--profile_dir", tmp_path / "profile"])):
+        run_in_process(tiny_flags(assets, tmp_path / name, tmp_path / "cache", "--max_steps", 10, *extra))
+        losses[name] = [record["loss"] for record in read_metrics(tmp_path / name)[0].values()]
+    assert losses["profiled"] == losses["plain"] and len(losses["plain"]) == 10
+    trace = json.loads((tmp_path / "profile" / "trace_rank0.json").read_text())
+    steps = sorted({e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")})
+    assert steps == ["ProfilerStep#5", "ProfilerStep#6", "ProfilerStep#7"]  # counted from 0: optimizer steps 6-8
+    table = (tmp_path / "profile" / "top_ops_rank0.txt").read_text()
+    assert "aten::mm" in table and "AdamW" in table
+    capfd.readouterr()
+    run_in_process(tiny_flags(assets, tmp_path / "short", tmp_path / "cache", "--max_steps", 3,
+                              "--profile_dir", tmp_path / "short_profile"))
+    assert "--profile_dir: fewer than 8 steps ran in this launch" in capfd.readouterr().err
+    assert not (tmp_path / "short_profile").exists()
