@@ -1232,7 +1232,8 @@ def cli(argv: list[str] | None = None) -> None:
     except (UsageError, DataError, NonFiniteLoss) as error:
         sys.exit(f"error: {error}")
     except torch.OutOfMemoryError as error:  # the most common bad input on a GPU: a batch that does not fit
-        sys.exit(f"error: out of memory ({'. '.join(first_line(error).split('. ')[:2])}); lower --per_device_train_batch_size "
+        what = ". ".join(first_line(error).split(". ")[:2])  # "CUDA out of memory. Tried to allocate 9.27 GiB"
+        sys.exit(f"error: out of memory ({what}); lower --per_device_train_batch_size "
                  f"(raise --gradient_accumulation_steps to keep the global batch), or add --gradient_checkpointing "
                  f"or --loss_chunk_size 4096, or shard with accelerate_configs/zero2.yaml; rerunning resumes from "
                  f"the last checkpoint")
