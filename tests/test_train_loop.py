@@ -69,6 +69,21 @@ def test_final_model_reloads_and_matches_last_eval(tiny_run):
     assert generated.shape == (1, 13)
 
 
+def test_continued_pretraining_starts_from_the_saved_weights(assets, tiny_run, tmp_path):
+    """--model_name_or_path on a saved model (its own tokenizer): training resumes the learned model, not a new one."""
+    output = tmp_path / "continued"
+    argv = tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 3, "--eval_steps", 3,
+                      "--validation_split_percentage", 10)
+    argv[:4] = ["--model_name_or_path", str(tiny_run)]  # instead of --config_name and --tokenizer_name
+    run_in_process(argv)
+    first_run, first_evals = read_metrics(tiny_run)
+    continued, continued_evals = read_metrics(output)
+    assert continued[1]["loss"] < first_run[1]["loss"] - 1.0
+    assert continued[1]["loss"] == pytest.approx(first_run[40]["loss"], abs=0.3)
+    assert continued_evals[-1]["eval_loss"] < first_evals[-1]["eval_loss"] + 0.1
+    assert json.loads((output / "config.json").read_text())["hidden_size"] == 64
+
+
 def test_gradient_accumulation_is_equivalent(assets, tmp_path):
     """Micro-batch 2 x GA 4 and micro-batch 8 x GA 1 see the same blocks and give the same losses (fp32)."""
     losses = {}
