@@ -194,6 +194,9 @@ def is_demo(model_args: ModelArguments, data_args: DataArguments) -> bool:
 def validate_args(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments) -> None:
     checks = [
         (args.bf16 and args.fp16, "--bf16 and --fp16: choose one"),
+        (args.fp16 and model_args.torch_dtype == "float16",
+         "--torch_dtype float16 with --fp16: fp16 weights cannot be loss-scaled; load float32 weights (the default) "
+         "and let --fp16 cast"),
         (args.fp16 and not torch.cuda.is_available(), "--fp16 needs a CUDA GPU; use --bf16 on CPU"),
         (model_args.model_name_or_path and model_args.config_name,
          "--model_name_or_path and --config_name: give one (weights to continue, or a config to start from)"),
@@ -451,6 +454,10 @@ def build_optimizer(model, args: TrainArguments, accelerator):
     """AdamW without weight decay on biases and norm weights (the 1-D parameters); fused kernels where available."""
     from accelerate.utils import DummyOptim
 
+    low_precision = {p.dtype for p in model.parameters()} & {torch.bfloat16, torch.float16}
+    if low_precision and deepspeed_config(accelerator) is None:
+        logger.warning(f"the weights are {low_precision.pop()} and, without DeepSpeed, AdamW updates them in place: "
+                       f"updates smaller than their precision are lost; keep --torch_dtype float32 and pass --bf16")
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:

@@ -183,6 +183,7 @@ BAD_ARGUMENTS = [
     (["--loss_chunk_size", "-1"], "--loss_chunk_size must be >= 0"),
     (["--attn_implementation", "no_such_kernel"], "--attn_implementation no_such_kernel: "),
     (["--config_overrides", "hidden_size=abc"], "--config_overrides hidden_size=abc: "),
+    (["--fp16", "--torch_dtype", "float16"], "--torch_dtype float16 with --fp16: fp16 weights cannot be loss-scaled"),
     (["--config_overrides", "num_attention_heads=5"], "num_attention_heads (5) must be a multiple of "
                                                       "num_key_value_heads (2)"),
 ]
@@ -235,6 +236,14 @@ def test_missing_flash_attention_package_is_named(assets, tmp_path):
     with pytest.raises(UsageError, match="--attn_implementation flash_attention_2: .*; use sdpa or eager"):
         run_in_process(tiny_flags(assets, tmp_path / "out", tmp_path / "cache", "--max_steps", 1,
                                   "--attn_implementation", "flash_attention_2"))
+
+
+def test_low_precision_weights_without_deepspeed_are_warned_about(assets, tmp_path, capfd):
+    run_in_process(tiny_flags(assets, tmp_path / "bf16_weights", tmp_path / "cache", "--max_steps", 1,
+                              "--torch_dtype", "bfloat16"))
+    assert "the weights are torch.bfloat16 and, without DeepSpeed, AdamW updates them in place" in capfd.readouterr().err
+    run_in_process(tiny_flags(assets, tmp_path / "fp32_weights", tmp_path / "cache", "--max_steps", 1, "--bf16"))
+    assert "AdamW updates them in place" not in capfd.readouterr().err
 
 
 def test_fp16_on_cpu_is_refused(assets, tmp_path):
