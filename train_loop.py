@@ -613,6 +613,7 @@ class TrainState:
     num_processes: int = 1
     distributed_type: str = "NO"
     global_batch_blocks: int = 0
+    train_blocks: int = 0
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -729,18 +730,37 @@ def resume(accelerator, checkpoint: Path | None, state: TrainState) -> TrainStat
                          f"processes cannot load on {state.num_processes}; convert it with `python "
                          f"{checkpoint}/pytorch_model/zero_to_fp32.py` (weights only) or DeepSpeed's "
                          f"ds_to_universal.py, or resume with {saved.num_processes} processes")
-    if saved.global_batch_blocks != state.global_batch_blocks:
-        logger.warning(f"global batch changed from {saved.global_batch_blocks} to {state.global_batch_blocks} "
-                       f"blocks: the resumed data order will not match the interrupted run")
     try:
         accelerator.load_state(str(checkpoint))
     except (RuntimeError, ValueError, KeyError) as error:  # e.g. another model shape: a size mismatch per tensor
         raise UsageError(f"checkpoint {checkpoint} does not fit this run ({' '.join(str(error).split())[:240]}); "
                          f"rerun with the flags it was saved with, or use another --output_dir") from None
     logger.info(f"resumed from {checkpoint} at step {saved.step} (epoch {saved.epoch}, step {saved.step_in_epoch})")
+    carry_data_position(saved, state)
     saved.num_processes, saved.distributed_type = state.num_processes, state.distributed_type
-    saved.global_batch_blocks = state.global_batch_blocks
+    saved.global_batch_blocks, saved.train_blocks = state.global_batch_blocks, state.train_blocks
     return saved
+
+
+def carry_data_position(saved: TrainState, current: TrainState) -> None:
+    """Map the checkpoint's place in its epoch onto this run's data and global batch.
+
+    Every global batch size reads the same (seed, epoch) permutation of the blocks, so a new batch size resumes
+    after the blocks already read (repeating fewer than one batch of them). Different data has no such place:
+    its epoch starts from the beginning.
+    """
+    if saved.train_blocks and saved.train_blocks != current.train_blocks:
+        logger.warning(f"the training data has {current.train_blocks} blocks, the checkpoint's had "
+                       f"{saved.train_blocks}: the data changed, so epoch {saved.epoch} starts from its beginning")
+        saved.step_in_epoch = 0
+    elif saved.global_batch_blocks != current.global_batch_blocks:
+        blocks_read = saved.step_in_epoch * saved.global_batch_blocks
+        saved.step_in_epoch = blocks_read // current.global_batch_blocks
+        logger.warning(f"global batch changed from {saved.global_batch_blocks} to {current.global_batch_blocks} "
+                       f"blocks: epoch {saved.epoch} resumes at block {saved.step_in_epoch * current.global_batch_blocks}"
+                       f" of its order ({blocks_read} were read)")
+    if saved.step_in_epoch >= current.train_blocks // current.global_batch_blocks:
+        saved.epoch, saved.step_in_epoch = saved.epoch + 1, 0
 
 
 def save_final_model(accelerator, model, tokenizer, args: TrainArguments) -> None:
@@ -1205,7 +1225,7 @@ def main(argv: list[str] | None = None) -> str:
     eval_loader = accelerator.prepare_data_loader(eval_loader) if eval_loader is not None else None
 
     state = TrainState(num_processes=accelerator.num_processes, distributed_type=accelerator.distributed_type.value,
-                       global_batch_blocks=global_batch_blocks)
+                       global_batch_blocks=global_batch_blocks, train_blocks=len(data.train))
     state = resume(accelerator, choose_checkpoint(accelerator, args), state)
 
     run_config = {"model": asdict(model_args), "data": asdict(data_args), "train": asdict(args),

@@ -223,6 +223,38 @@ def test_out_of_memory_is_one_line_and_a_rerun_resumes(assets, tmp_path, monkeyp
     assert logged_steps(output) == [1, 2, 3, 4, 5]
 
 
+def test_resume_with_another_global_batch_continues_after_the_blocks_read(assets, tmp_path, capfd):
+    output = tmp_path / "run"
+    run_in_process(flags(assets, output, tmp_path / "cache", "--max_steps", 5, "--save_steps", 5))  # 5 x 8 blocks
+    capfd.readouterr()
+    run_in_process(flags(assets, output, tmp_path / "cache", "--max_steps", 8, "--gradient_accumulation_steps", 2))
+    assert "global batch changed from 8 to 4 blocks: epoch 0 resumes at block 40 of its order (40 were read)" in \
+        capfd.readouterr().err
+    train, _ = read_metrics(output)
+    blocks = json.loads((output / "checkpoint-8" / "trainer_state.json").read_text())["train_blocks"]
+    assert sorted(train) == list(range(1, 9)) and train[6]["epoch"] == round((40 / 4 + 1) / (blocks // 4), 4)
+
+
+def test_resume_on_changed_data_starts_its_epoch_from_the_beginning(assets, tmp_path, capfd):
+    output = tmp_path / "run"
+    run_in_process(flags(assets, output, tmp_path / "cache", "--train_files", assets["small"], "--max_steps", 15,
+                         "--save_steps", 15))  # 15 steps into an epoch of the small corpus
+    capfd.readouterr()
+    run_in_process(flags(assets, output, tmp_path / "cache", "--max_steps", 17))  # the tiny corpus: 10 steps/epoch
+    assert "the data changed, so epoch 0 starts from its beginning" in capfd.readouterr().err
+    train, _ = read_metrics(output)
+    assert sorted(train) == list(range(1, 18)) and train[16]["epoch"] == 0.1 and train[17]["epoch"] == 0.2
+
+
+def test_a_data_position_past_the_new_epochs_end_rolls_over():
+    saved = train_loop.TrainState(epoch=2, step_in_epoch=43, global_batch_blocks=2, train_blocks=87)
+    train_loop.carry_data_position(saved, train_loop.TrainState(global_batch_blocks=8, train_blocks=87))
+    assert (saved.epoch, saved.step_in_epoch) == (3, 0)  # 86 blocks read; an epoch of 8-block batches has 80
+    saved = train_loop.TrainState(epoch=2, step_in_epoch=30, global_batch_blocks=2, train_blocks=87)
+    train_loop.carry_data_position(saved, train_loop.TrainState(global_batch_blocks=8, train_blocks=87))
+    assert (saved.epoch, saved.step_in_epoch) == (2, 7)  # 60 blocks read: 7 batches of 8, 4 blocks read again
+
+
 def test_zero_checkpoint_on_another_world_size_says_how_to_convert(assets, tmp_path):
     output = tmp_path / "run"
     run_in_process(flags(assets, output, tmp_path / "cache", "--max_steps", 2, "--save_steps", 2))
