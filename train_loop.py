@@ -616,6 +616,10 @@ class TrainState:
     train_blocks: int = 0
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the previous complete one is untouched."""
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints (renamed from their temporary name), oldest first."""
     if not output_dir.is_dir():
@@ -650,7 +654,13 @@ def save_checkpoint(accelerator, state: TrainState, args: TrainArguments) -> Pat
     if accelerator.is_main_process:
         shutil.rmtree(temporary, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))  # DeepSpeed's save has a barrier inside: every rank must call it
+    try:
+        accelerator.save_state(str(temporary))  # DeepSpeed's save has a barrier inside: every rank must call it
+    except (OSError, RuntimeError) as error:  # a full disk or a failing filesystem: torch.save raises either
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise CheckpointError(f"--output_dir {output_dir}: writing {temporary.name} failed ({first_line(error)}); "
+                              f"free space or fix the folder, then rerun the same command: it resumes from the "
+                              f"last complete checkpoint") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (temporary / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
@@ -756,9 +766,9 @@ def carry_data_position(saved: TrainState, current: TrainState) -> None:
     elif saved.global_batch_blocks != current.global_batch_blocks:
         blocks_read = saved.step_in_epoch * saved.global_batch_blocks
         saved.step_in_epoch = blocks_read // current.global_batch_blocks
+        resume_at = saved.step_in_epoch * current.global_batch_blocks
         logger.warning(f"global batch changed from {saved.global_batch_blocks} to {current.global_batch_blocks} "
-                       f"blocks: epoch {saved.epoch} resumes at block {saved.step_in_epoch * current.global_batch_blocks}"
-                       f" of its order ({blocks_read} were read)")
+                       f"blocks: epoch {saved.epoch} resumes at block {resume_at} of its order ({blocks_read} were read)")
     if saved.step_in_epoch >= current.train_blocks // current.global_batch_blocks:
         saved.epoch, saved.step_in_epoch = saved.epoch + 1, 0
 
@@ -1256,7 +1266,7 @@ def cli(argv: list[str] | None = None) -> None:
     """main() with the errors a user can fix turned into one line (and exit status 1) instead of a traceback."""
     try:
         main(argv)
-    except (UsageError, DataError, NonFiniteLoss) as error:
+    except (UsageError, DataError, NonFiniteLoss, CheckpointError) as error:
         sys.exit(f"error: {error}")
     except torch.OutOfMemoryError as error:  # the most common bad input on a GPU: a batch that does not fit
         what = ". ".join(first_line(error).split(". ")[:2])  # "CUDA out of memory. Tried to allocate 9.27 GiB"

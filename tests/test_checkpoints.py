@@ -255,6 +255,33 @@ def test_a_data_position_past_the_new_epochs_end_rolls_over():
     assert (saved.epoch, saved.step_in_epoch) == (2, 7)  # 60 blocks read: 7 batches of 8, 4 blocks read again
 
 
+def test_a_failed_save_is_one_line_and_leaves_the_previous_checkpoint(assets, tmp_path, monkeypatch):
+    """The disk fills up while checkpoint-4 is written (raised here by torch.save): no half checkpoint remains."""
+    import errno
+
+    import torch
+
+    save = torch.save
+
+    def save_until_step_4(obj, path, *args, **kwargs):
+        if "checkpoint-4.tmp" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, path, *args, **kwargs)
+
+    output = tmp_path / "run"
+    argv = flags(assets, output, tmp_path / "cache", "--max_steps", 6, "--save_steps", 2)
+    monkeypatch.setattr(torch, "save", save_until_step_4)
+    with pytest.raises(SystemExit) as exited:
+        run_in_process(argv, entry="cli")
+    assert exited.value.code == (f"error: --output_dir {output}: writing checkpoint-4.tmp failed ([Errno 28] No space "
+                                 f"left on device); free space or fix the folder, then rerun the same command: it "
+                                 f"resumes from the last complete checkpoint")
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2"]
+    monkeypatch.undo()
+    run_in_process(argv)
+    assert logged_steps(output) == [1, 2, 3, 4, 3, 4, 5, 6]  # steps 3-4 were not saved: redone from checkpoint-2
+
+
 def test_zero_checkpoint_on_another_world_size_says_how_to_convert(assets, tmp_path):
     output = tmp_path / "run"
     run_in_process(flags(assets, output, tmp_path / "cache", "--max_steps", 2, "--save_steps", 2))
