@@ -37,7 +37,9 @@ run() {  # name, accelerate config, extra flags...
   local name=$1 config=$2; shift 2
   if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
   if [[ " ${PROFILE:-} " == *" $name "* ]]; then set -- "$@" --profile_dir "$WORK/profile_$name"; fi
-  accelerate launch --config_file "accelerate_configs/$config" --num_processes 1 train_loop.py \
+  # Compiled rows log dynamo's recompiles and graph breaks, counted after the table row (zero2+compile was 25x slow).
+  local logs=""; if [[ $name == *compile* ]]; then logs="recompiles,graph_breaks"; fi
+  TORCH_LOGS="$logs" accelerate launch --config_file "accelerate_configs/$config" --num_processes 1 train_loop.py \
     --config_name "$WORK/qwen2.5-0.5b-shape" --tokenizer_name "$WORK/demo/tokenizer" \
     --train_files "$WORK/corpus.jsonl" --data_cache_dir "$WORK/cache" --validation_split_percentage 0 \
     --block_size 2048 --bf16 --attn_implementation sdpa --per_device_train_batch_size "$MICRO_BATCH" \
@@ -50,6 +52,10 @@ last = [json.loads(l) for l in open(sys.argv[2]) if '"loss"' in l][-1]  # steps 
 print(f"| {sys.argv[1] + ' mb' + sys.argv[3]:<30} | {last['tokens_per_s']:>10,.0f} | {last['step_time_s']:>7.3f} | "
       f"{100 * last['mfu']:>5.1f}% | {last['peak_mem_gb']:>6.1f} | {last['loss']:.3f} |", flush=True)
 PY
+  if [ -n "$logs" ]; then
+    echo "|   $name: $(grep -c 'Recompiling function' "$WORK/$name.log") recompiles, $(grep -c 'Graph break' \
+      "$WORK/$name.log") graph breaks (details in $WORK/$name.log) |"
+  fi
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
