@@ -614,6 +614,7 @@ class TrainState:
     distributed_type: str = "NO"
     global_batch_blocks: int = 0
     train_blocks: int = 0
+    zero_stage: int | None = None
 
 
 class CheckpointError(RuntimeError):
@@ -740,14 +741,23 @@ def resume(accelerator, checkpoint: Path | None, state: TrainState) -> TrainStat
                          f"processes cannot load on {state.num_processes}; convert it with `python "
                          f"{checkpoint}/pytorch_model/zero_to_fp32.py` (weights only) or DeepSpeed's "
                          f"ds_to_universal.py, or resume with {saved.num_processes} processes")
+    if zero != (state.distributed_type == "DEEPSPEED"):
+        raise UsageError(f"checkpoint {checkpoint} was written {'with' if zero else 'without'} DeepSpeed and this "
+                         f"launch runs {'without' if zero else 'with'} it; resume with the accelerate config it was "
+                         f"saved with" + (f" (or take its weights with {checkpoint}/pytorch_model/zero_to_fp32.py)"
+                                          if zero else ""))
+    if zero and saved.zero_stage is not None and saved.zero_stage != state.zero_stage:
+        raise UsageError(f"checkpoint {checkpoint} holds ZeRO-{saved.zero_stage} shards and this launch runs "
+                         f"ZeRO-{state.zero_stage}; resume with accelerate_configs/zero{saved.zero_stage}.yaml")
     try:
         accelerator.load_state(str(checkpoint))
-    except (RuntimeError, ValueError, KeyError) as error:  # e.g. another model shape: a size mismatch per tensor
+    except (OSError, RuntimeError, ValueError, KeyError) as error:  # e.g. another model shape: size mismatches
         raise UsageError(f"checkpoint {checkpoint} does not fit this run ({' '.join(str(error).split())[:240]}); "
                          f"rerun with the flags it was saved with, or use another --output_dir") from None
     logger.info(f"resumed from {checkpoint} at step {saved.step} (epoch {saved.epoch}, step {saved.step_in_epoch})")
     carry_data_position(saved, state)
-    saved.num_processes, saved.distributed_type = state.num_processes, state.distributed_type
+    saved.num_processes, saved.distributed_type, saved.zero_stage = \
+        state.num_processes, state.distributed_type, state.zero_stage
     saved.global_batch_blocks, saved.train_blocks = state.global_batch_blocks, state.train_blocks
     return saved
 
@@ -1234,8 +1244,10 @@ def main(argv: list[str] | None = None) -> str:
                                                         total_steps)
     eval_loader = accelerator.prepare_data_loader(eval_loader) if eval_loader is not None else None
 
+    plugin = accelerator.state.deepspeed_plugin
     state = TrainState(num_processes=accelerator.num_processes, distributed_type=accelerator.distributed_type.value,
-                       global_batch_blocks=global_batch_blocks, train_blocks=len(data.train))
+                       global_batch_blocks=global_batch_blocks, train_blocks=len(data.train),
+                       zero_stage=plugin.zero_stage if plugin is not None else None)
     state = resume(accelerator, choose_checkpoint(accelerator, args), state)
 
     run_config = {"model": asdict(model_args), "data": asdict(data_args), "train": asdict(args),

@@ -282,17 +282,36 @@ def test_a_failed_save_is_one_line_and_leaves_the_previous_checkpoint(assets, tm
     assert logged_steps(output) == [1, 2, 3, 4, 3, 4, 5, 6]  # steps 3-4 were not saved: redone from checkpoint-2
 
 
+def rewrite_trainer_state(checkpoint, **changes):
+    """Edit a checkpoint's trainer_state.json as another layout would have written it (manifest kept valid)."""
+    state_path = checkpoint / "trainer_state.json"
+    state_path.write_text(json.dumps({**json.loads(state_path.read_text()), **changes}))
+    manifest = checkpoint / "manifest.json"
+    sizes = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**sizes, "trainer_state.json": state_path.stat().st_size}))
+
+
+def test_checkpoint_of_another_layout_is_refused_in_one_line(assets, tmp_path):
+    """A plain checkpoint under DeepSpeed, and a ZeRO-3 one under ZeRO-2 (both would fail deep inside the load)."""
+    output = tmp_path / "run"
+    argv = flags(assets, output, tmp_path / "cache", "--max_steps", 2, "--save_steps", 2)
+    run_in_process(argv)
+    expected = ["was written without DeepSpeed and this launch runs with it; resume with the accelerate config "
+                "it was saved with", "holds ZeRO-3 shards and this launch runs ZeRO-2; resume with "
+                                     "accelerate_configs/zero3.yaml"]
+    for message in expected:
+        result = subprocess.run([sys.executable, str(ROOT / "train_loop.py"), *map(str, argv), "--max_steps", "4",
+                                 "--deepspeed", str(ROOT / "ds_config_zero2.json")],
+                                capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1] == f"error: checkpoint {output / 'checkpoint-2'} {message}"
+        rewrite_trainer_state(output / "checkpoint-2", distributed_type="DEEPSPEED", zero_stage=3)
+
+
 def test_zero_checkpoint_on_another_world_size_says_how_to_convert(assets, tmp_path):
     output = tmp_path / "run"
     run_in_process(flags(assets, output, tmp_path / "cache", "--max_steps", 2, "--save_steps", 2))
-    state_path = output / "checkpoint-2" / "trainer_state.json"
-    state = json.loads(state_path.read_text())
-    state.update(distributed_type="DEEPSPEED", num_processes=8)
-    state_path.write_text(json.dumps(state))
-    manifest = output / "checkpoint-2" / "manifest.json"
-    sizes = json.loads(manifest.read_text())
-    sizes["trainer_state.json"] = state_path.stat().st_size
-    manifest.write_text(json.dumps(sizes))
+    rewrite_trainer_state(output / "checkpoint-2", distributed_type="DEEPSPEED", num_processes=8)
     with pytest.raises(UsageError, match="ZeRO checkpoint of 8 processes cannot load on 1.*zero_to_fp32.py"):
         run_in_process(flags(assets, output, tmp_path / "cache", "--max_steps", 4))
 
