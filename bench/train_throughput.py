@@ -1,10 +1,12 @@
 """Training tokens/s of train_loop.py against a bare PyTorch loop and against transformers.Trainer.
 
 Same model (random init, same seed), same packed blocks, same batch, fused AdamW and the same schedule in all
-three; one process each, run one after the other. Each side times every optimizer step; the table shows the
-median over the steps after a warm-up, and ratios to train_loop.py.
+three; one process each, run one after the other. Each side times every optimizer step (median over the steps
+after a warm-up). On a shared machine consecutive runs differ by up to 10%, so the three run in --rounds rounds,
+each in a rotated order; the table shows each side's median over the rounds, ratios to train_loop.py, and the
+range of the per-round ratios.
 
-    python bench/train_throughput.py [--steps 40] [--warmup 10] [--hidden_size 256] [--layers 4]
+    python bench/train_throughput.py [--rounds 3] [--steps 40] [--warmup 10] [--hidden_size 256] [--layers 4]
 """
 
 from __future__ import annotations
@@ -154,6 +156,7 @@ RUNNERS = {"train_loop.py": run_train_loop, "bare PyTorch loop": run_bare, "tran
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser, steps=40, warmup=10, layers=4, block_size=256, batch=8)
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each loop, in rotated order")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one side, print its step times
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -164,19 +167,25 @@ def main() -> None:
         spec = prepare(Path(work), options)
         packed_blocks(spec)  # build the cache once, outside every timing
         tokens_per_step = spec["batch"] * spec["block_size"]
-        results = {}
-        for name in RUNNERS:
-            output = subprocess.run([sys.executable, __file__, "--one", name, "--spec", json.dumps(spec)],
-                                    check=True, capture_output=True, text=True, cwd=ROOT).stdout
-            times = json.loads(output.strip().splitlines()[-1])[options.warmup:]
-            results[name] = tokens_per_step / statistics.median(times)
-    ours = results["train_loop.py"]
+        names = list(RUNNERS)
+        rounds = [{} for _ in range(options.rounds)]
+        for index, result in enumerate(rounds):
+            for name in names[index % len(names):] + names[:index % len(names)]:
+                output = subprocess.run([sys.executable, __file__, "--one", name, "--spec", json.dumps(spec)],
+                                        check=True, capture_output=True, text=True, cwd=ROOT).stdout
+                times = json.loads(output.strip().splitlines()[-1])[options.warmup:]
+                result[name] = tokens_per_step / statistics.median(times)
     print(f"model: Qwen2 hidden {options.hidden_size} x {options.layers} layers, block {options.block_size}, "
-          f"batch {options.batch}, 1 process, CPU; median of {options.steps} steps after {options.warmup}")
-    print("| loop | tokens/s | train_loop.py / this |")
-    print("|---|---:|---:|")
-    for name, tokens_per_s in results.items():
-        print(f"| {name} | {tokens_per_s:,.0f} | {ours / tokens_per_s:.3f} |")
+          f"batch {options.batch}, 1 process, CPU; median of {options.steps} steps after {options.warmup}; "
+          f"{options.rounds} rounds")
+    print("| loop | tokens/s (median of rounds) | train_loop.py / this | per-round ratios |")
+    print("|---|---:|---:|---|")
+    ours = statistics.median(result["train_loop.py"] for result in rounds)
+    for name in names:
+        tokens_per_s = statistics.median(result[name] for result in rounds)
+        ratios = [result["train_loop.py"] / result[name] for result in rounds]
+        print(f"| {name} | {tokens_per_s:,.0f} | {ours / tokens_per_s:.3f} | "
+              f"{min(ratios):.3f} - {max(ratios):.3f} |")
 
 
 if __name__ == "__main__":
