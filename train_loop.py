@@ -1198,10 +1198,27 @@ def load_data(accelerator, model_args: ModelArguments, data_args: DataArguments,
     tokenizer = load_tokenizer(model_args, data_args)
     config = build_config(model_args, tokenizer)
     resolve_block_size(data_args, config)
-    with accelerator.main_process_first():
-        data = data_utils.prepare_data(data_args, tokenizer, seed=args.seed)
+    data = main_process_first(accelerator, lambda: data_utils.prepare_data(data_args, tokenizer, seed=args.seed))
     logger.info(f"data: {json.dumps(data.stats)}")
     return tokenizer, config, data
+
+
+def main_process_first(accelerator, build):
+    """build() on the main process, then on the others (which load what it cached). A bad-input error there stops
+    every rank with the same one line, instead of leaving the others to fail on a closed connection."""
+    from accelerate.utils import broadcast_object_list
+
+    result, error = None, [None]
+    if accelerator.is_main_process:
+        try:
+            result = build()
+        except (DataError, UsageError) as caught:
+            error = [caught]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(error)  # also the barrier: the others build only after the main process has
+    if error[0] is not None:
+        raise error[0]
+    return result if accelerator.is_main_process else build()
 
 
 def build_loaders(accelerator, data, data_args: DataArguments, args: TrainArguments):

@@ -190,3 +190,18 @@ def test_sigterm_under_zero2_saves_on_every_rank_and_resumes(assets, runs, tmp_p
     launch("zero2.yaml", 2, argv[:-6] + ["--max_steps", str(stopped_at + 3), "--lr_scheduler_type", "constant"])
     train, _ = read_metrics(output)
     assert max(train) == stopped_at + 3
+
+
+def test_bad_data_stops_every_rank_with_the_same_line(assets, tmp_path):
+    """The main process finds the bad line; the other rank says the same instead of dying on a closed connection."""
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_text('{"text": "fine"}\n{"text": \n')
+    env = launch_env()
+    command = launch_command("zero2.yaml", 2, tiny_flags(assets, tmp_path / "out", tmp_path / "cache",
+                                                         "--train_files", corpus),
+                             ("--main_process_port", env["MASTER_PORT"]))
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {corpus}:2: malformed JSON (Expecting value); fix or remove that line"] * 2
+    assert "[rank1]: Traceback" not in result.stderr and "[rank0]: Traceback" not in result.stderr
