@@ -778,7 +778,8 @@ def carry_data_position(saved: TrainState, current: TrainState) -> None:
         saved.step_in_epoch = blocks_read // current.global_batch_blocks
         resume_at = saved.step_in_epoch * current.global_batch_blocks
         logger.warning(f"global batch changed from {saved.global_batch_blocks} to {current.global_batch_blocks} "
-                       f"blocks: epoch {saved.epoch} resumes at block {resume_at} of its order ({blocks_read} were read)")
+                       f"blocks: epoch {saved.epoch} resumes at block {resume_at} of its order "
+                       f"({blocks_read} were read)")
     if saved.step_in_epoch >= current.train_blocks // current.global_batch_blocks:
         saved.epoch, saved.step_in_epoch = saved.epoch + 1, 0
 
