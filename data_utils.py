@@ -347,6 +347,11 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0].rstrip(".:") if text else type(error).__name__
 
 
+def cannot_load(flag: str, name: str, error: BaseException) -> str:
+    """The one-line message for a tokenizer, config or model that a Hub name or path did not give."""
+    return f"{flag} {name}: cannot be loaded ({first_line(error)}); check the name, the path or the network"
+
+
 def unwritable(folder: Path) -> str | None:
     """Why files cannot be written in `folder` (created if missing), or None when they can."""
     try:
@@ -619,8 +624,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tokenizer = AutoTokenizer.from_pretrained(preprocess_args.tokenizer_name,
                                                   trust_remote_code=preprocess_args.trust_remote_code)
     except (OSError, ValueError) as error:
-        raise DataError(f"--tokenizer_name {preprocess_args.tokenizer_name}: cannot be loaded "
-                        f"({first_line(error)}); check the name, the path or the network") from None
+        raise DataError(cannot_load("--tokenizer_name", preprocess_args.tokenizer_name, error)) from None
     packed = prepare_data(data_args, tokenizer, seed=preprocess_args.seed)
     print(json.dumps(packed.stats))
     return packed.stats

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 import data_utils
-from data_utils import DataArguments, DataError, first_line
+from data_utils import DataArguments, DataError, cannot_load, first_line
 
 logger = logging.getLogger("train_loop")
 
@@ -273,10 +273,9 @@ def build_accelerator(args: TrainArguments):
 
     plugin = None
     launched_with = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    beside_this_file = Path(__file__).parent / (launched_with or "")
-    if launched_with and not Path(launched_with).is_file() and beside_this_file.is_file():
+    if launched_with and not Path(launched_with).is_file() and (Path(__file__).parent / launched_with).is_file():
         # Our yamls name ds_config_*.json relative to the repository: found from any working directory.
-        launched_with = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(beside_this_file)
+        launched_with = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(Path(__file__).parent / launched_with)
     if launched_with:
         read_json_object("the accelerate config's deepspeed_config_file", launched_with)
     if args.deepspeed and launched_with and Path(launched_with).resolve() != Path(args.deepspeed).resolve():
@@ -306,8 +305,7 @@ def build_accelerator(args: TrainArguments):
     if args.torch_compile and uses_deepspeed:
         logger.warning("--torch_compile under DeepSpeed: measured 7.7 s per step against 0.3 s without ZeRO on an "
                        "H200 (bench/gpu_mfu.sh); prefer accelerate_configs/single_gpu.yaml or ddp.yaml with it")
-    zero_stage = accelerator.state.deepspeed_plugin.zero_stage if uses_deepspeed else None
-    if args.loss_chunk_size and zero_stage == 3:
+    if args.loss_chunk_size and zero_stage_of(accelerator) == 3:
         raise UsageError("--loss_chunk_size with ZeRO-3: the output projection's weight is partitioned outside its "
                          "own forward; use accelerate_configs/zero2.yaml or --loss_chunk_size 0")
     if accelerator.num_processes > 1 and accelerator.distributed_type.value == "NO":
@@ -350,13 +348,18 @@ def deepspeed_config(accelerator) -> dict[str, Any] | None:
     return plugin.deepspeed_config if plugin is not None else None
 
 
+def zero_stage_of(accelerator) -> int | None:
+    """The DeepSpeed ZeRO stage of this launch, or None without DeepSpeed."""
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin.zero_stage if plugin is not None else None
+
+
 def from_hub(flag: str, name: str, loader, **kwargs):
     """A Hub or local load whose failure names the flag instead of a traceback."""
     try:
         return loader(name, **kwargs)
     except (OSError, ValueError) as error:
-        raise UsageError(f"{flag} {name}: cannot be loaded ({first_line(error)}); check the name, the path or the "
-                         f"network") from None
+        raise UsageError(cannot_load(flag, name, error)) from None
 
 
 def load_tokenizer(model_args: ModelArguments, data_args: DataArguments):
@@ -444,8 +447,7 @@ def model_error(error: Exception, model_args: ModelArguments) -> UsageError:
         return UsageError(f"--attn_implementation {model_args.attn_implementation}: {message}; use sdpa or eager, "
                           f"or install that kernel's package")
     if model_args.model_name_or_path:
-        return UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot be loaded ({message}); "
-                          f"check the name, the path or the network")
+        return UsageError(cannot_load("--model_name_or_path", model_args.model_name_or_path, error))
     return UsageError(f"the model cannot be built from its config ({message}); check --config_name and "
                       f"--config_overrides")
 
@@ -574,7 +576,8 @@ def compute_loss_in_chunks(model, chunk_size: int) -> None:
     """Make `model(input_ids=..., labels=...)` return the loss of ChunkedLinearCrossEntropy (and no logits).
 
     The forward is replaced on this instance only, so DDP and DeepSpeed call it as usual, the state dict keeps its
-    keys, and a call without labels (generation, evaluation) is the model's own forward.
+    keys, and a call without labels (generation) is the model's own forward. Evaluation chunks its own way
+    (eval_block_losses), with no gradients to make.
     """
     from transformers.modeling_outputs import CausalLMOutput
 
@@ -587,14 +590,20 @@ def compute_loss_in_chunks(model, chunk_size: int) -> None:
     def forward(self, input_ids=None, labels=None, **kwargs):
         if labels is None:
             return type(self).forward(self, input_ids=input_ids, **kwargs)
-        hidden = self.base_model(input_ids=input_ids, **kwargs).last_hidden_state
-        # Position t predicts token t + 1: the last position has no target, so its logits are never made.
-        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-        targets = labels[:, 1:].reshape(-1)
+        hidden, targets = next_token_pairs(self, input_ids, labels, **kwargs)
         weight = self.get_output_embeddings().weight
         return CausalLMOutput(loss=ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size))
 
     model.forward = MethodType(forward, model)
+
+
+def next_token_pairs(model, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs):
+    """The base model's hidden states and the targets they predict, flattened to (tokens, hidden) and (tokens,).
+
+    Position t predicts token t + 1: the last position has no target, so its logits are never made.
+    """
+    hidden = model.base_model(input_ids=input_ids, **kwargs).last_hidden_state[:, :-1]
+    return hidden.reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
 
 
 # ======================================================================================================================
@@ -1054,8 +1063,7 @@ def eval_block_losses(accelerator, model, input_ids: torch.Tensor, chunk_size: i
     unwrapped = accelerator.unwrap_model(model)
     head = unwrapped.get_output_embeddings()
     with accelerator.autocast():
-        hidden = unwrapped.base_model(input_ids=input_ids).last_hidden_state[:, :-1]
-        hidden, targets = hidden.reshape(-1, hidden.shape[-1]), input_ids[:, 1:].reshape(-1)
+        hidden, targets = next_token_pairs(unwrapped, input_ids, input_ids)
         token_losses = torch.cat([
             torch.nn.functional.cross_entropy(head(hidden[start:start + chunk_size]).float(),
                                               targets[start:start + chunk_size], reduction="none")
@@ -1157,10 +1165,14 @@ def should(strategy: str, every: int, step: int, epoch_done: bool) -> bool:
     return (strategy == "steps" and step % every == 0) or (strategy == "epoch" and epoch_done)
 
 
+def non_finite(what: str, step: int, args: TrainArguments) -> NonFiniteLoss:
+    return NonFiniteLoss(f"non-finite {what} at step {step}: stopping without saving; lower --learning_rate or use "
+                         f"--bf16, then resume from the last checkpoint in {args.output_dir}")
+
+
 def ensure_finite(loss: float, step: int, args: TrainArguments) -> None:
     if not math.isfinite(loss):
-        raise NonFiniteLoss(f"non-finite loss ({loss}) at step {step}: stopping without saving; lower "
-                            f"--learning_rate or use --bf16, then resume from the last checkpoint in {args.output_dir}")
+        raise non_finite(f"loss ({loss})", step, args)
 
 
 def ensure_savable(accelerator, model, loss_sum: torch.Tensor, step: int, args: TrainArguments) -> None:
@@ -1169,15 +1181,12 @@ def ensure_savable(accelerator, model, loss_sum: torch.Tensor, step: int, args: 
     for parameter in model.parameters():
         bad += (~torch.isfinite(parameter.detach())).sum()
     if accelerator.reduce(bad, reduction="sum").item():
-        raise NonFiniteLoss(f"non-finite loss or weights at step {step}: stopping without saving; lower "
-                            f"--learning_rate or use --bf16, then resume from the last checkpoint in "
-                            f"{args.output_dir}")
+        raise non_finite("loss or weights", step, args)
 
 
 def print_sample(model, tokenizer, accelerator, prompt: str = "alice went to") -> None:
     """A short greedy continuation, to see what the model learned."""
-    if accelerator.state.deepspeed_plugin is not None and \
-            accelerator.state.deepspeed_plugin.zero_stage == 3:
+    if zero_stage_of(accelerator) == 3:
         return  # generation under ZeRO-3 needs every rank in each forward; load the saved model instead
     if not accelerator.is_main_process:
         return
@@ -1262,10 +1271,9 @@ def main(argv: list[str] | None = None) -> str:
                                                         total_steps)
     eval_loader = accelerator.prepare_data_loader(eval_loader) if eval_loader is not None else None
 
-    plugin = accelerator.state.deepspeed_plugin
     state = TrainState(num_processes=accelerator.num_processes, distributed_type=accelerator.distributed_type.value,
                        global_batch_blocks=global_batch_blocks, train_blocks=len(data.train),
-                       zero_stage=plugin.zero_stage if plugin is not None else None)
+                       zero_stage=zero_stage_of(accelerator))
     state = resume(accelerator, choose_checkpoint(accelerator, args), state)
 
     run_config = {"model": asdict(model_args), "data": asdict(data_args), "train": asdict(args),
