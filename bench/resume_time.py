@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data_utils  # noqa: E402
-import train_loop  # noqa: E402
+from pretrain.checkpoints import MANIFEST, TRAINER_STATE  # noqa: E402
 
 FAR = 5000
 
@@ -42,16 +42,16 @@ def command(spec: dict, output: Path, max_steps: int, *extra: str) -> list[str]:
 def move_checkpoint(source: Path, target: Path, step: int) -> None:
     """Copy a checkpoint and move its step counters, keeping its manifest consistent."""
     shutil.copytree(source, target)
-    state = json.loads((target / train_loop.TRAINER_STATE).read_text())
+    state = json.loads((target / TRAINER_STATE).read_text())
     tokens_per_step = state["tokens_seen"] // state["step"]
     state.update(step=step, step_in_epoch=step, tokens_seen=step * tokens_per_step)
-    (target / train_loop.TRAINER_STATE).write_text(json.dumps(state))
+    (target / TRAINER_STATE).write_text(json.dumps(state))
     scheduler = torch.load(target / "scheduler.bin", weights_only=False)
     scheduler.update(last_epoch=step, _step_count=step + 1)
     torch.save(scheduler, target / "scheduler.bin")
     manifest = {str(p.relative_to(target)): p.stat().st_size for p in target.rglob("*")
-                if p.is_file() and p.name != train_loop.MANIFEST}
-    (target / train_loop.MANIFEST).write_text(json.dumps(manifest))
+                if p.is_file() and p.name != MANIFEST}
+    (target / MANIFEST).write_text(json.dumps(manifest))
 
 
 def seconds_to_first_step(spec: dict, checkpoint: Path, step: int, work: Path) -> float:

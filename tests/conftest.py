@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data_utils  # noqa: E402
-from train_loop import free_local_port as free_port  # noqa: E402,F401  (a port nothing listens on)
+from pretrain.launch import free_local_port as free_port  # noqa: E402,F401  (a port nothing listens on)
 
 TINY_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)

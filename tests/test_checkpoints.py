@@ -8,10 +8,13 @@ import sys
 import time
 
 import pytest
+from conftest import ROOT, kill_tree, read_metrics, run_in_process, tiny_flags
 
 import train_loop
-from conftest import ROOT, kill_tree, read_metrics, run_in_process, tiny_flags
-from train_loop import UsageError
+from pretrain import checkpoints
+from pretrain.arguments import parse_args
+from pretrain.checkpoints import TrainState
+from pretrain.errors import NonFiniteLoss, UsageError
 
 STEPS = 12
 # A wider model than the tiny default, so that a step takes long enough for a kill to land mid-run.
@@ -108,8 +111,8 @@ def test_sigkill_at_random_moments_always_resumes_from_a_complete_checkpoint(ass
         if attempt:
             assert "resumed from" in out, out[-3000:]
             resumed_steps.append(int(out.split("resumed from ")[1].split(" at step ")[1].split(" ")[0]))
-        complete = train_loop.list_checkpoints(output)
-        assert complete and all(train_loop.checkpoint_damage(c) is None for c in complete)
+        complete = checkpoints.list_checkpoints(output)
+        assert complete and all(checkpoints.checkpoint_damage(c) is None for c in complete)
     assert killed_mid_save >= 1 and resumed_steps == sorted(resumed_steps)
     assert not (output / "model.safetensors").exists()
     log = finish(argv)
@@ -131,7 +134,7 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(assets, tmp_path, c
     assert "checkpoint-3 at step 3" in err
     steps = logged_steps(output)
     assert steps.count(4) == 2 and steps.count(6) == 2  # steps 4-6 were trained again
-    assert train_loop.checkpoint_damage(output / "checkpoint-6") is None  # and saved whole
+    assert checkpoints.checkpoint_damage(output / "checkpoint-6") is None  # and saved whole
 
 
 def test_interrupted_save_is_never_picked(assets, tmp_path):
@@ -140,16 +143,16 @@ def test_interrupted_save_is_never_picked(assets, tmp_path):
     run_in_process(argv)
     (output / "checkpoint-8.tmp").mkdir()  # a save killed before its rename
     (output / "checkpoint-8.tmp" / "model.safetensors").write_bytes(b"partial")
-    assert [c.name for c in train_loop.list_checkpoints(output)] == ["checkpoint-2", "checkpoint-4"]
-    args = train_loop.parse_args(argv)[2]
-    assert train_loop.find_resume_checkpoint(args) == output / "checkpoint-4"
+    assert [c.name for c in checkpoints.list_checkpoints(output)] == ["checkpoint-2", "checkpoint-4"]
+    args = parse_args(argv)[2]
+    assert checkpoints.find_resume_checkpoint(args) == output / "checkpoint-4"
 
 
 def test_save_total_limit_keeps_the_newest(assets, tmp_path):
     output = tmp_path / "run"
     run_in_process(flags(assets, output, tmp_path / "cache", "--max_steps", 8, "--save_steps", 2,
                          "--save_total_limit", 2))
-    assert [c.name for c in train_loop.list_checkpoints(output)] == ["checkpoint-6", "checkpoint-8"]
+    assert [c.name for c in checkpoints.list_checkpoints(output)] == ["checkpoint-6", "checkpoint-8"]
     state = json.loads((output / "checkpoint-8" / "trainer_state.json").read_text())
     assert state["step"] == 8 and state["tokens_seen"] == 8 * 8 * 64 and state["epoch"] == 0
 
@@ -158,7 +161,7 @@ def test_the_last_step_is_saved_and_a_finished_run_reruns_without_training(asset
     output = tmp_path / "run"
     argv = flags(assets, output, tmp_path / "cache", "--max_steps", 5, "--save_steps", 3)
     run_in_process(argv)
-    assert [c.name for c in train_loop.list_checkpoints(output)] == ["checkpoint-3", "checkpoint-5"]
+    assert [c.name for c in checkpoints.list_checkpoints(output)] == ["checkpoint-3", "checkpoint-5"]
     weights = (output / "model.safetensors").read_bytes()
     capfd.readouterr()
     run_in_process(argv)
@@ -217,7 +220,7 @@ def test_out_of_memory_is_one_line_and_a_rerun_resumes(assets, tmp_path, monkeyp
                                  "--per_device_train_batch_size (raise --gradient_accumulation_steps to keep the "
                                  "global batch), or add --gradient_checkpointing or --loss_chunk_size 4096, or shard "
                                  "with accelerate_configs/zero2.yaml; rerunning resumes from the last checkpoint")
-    assert [c.name for c in train_loop.list_checkpoints(output)] == ["checkpoint-2"]
+    assert [c.name for c in checkpoints.list_checkpoints(output)] == ["checkpoint-2"]
     monkeypatch.undo()
     run_in_process(argv)
     assert logged_steps(output) == [1, 2, 3, 4, 5]
@@ -247,11 +250,11 @@ def test_resume_on_changed_data_starts_its_epoch_from_the_beginning(assets, tmp_
 
 
 def test_a_data_position_past_the_new_epochs_end_rolls_over():
-    saved = train_loop.TrainState(epoch=2, step_in_epoch=43, global_batch_blocks=2, train_blocks=87)
-    train_loop.carry_data_position(saved, train_loop.TrainState(global_batch_blocks=8, train_blocks=87))
+    saved = TrainState(epoch=2, step_in_epoch=43, global_batch_blocks=2, train_blocks=87)
+    checkpoints.carry_data_position(saved, TrainState(global_batch_blocks=8, train_blocks=87))
     assert (saved.epoch, saved.step_in_epoch) == (3, 0)  # 86 blocks read; an epoch of 8-block batches has 80
-    saved = train_loop.TrainState(epoch=2, step_in_epoch=30, global_batch_blocks=2, train_blocks=87)
-    train_loop.carry_data_position(saved, train_loop.TrainState(global_batch_blocks=8, train_blocks=87))
+    saved = TrainState(epoch=2, step_in_epoch=30, global_batch_blocks=2, train_blocks=87)
+    checkpoints.carry_data_position(saved, TrainState(global_batch_blocks=8, train_blocks=87))
     assert (saved.epoch, saved.step_in_epoch) == (2, 7)  # 60 blocks read: 7 batches of 8, 4 blocks read again
 
 
@@ -320,13 +323,13 @@ def test_non_finite_loss_stops_without_overwriting_a_good_checkpoint(assets, tmp
     from safetensors.torch import load_file
 
     output = tmp_path / "run"
-    with pytest.raises(train_loop.NonFiniteLoss, match="non-finite loss") as raised:
+    with pytest.raises(NonFiniteLoss, match="non-finite loss") as raised:
         run_in_process(flags(assets, output, tmp_path / "cache", "--learning_rate", "1e6", "--warmup_steps", 0,
                              "--max_grad_norm", 0, "--save_steps", 1, "--logging_steps", 100, "--max_steps", 10))
     failed_at = int(str(raised.value).split(" at step ")[1].split(":")[0])
-    checkpoints = train_loop.list_checkpoints(output)
-    assert 1 <= len(checkpoints) and int(checkpoints[-1].name.split("-")[1]) == failed_at - 1 < 10
-    for checkpoint in checkpoints:  # every step until the failure was saved, and no weights are NaN or inf
+    saved = checkpoints.list_checkpoints(output)
+    assert 1 <= len(saved) and int(saved[-1].name.split("-")[1]) == failed_at - 1 < 10
+    for checkpoint in saved:  # every step until the failure was saved, and no weights are NaN or inf
         assert all(t.isfinite().all() for t in load_file(checkpoint / "model.safetensors").values())
     assert not (output / "model.safetensors").exists()
 

@@ -11,7 +11,7 @@ import time
 
 from conftest import ROOT, free_port, read_metrics, run_in_process, tiny_flags
 
-PROJECT_FILES = ["train_loop.py", "data_utils.py", "ds_config_zero2.json", "accelerate_configs"]
+PROJECT_FILES = ["train_loop.py", "data_utils.py", "pretrain", "ds_config_zero2.json", "accelerate_configs"]
 
 
 def test_demo_command_from_a_fresh_checkout(tmp_path):

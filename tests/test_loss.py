@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pytest
 import torch
-
-import train_loop
 from conftest import read_metrics, run_in_process, tiny_flags
+
+from pretrain.chunked_loss import compute_loss_in_chunks
+from pretrain.errors import UsageError
 
 
 @pytest.fixture()
@@ -19,7 +20,7 @@ def model_pair(assets):
     torch.manual_seed(0)
     reference = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(assets["config"]))
     chunked = copy.deepcopy(reference)
-    train_loop.compute_loss_in_chunks(chunked, 7)  # 3 x 19 targets: chunks do not divide the tokens
+    compute_loss_in_chunks(chunked, 7)  # 3 x 19 targets: chunks do not divide the tokens
     ids = torch.randint(0, reference.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
     labels[0, 5:9] = -100  # ignored targets are left out of the sum and of the count
@@ -82,5 +83,5 @@ def test_training_with_chunks_matches_training_without(assets, tmp_path):
 def test_a_head_that_is_not_a_plain_linear_is_refused(model_pair):
     _, chunked, _, _ = model_pair
     chunked.config.final_logit_softcapping = 30.0
-    with pytest.raises(train_loop.UsageError, match="--loss_chunk_size: Qwen2ForCausalLM does not end in a plain"):
-        train_loop.compute_loss_in_chunks(chunked, 8)
+    with pytest.raises(UsageError, match="--loss_chunk_size: Qwen2ForCausalLM does not end in a plain"):
+        compute_loss_in_chunks(chunked, 8)

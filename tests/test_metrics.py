@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from conftest import read_metrics, run_in_process, tiny_flags
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import train_loop
-from conftest import read_metrics, run_in_process, tiny_flags
+from pretrain.metrics import PEAK_TFLOPS, flops_per_token
 
 
 def hand_count_flops_per_token(vocab, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, seq=64):
@@ -21,9 +21,9 @@ def hand_count_flops_per_token(vocab, hidden=64, intermediate=128, layers=2, hea
 
 def test_flops_per_token_matches_a_hand_count(assets):
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(assets["config"]))
-    assert train_loop.flops_per_token(model, 64) == hand_count_flops_per_token(model.config.vocab_size)
+    assert flops_per_token(model, 64) == hand_count_flops_per_token(model.config.vocab_size)
     untied = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(assets["config"], tie_word_embeddings=False))
-    assert train_loop.flops_per_token(untied, 64) == train_loop.flops_per_token(model, 64)
+    assert flops_per_token(untied, 64) == flops_per_token(model, 64)
 
 
 def test_throughput_fields_are_present_and_sane(assets, tmp_path):
@@ -52,7 +52,7 @@ def test_no_mfu_on_a_cpu_without_a_peak(assets, tmp_path):
 
 
 def test_known_gpu_peaks_are_dense_figures():
-    peaks = dict(train_loop.PEAK_TFLOPS)
+    peaks = dict(PEAK_TFLOPS)
     assert peaks["A100"] == 312 and peaks["H100"] == 989 and peaks["H200"] == 989
 
 

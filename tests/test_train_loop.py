@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-import train_loop
 from conftest import ROOT, cosine_lr, read_metrics, run_in_process, tiny_flags
-from train_loop import UsageError
+
+from pretrain.arguments import parse_args
+from pretrain.errors import UsageError
 
 METRIC_KEYS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "elapsed_s"}
 
@@ -151,11 +151,11 @@ def test_arguments_from_a_yaml_file(assets, tmp_path):
     import yaml
 
     path.write_text(yaml.safe_dump(values))
-    model_args, data_args, args = train_loop.parse_args([str(path)])
+    model_args, data_args, args = parse_args([str(path)])
     assert args.max_steps == 2 and data_args.block_size == 64 and model_args.config_name == str(assets["config"])
     path.write_text(yaml.safe_dump({**values, "not_a_flag": 1}))
     with pytest.raises(UsageError, match="not_a_flag"):
-        train_loop.parse_args([str(path)])
+        parse_args([str(path)])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -218,7 +218,7 @@ def test_unusable_files_and_folders_are_refused_before_any_work(assets, tmp_path
 
 
 def test_swanlab_online_without_a_key_is_refused(assets, tmp_path, monkeypatch):
-    from train_loop import has_swanlab_api_key
+    from pretrain.tracking import has_swanlab_api_key
 
     monkeypatch.delenv("SWANLAB_API_KEY", raising=False)
     if has_swanlab_api_key():

@@ -1,0 +1,12 @@
+"""What supports train_loop.py, one concern per module; train_loop.py imports these, never the other way round.
+
+errors        the one-line errors a user can fix
+arguments     flags and argument files, the demo's defaults, validation
+launch        the Accelerator and DeepSpeed set-up of a process
+loading       tokenizer, config and weights from the Hub or a folder
+chunked_loss  the output projection and cross-entropy a chunk of tokens at a time
+checkpoints   the run state, atomic saves, choosing and loading a resume, the final model
+metrics       timing, tokens/s, FLOPs and MFU, metrics.jsonl and the console
+tracking      SwanLab's mode and start
+run_control   stop signals, the profiler, non-finite checks, main-process-first builds
+"""

@@ -1,0 +1,237 @@
+"""The command line: argument dataclasses (with their help text), parsing of flags or one YAML/JSON file, the demo's
+defaults, and validation with one-line `UsageError`s, all before any work is done.
+
+It owns what the flags mean and which combinations are refused; it must not load models, data or an Accelerator.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_utils import DataArguments, first_line
+from pretrain.errors import UsageError
+from pretrain.tracking import has_swanlab_api_key
+
+
+SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"]
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Continue training these weights (Hub name or local path), e.g. Qwen/Qwen2.5-1.5B."})
+    config_name: str | None = field(default=None, metadata={
+        "help": "Train from random initialisation with this config (Hub name, folder or config.json)."})
+    tokenizer_name: str | None = field(default=None, metadata={
+        "help": "Tokenizer (default: the model's or config's own)."})
+    config_overrides: str | None = field(default=None, metadata={
+        "help": "Comma-separated config changes, e.g. 'hidden_size=256,num_hidden_layers=4'."})
+    torch_dtype: str | None = field(default=None, metadata={
+        "help": "dtype of the loaded weights; keep float32 masters with --bf16/--fp16.",
+        "choices": ["auto", "bfloat16", "float16", "float32"]})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub."})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "Attention kernel: sdpa, eager, flash_attention_2 (default: the model's)."})
+
+
+@dataclass
+class TrainArguments:
+    output_dir: str = field(default="output/demo", metadata={"help": "Checkpoints, metrics and the final model."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start afresh in a non-empty output_dir (deletes its checkpoints) instead of resuming or refusing."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Blocks per device per micro-step."})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Blocks per device per eval step."})
+    max_eval_samples: int | None = field(default=None, metadata={
+        "help": "Evaluate on the first N validation blocks only (default: all of them)."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer step."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay; never applied to biases and norms."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables clipping)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training blocks."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides num_train_epochs when > 0."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Schedule after warmup.",
+                                                                "choices": SCHEDULERS})
+    lr_scheduler_kwargs: str | None = field(default=None, metadata={
+        "help": "JSON of extra schedule arguments, e.g. '{\"min_lr_rate\": 0.1}' for cosine_with_min_lr."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps (wins over warmup_ratio)."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Warmup as a fraction of all steps."})
+    logging_steps: int = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (default: save_steps)."})
+    save_steps: int = field(default=500, metadata={"help": "Checkpoint every N optimizer steps."})
+    save_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "A checkpoint folder or 'latest'. Default: resume from output_dir's newest complete checkpoint."})
+    seed: int = field(default=42, metadata={"help": "Seed of initialisation, data order and validation split."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision."})
+    fp16: bool = field(default=False, metadata={"help": "fp16 mixed precision with loss scaling (CUDA only)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
+    loss_chunk_size: int = field(default=0, metadata={
+        "help": "Compute the output projection and the cross-entropy together, this many tokens at a time, never "
+                "holding the whole batch's logits (tokens x vocabulary); 0: transformers' loss on full logits."})
+    report_to: str = field(default="swanlab", metadata={"help": "swanlab or none.", "choices": ["swanlab", "none"]})
+    run_name: str | None = field(default=None, metadata={"help": "Name of the SwanLab experiment."})
+    swanlab_project: str = field(default="pretrain", metadata={"help": "SwanLab project."})
+    swanlab_mode: str | None = field(default=None, metadata={
+        "help": "online, local, offline or disabled (default: online with an API key, else local or offline).",
+        "choices": ["online", "local", "offline", "disabled"]})
+    profile_dir: str | None = field(default=None, metadata={
+        "help": "Profile optimizer steps 6-8 of this launch with torch.profiler: a trace per rank (chrome://tracing or "
+                "ui.perfetto.dev) and a table of the costliest ops go to this folder."})
+    peak_tflops: float | None = field(default=None, metadata={
+        "help": "Peak dense TFLOP/s of one device for MFU (default: looked up for known GPUs; none on CPU)."})
+    # Accepted for the chapter's pretrain.sh and TrainingArguments users.
+    deepspeed: str | None = field(default=None, metadata={"help": "A DeepSpeed JSON config, when the accelerate "
+                                                                   "config does not already name one."})
+    eval_strategy: str = field(default="steps", metadata={
+        "help": "no, steps or epoch.", "choices": ["no", "steps", "epoch"], "aliases": ["--evaluation_strategy"]})
+    save_strategy: str = field(default="steps", metadata={"help": "no, steps or epoch.",
+                                                          "choices": ["no", "steps", "epoch"]})
+    logging_strategy: str = field(default="steps", metadata={"help": "no, steps or epoch.",
+                                                             "choices": ["no", "steps", "epoch"]})
+    logging_dir: str | None = field(default=None, metadata={"help": "SwanLab's log folder (default: "
+                                                                    "<output_dir>/swanlog)."})
+    do_train: bool = field(default=False, metadata={"help": "Accepted for compatibility: this script trains."})
+    do_eval: bool = field(default=False, metadata={"help": "Accepted for compatibility: see --eval_strategy."})
+    local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; read from LOCAL_RANK."})
+
+
+DEMO_DEFAULTS = {  # applied when neither a model nor data is given, to fields the user left at their default
+    "block_size": 128, "learning_rate": 2e-3, "per_device_train_batch_size": 8, "warmup_steps": 10,
+    "logging_steps": 10, "save_steps": 100, "eval_steps": 50, "num_train_epochs": 3.0, "weight_decay": 0.0,
+    "gradient_accumulation_steps": 1,
+}
+
+
+DEMO_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
+    """Flags, or a single .yaml/.json file holding the same arguments."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
+    parser.error = lambda message: (_ for _ in ()).throw(UsageError(message))  # one line, no usage dump
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        argv = args_file_to_argv(Path(argv[0]))
+    model_args, data_args, train_args, unknown = parser.parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True, look_for_args_file=False)
+    if unknown:
+        raise UsageError(f"unknown argument(s): {' '.join(unknown)}; see python train_loop.py --help")
+    if is_demo(model_args, data_args):
+        defaults = {f.name: f.default for cls in (DataArguments, TrainArguments) for f in fields(cls)}
+        for name, value in DEMO_DEFAULTS.items():
+            target = data_args if hasattr(data_args, name) else train_args
+            if getattr(target, name) == defaults[name]:
+                setattr(target, name, value)
+    validate_args(model_args, data_args, train_args)
+    return model_args, data_args, train_args
+
+
+def args_file_to_argv(path: Path) -> list[str]:
+    """A YAML or JSON mapping of flag names to values, turned into flags so that it is checked like them."""
+    import yaml
+
+    if not path.is_file():
+        raise UsageError(f"{path}: no such arguments file")
+    try:
+        values = (json.loads if path.suffix == ".json" else yaml.safe_load)(path.read_text())
+    except (ValueError, yaml.YAMLError) as error:
+        raise UsageError(f"{path}: not valid {path.suffix[1:].upper()} ({str(error).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"{path}: expected a mapping of argument names to values")
+    argv = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        argv.append(f"--{key}")
+        argv.extend(map(str, value) if isinstance(value, list) else [str(value)])
+    return argv
+
+
+def is_demo(model_args: ModelArguments, data_args: DataArguments) -> bool:
+    return not (model_args.model_name_or_path or model_args.config_name or data_args.train_files)
+
+
+def validate_args(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments) -> None:
+    checks = [
+        (args.bf16 and args.fp16, "--bf16 and --fp16: choose one"),
+        (args.fp16 and model_args.torch_dtype == "float16",
+         "--torch_dtype float16 with --fp16: fp16 weights cannot be loss-scaled; load float32 weights (the default) "
+         "and let --fp16 cast"),
+        (args.fp16 and not torch.cuda.is_available(), "--fp16 needs a CUDA GPU; use --bf16 on CPU"),
+        (model_args.model_name_or_path and model_args.config_name,
+         "--model_name_or_path and --config_name: give one (weights to continue, or a config to start from)"),
+        (data_args.train_files is None and not is_demo(model_args, data_args),
+         "--train_files is required with a model (the demo corpus goes only with the demo model)"),
+        (args.per_device_train_batch_size < 1, "--per_device_train_batch_size must be at least 1"),
+        (args.per_device_eval_batch_size < 1, "--per_device_eval_batch_size must be at least 1"),
+        (args.max_eval_samples is not None and args.max_eval_samples < 1, "--max_eval_samples must be at least 1"),
+        (args.gradient_accumulation_steps < 1, "--gradient_accumulation_steps must be at least 1"),
+        (args.learning_rate <= 0, "--learning_rate must be positive"),
+        (args.max_steps == 0 or (args.max_steps < 0 and args.num_train_epochs <= 0),
+         "--max_steps or --num_train_epochs must be positive"),
+        (args.warmup_steps < 0, "--warmup_steps must be >= 0"),
+        (not 0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
+        (args.logging_steps < 1, "--logging_steps must be at least 1"),
+        (args.save_steps < 1, "--save_steps must be at least 1"),
+        (args.eval_steps is not None and args.eval_steps < 1, "--eval_steps must be at least 1"),
+        (args.save_total_limit is not None and args.save_total_limit < 1, "--save_total_limit must be at least 1"),
+        (args.max_grad_norm < 0, "--max_grad_norm must be >= 0"),
+        (args.loss_chunk_size < 0, "--loss_chunk_size must be >= 0 (0 turns chunking off)"),
+        (not 0 <= args.adam_beta1 < 1 or not 0 <= args.adam_beta2 < 1, "--adam_beta1/--adam_beta2 must be in [0, 1)"),
+        (data_args.block_size is not None and data_args.block_size < 2, "--block_size must be at least 2"),
+        (args.report_to == "swanlab" and args.swanlab_mode == "online" and not has_swanlab_api_key(),
+         "--swanlab_mode online: no SwanLab API key; set SWANLAB_API_KEY or run `swanlab login`, or use "
+         "--swanlab_mode local or offline"),
+    ]
+    for failed, message in checks:
+        if failed:
+            raise UsageError(message)
+    if args.deepspeed is not None:
+        read_json_object("--deepspeed", args.deepspeed)
+    if args.lr_scheduler_kwargs:
+        try:
+            assert isinstance(json.loads(args.lr_scheduler_kwargs), dict)
+        except (ValueError, AssertionError):
+            raise UsageError("--lr_scheduler_kwargs must be a JSON object, e.g. '{\"min_lr_rate\": 0.1}'") from None
+    if model_args.config_overrides:
+        parse_config_overrides(model_args.config_overrides)
+
+
+def read_json_object(flag: str, path: str) -> dict[str, Any]:
+    if not Path(path).is_file():
+        where = "" if Path(path).is_absolute() else f" in {Path.cwd()} (a relative path starts from where you launch)"
+        raise UsageError(f"{flag} {path}: no such file{where}")
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{flag} {path}: not a readable JSON file ({first_line(error)}); fix it") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{flag} {path}: expected a JSON object of DeepSpeed settings")
+    return value
+
+
+def parse_config_overrides(text: str) -> dict[str, Any]:
+    overrides = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--config_overrides: '{item}' is not key=value; write e.g. 'hidden_size=256'")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except ValueError:
+            overrides[key.strip()] = value
+    return overrides

@@ -1,0 +1,227 @@
+"""Checkpoints: the run's state beside the weights, atomic saves (every rank writes, the main process renames),
+damage checks, rotation, choosing what to resume, the data position across a changed batch layout, and the final
+Hugging Face model.
+
+It owns the checkpoint format on disk; it must not decide when to save (the loop does).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from data_utils import first_line
+from pretrain.arguments import TrainArguments
+from pretrain.errors import CheckpointError, UsageError
+from pretrain.launch import zero_stage_of
+
+logger = logging.getLogger("train_loop")
+
+RUN_FILES = {"metrics.jsonl", "run_config.json", "swanlog", "logs"}  # what a run writes before its first checkpoint
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class TrainState:
+    """Everything besides model/optimizer/schedule/RNG that a resumed run needs."""
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0
+    swanlab_run_id: str | None = None
+    num_processes: int = 1
+    distributed_type: str = "NO"
+    global_batch_blocks: int = 0
+    train_blocks: int = 0
+    zero_stage: int | None = None
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (renamed from their temporary name), oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint folder, comparing it to the manifest written when it was completed."""
+    manifest_path = checkpoint / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError:
+        return "unreadable manifest"
+    for relative, size in manifest.items():
+        path = checkpoint / relative
+        if not path.is_file():
+            return f"missing {relative}"
+        if path.stat().st_size != size:
+            return f"truncated {relative} ({path.stat().st_size} of {size} bytes)"
+    return None
+
+
+def save_checkpoint(accelerator, state: TrainState, args: TrainArguments) -> Path:
+    """Every rank writes its part into checkpoint-N.tmp; the main process then renames it into place."""
+    output_dir = Path(args.output_dir)
+    final = output_dir / f"checkpoint-{state.step}"
+    temporary = output_dir / f"checkpoint-{state.step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(temporary))  # DeepSpeed's save has a barrier inside: every rank must call it
+    except (OSError, RuntimeError) as error:  # a full disk or a failing filesystem: torch.save raises either
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise CheckpointError(f"--output_dir {output_dir}: writing {temporary.name} failed ({first_line(error)}); "
+                              f"free space or fix the folder, then rerun the same command: it resumes from the "
+                              f"last complete checkpoint") from None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (temporary / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
+        files = {str(p.relative_to(temporary)): p.stat().st_size for p in temporary.rglob("*") if p.is_file()}
+        (temporary / MANIFEST).write_text(json.dumps(files, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(temporary, final)
+        prune_checkpoints(output_dir, args.save_total_limit)
+        logger.info(f"saved {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
+    checkpoints = list_checkpoints(output_dir)
+    for old in checkpoints[: max(0, len(checkpoints) - limit)] if limit else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_resume_checkpoint(args: TrainArguments) -> Path | None:
+    """The checkpoint to resume from, after refusing an output_dir that holds foreign files."""
+    output_dir = Path(args.output_dir)
+    requested = args.resume_from_checkpoint
+    if requested and requested != "latest":
+        path = Path(requested)
+        if not path.is_dir():
+            raise UsageError(f"--resume_from_checkpoint {requested}: no such checkpoint folder")
+        damage = checkpoint_damage(path)
+        if damage:
+            raise UsageError(f"--resume_from_checkpoint {requested}: damaged checkpoint ({damage}); pick another")
+        return path
+    checkpoints = list_checkpoints(output_dir)
+    if args.overwrite_output_dir:
+        for checkpoint in checkpoints:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        return None
+    for checkpoint in reversed(checkpoints):
+        damage = checkpoint_damage(checkpoint)
+        if damage is None:
+            return checkpoint
+        logger.warning(f"checkpoint {checkpoint} is damaged ({damage}); falling back to the previous one")
+    if requested == "latest":
+        raise UsageError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
+    foreign = [p.name for p in output_dir.iterdir()
+               if p.name not in RUN_FILES and not p.name.startswith("checkpoint-")] if output_dir.is_dir() else []
+    if foreign:
+        raise UsageError(f"--output_dir {output_dir} holds other files ({', '.join(sorted(foreign)[:3])}) and no "
+                         f"checkpoint; pass --overwrite_output_dir or choose another folder")
+    return None
+
+
+def choose_checkpoint(accelerator, args: TrainArguments) -> Path | None:
+    """The main process decides (and may delete, with --overwrite_output_dir); every rank gets the same answer."""
+    from accelerate.utils import broadcast_object_list
+
+    choice: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            choice = [find_resume_checkpoint(args)]
+        except UsageError as error:
+            choice = [error]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(choice)
+    if isinstance(choice[0], UsageError):
+        raise choice[0]
+    return choice[0]
+
+
+def resume(accelerator, checkpoint: Path | None, state: TrainState) -> TrainState:
+    if checkpoint is None:
+        return state
+    saved = TrainState(**json.loads((checkpoint / TRAINER_STATE).read_text()))
+    zero = saved.distributed_type == "DEEPSPEED"
+    if zero and saved.num_processes != state.num_processes:
+        raise UsageError(f"--resume_from_checkpoint {checkpoint}: a ZeRO checkpoint of {saved.num_processes} "
+                         f"processes cannot load on {state.num_processes}; convert it with `python "
+                         f"{checkpoint}/pytorch_model/zero_to_fp32.py` (weights only) or DeepSpeed's "
+                         f"ds_to_universal.py, or resume with {saved.num_processes} processes")
+    if zero != (state.distributed_type == "DEEPSPEED"):
+        raise UsageError(f"checkpoint {checkpoint} was written {'with' if zero else 'without'} DeepSpeed and this "
+                         f"launch runs {'without' if zero else 'with'} it; resume with the accelerate config it was "
+                         f"saved with" + (f" (or take its weights with {checkpoint}/pytorch_model/zero_to_fp32.py)"
+                                          if zero else ""))
+    if zero and saved.zero_stage is not None and saved.zero_stage != state.zero_stage:
+        raise UsageError(f"checkpoint {checkpoint} holds ZeRO-{saved.zero_stage} shards and this launch runs "
+                         f"ZeRO-{state.zero_stage}; resume with accelerate_configs/zero{saved.zero_stage}.yaml")
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (OSError, RuntimeError, ValueError, KeyError) as error:  # e.g. another model shape: size mismatches
+        raise UsageError(f"checkpoint {checkpoint} does not fit this run ({' '.join(str(error).split())[:240]}); "
+                         f"rerun with the flags it was saved with, or use another --output_dir") from None
+    logger.info(f"resumed from {checkpoint} at step {saved.step} (epoch {saved.epoch}, step {saved.step_in_epoch})")
+    carry_data_position(saved, state)
+    saved.num_processes, saved.distributed_type, saved.zero_stage = \
+        state.num_processes, state.distributed_type, state.zero_stage
+    saved.global_batch_blocks, saved.train_blocks = state.global_batch_blocks, state.train_blocks
+    return saved
+
+
+def carry_data_position(saved: TrainState, current: TrainState) -> None:
+    """Map the checkpoint's place in its epoch onto this run's data and global batch.
+
+    Every global batch size reads the same (seed, epoch) permutation of the blocks, so a new batch size resumes
+    after the blocks already read (repeating fewer than one batch of them). Different data has no such place:
+    its epoch starts from the beginning.
+    """
+    if saved.train_blocks and saved.train_blocks != current.train_blocks:
+        logger.warning(f"the training data has {current.train_blocks} blocks, the checkpoint's had "
+                       f"{saved.train_blocks}: the data changed, so epoch {saved.epoch} starts from its beginning")
+        saved.step_in_epoch = 0
+    elif saved.global_batch_blocks != current.global_batch_blocks:
+        blocks_read = saved.step_in_epoch * saved.global_batch_blocks
+        saved.step_in_epoch = blocks_read // current.global_batch_blocks
+        resume_at = saved.step_in_epoch * current.global_batch_blocks
+        logger.warning(f"global batch changed from {saved.global_batch_blocks} to {current.global_batch_blocks} "
+                       f"blocks: epoch {saved.epoch} resumes at block {resume_at} of its order "
+                       f"({blocks_read} were read)")
+    if saved.step_in_epoch >= current.train_blocks // current.global_batch_blocks:
+        saved.epoch, saved.step_in_epoch = saved.epoch + 1, 0
+
+
+def save_final_model(accelerator, model, tokenizer, args: TrainArguments) -> None:
+    """A complete Hugging Face model (safetensors) under ZeRO-2/3 too: the state dict is gathered on every rank."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.config.use_cache = True
+        unwrapped.save_pretrained(args.output_dir, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(args.output_dir)
+        logger.info(f"saved the final model to {args.output_dir}")
+    accelerator.wait_for_everyone()
+
+
+def launch_state(accelerator, global_batch_blocks: int, train_blocks: int) -> TrainState:
+    """A fresh state that records this launch's layout, against which a checkpoint's is compared on resume."""
+    return TrainState(num_processes=accelerator.num_processes, distributed_type=accelerator.distributed_type.value,
+                      global_batch_blocks=global_batch_blocks, train_blocks=train_blocks,
+                      zero_stage=zero_stage_of(accelerator))

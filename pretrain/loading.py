@@ -1,0 +1,104 @@
+"""Tokenizer, model config and the block size, from the Hub or a local folder, with failures that name the flag.
+
+It owns how names given on the command line become objects; it must not touch the Accelerator or the data.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import data_utils
+from data_utils import DataArguments, cannot_load, first_line
+from pretrain.arguments import DEMO_MODEL, ModelArguments, is_demo, parse_config_overrides
+from pretrain.errors import UsageError
+
+
+def from_hub(flag: str, name: str, loader, **kwargs):
+    """A Hub or local load whose failure names the flag instead of a traceback."""
+    try:
+        return loader(name, **kwargs)
+    except (OSError, ValueError) as error:
+        raise UsageError(cannot_load(flag, name, error)) from None
+
+
+def load_tokenizer(model_args: ModelArguments, data_args: DataArguments):
+    from transformers import AutoTokenizer
+
+    if is_demo(model_args, data_args):
+        corpus, tokenizer_dir = data_utils.ensure_demo_assets()
+        data_args.train_files = [str(corpus)]
+        return AutoTokenizer.from_pretrained(tokenizer_dir)
+    flag, name = next((f, n) for f, n in (("--tokenizer_name", model_args.tokenizer_name),
+                                          ("--model_name_or_path", model_args.model_name_or_path),
+                                          ("--config_name", model_args.config_name)) if n)
+    return from_hub(flag, name, AutoTokenizer.from_pretrained, trust_remote_code=model_args.trust_remote_code)
+
+
+def build_config(model_args: ModelArguments, tokenizer):
+    from transformers import AutoConfig, Qwen2Config
+
+    if model_args.model_name_or_path or model_args.config_name:
+        flag = "--model_name_or_path" if model_args.model_name_or_path else "--config_name"
+        config = from_hub(flag, model_args.model_name_or_path or model_args.config_name, AutoConfig.from_pretrained,
+                          trust_remote_code=model_args.trust_remote_code)
+    else:
+        config = Qwen2Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                             bos_token_id=tokenizer.eos_token_id, **DEMO_MODEL)
+    for key, value in parse_config_overrides(model_args.config_overrides or "").items():
+        if not hasattr(config, key):
+            raise UsageError(f"--config_overrides: {type(config).__name__} has no '{key}'")
+        try:
+            setattr(config, key, value)
+        except Exception as error:  # transformers' typed configs raise their own validation errors
+            raise UsageError(f"--config_overrides {key}={value}: {' '.join(str(error).split())}") from None
+    heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    if isinstance(heads, int) and isinstance(kv_heads, int) and (kv_heads < 1 or heads % kv_heads):
+        source = "--config_overrides" if model_args.config_overrides else "the model config"
+        raise UsageError(f"{source}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
+                         f"({kv_heads})")
+    return config
+
+
+def resolve_block_size(data_args: DataArguments, config) -> int:
+    """--block_size, defaulting to the model's context (at most 2048), and never beyond it."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if data_args.block_size is None:
+        data_args.block_size = min(2048, limit or 2048)
+    if limit is not None and data_args.block_size > limit:
+        raise UsageError(f"--block_size {data_args.block_size} exceeds the model's max_position_embeddings ({limit}); "
+                         f"lower it")
+    return data_args.block_size
+
+
+def model_error(error: Exception, model_args: ModelArguments) -> UsageError:
+    """Name the flag behind a failed model build: the attention kernel, the weights, or the config."""
+    message = first_line(error)
+    if model_args.attn_implementation and ("attn" in message.lower() or "attention" in message.lower()):
+        return UsageError(f"--attn_implementation {model_args.attn_implementation}: {message}; use sdpa or eager, "
+                          f"or install that kernel's package")
+    if model_args.model_name_or_path:
+        return UsageError(cannot_load("--model_name_or_path", model_args.model_name_or_path, error))
+    return UsageError(f"the model cannot be built from its config ({message}); check --config_name and "
+                      f"--config_overrides")
+
+
+def load_weights(model_args: ModelArguments, config, tokenizer, seed: int):
+    """The causal LM: --model_name_or_path's weights, or a fresh initialisation from `config` seeded by `seed`."""
+    from transformers import AutoModelForCausalLM
+
+    if len(tokenizer) > config.vocab_size:
+        raise UsageError(f"--tokenizer_name: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{config.vocab_size}; use the model's tokenizer or raise vocab_size in --config_overrides")
+    dtype = model_args.torch_dtype if model_args.torch_dtype in (None, "auto") else getattr(torch, model_args.torch_dtype)
+    kwargs = {"trust_remote_code": model_args.trust_remote_code}
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    try:
+        if model_args.model_name_or_path:
+            return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config,
+                                                        dtype=dtype or "float32", **kwargs)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+        return model.to(dtype) if dtype not in (None, "auto") else model
+    except (OSError, ValueError, ImportError) as error:
+        raise model_error(error, model_args) from None

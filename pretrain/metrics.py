@@ -1,0 +1,139 @@
+"""Metrics: step timing, tokens/s, FLOPs per token and MFU, peak memory, and the logger that writes the console,
+<output_dir>/metrics.jsonl and SwanLab on the main process.
+
+It owns what a logged record holds; it must not change training (it never synchronises the device by itself).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain.arguments import TrainArguments
+from pretrain.checkpoints import TrainState
+from pretrain.tracking import start_swanlab
+
+logger = logging.getLogger("train_loop")
+
+# Dense bf16/fp16 tensor-core peaks in TFLOP/s (not the 2:4-sparsity figures), matched against the device name.
+PEAK_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0), ("A100", 312.0),
+               ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
+               ("RTX 6000 Ada", 364.0), ("A6000", 155.0), ("4090", 165.0), ("3090", 71.0), ("V100", 125.0)]
+
+
+def flops_per_token(model, seq_len: int) -> int:
+    """6 x matmul parameters (all but the input embedding; a tied output projection still counts) + attention."""
+    config = model.config
+    params = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    tied = model.get_output_embeddings() is not None and \
+        model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    matmul_params = params if tied else params - embedding
+    return 6 * matmul_params + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+
+
+def device_peak_tflops(args: TrainArguments) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class MetricsLogger:
+    """Console/progress bar, <output_dir>/metrics.jsonl and SwanLab, on the main process only."""
+
+    def __init__(self, accelerator, args: TrainArguments, total_steps: int, state: TrainState,
+                 run_config: dict[str, Any]):
+        self.enabled = accelerator.is_main_process
+        self.path = Path(args.output_dir) / "metrics.jsonl"
+        self.swanlab = None
+        self.progress = None
+        self.losses: list[tuple[int, float]] = []  # (step, loss) of this process's logged steps
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        (self.path.parent / "run_config.json").write_text(json.dumps(run_config, indent=1, default=str))
+        if state.step == 0 and self.path.exists():
+            self.path.unlink()  # a fresh start: old metrics belong to a run that made no checkpoint
+        self.progress = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+        if args.report_to == "swanlab":
+            self.swanlab = start_swanlab(args, state, run_config)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if "loss" in record:
+            self.losses.append((record["step"], record["loss"]))
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+        self.progress.write(shown)
+        if self.swanlab is not None:
+            self.swanlab.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+
+    def advance(self) -> None:
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if len(self.losses) >= 2:
+            (first_step, first), (last_step, last) = self.losses[0], self.losses[-1]
+            logger.info(f"loss {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
+        if self.swanlab is not None:
+            self.swanlab.finish()
+
+
+class StepTimer:
+    """Wall time and data-wait time between two logging steps, without synchronising the device."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.data_wait = 0.0
+        self.steps = 0
+
+    def timed_next(self, iterator):
+        begin = time.perf_counter()
+        batch = next(iterator, None)
+        self.data_wait += time.perf_counter() - begin
+        return batch
+
+
+def throughput(timer: StepTimer, tokens_per_step: int, num_devices: int, flops_token: int,
+               peak_tflops: float | None) -> dict[str, Any]:
+    seconds = max(time.perf_counter() - timer.start, 1e-9)
+    tokens_per_s = timer.steps * tokens_per_step / seconds
+    return {
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_device": tokens_per_s / num_devices,
+        "step_time_s": seconds / max(timer.steps, 1),
+        "data_wait_share": timer.data_wait / seconds,
+        "peak_mem_gb": peak_memory_gb(),
+        "mfu": flops_token * tokens_per_s / (num_devices * peak_tflops * 1e12) if peak_tflops else None,
+    }

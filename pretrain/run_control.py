@@ -1,0 +1,147 @@
+"""Run control: stop signals agreed across ranks, the profiler, non-finite checks before a save, and the main process
+building shared work first.
+
+It owns when a run stops early and why; it must not save or log by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+from pathlib import Path
+
+import torch
+
+from data_utils import DataError
+from pretrain.arguments import TrainArguments
+from pretrain.errors import NonFiniteLoss, UsageError
+
+logger = logging.getLogger("train_loop")
+
+class StopRequest:
+    """SIGTERM/SIGINT ask the loop to finish the current optimizer step, save and exit.
+
+    Ranks agree through a CPU (gloo) all-reduce of one integer per optimizer step: host-to-host only, so the
+    accelerator queue is never drained for it.
+    """
+
+    def __init__(self, num_processes: int):
+        import torch.distributed as dist
+
+        self.signal_name: str | None = None
+        self.group = dist.new_group(backend="gloo") if num_processes > 1 else None
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        """True on every rank once any rank was signalled."""
+        if self.group is None:
+            return self.signal_name is not None
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(self.signal_name is not None)])
+        dist.all_reduce(flag, group=self.group)
+        return bool(flag.item())
+
+
+class StepProfiler:
+    """torch.profiler over a few optimizer steps after a warm-up; does nothing without --profile_dir."""
+
+    SKIP, WARMUP, ACTIVE = 4, 1, 3  # steps 1-4 unrecorded (compilation, allocator growth), 5 warms up, 6-8 recorded
+
+    def __init__(self, folder: str | None, rank: int):
+        self.folder, self.rank, self.profiler, self.written = folder, rank, None, False
+        if folder is None:
+            return
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self.profiler = profile(activities=activities, on_trace_ready=self._write,
+                                schedule=schedule(wait=self.SKIP, warmup=self.WARMUP, active=self.ACTIVE, repeat=1))
+        self.profiler.start()
+
+    def step(self) -> None:
+        if self.profiler is not None:
+            self.profiler.step()
+
+    def stop(self) -> None:
+        if self.profiler is None:
+            return
+        self.profiler.stop()
+        self.profiler = None
+        if not self.written:
+            logger.warning(f"--profile_dir: fewer than {self.SKIP + self.WARMUP + self.ACTIVE} steps ran in this "
+                           f"launch, so nothing was profiled")
+
+    def _write(self, profiler) -> None:
+        folder = Path(self.folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        profiler.export_chrome_trace(str(folder / f"trace_rank{self.rank}.json"))
+        sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        table = profiler.key_averages().table(sort_by=sort_by, row_limit=30)
+        (folder / f"top_ops_rank{self.rank}.txt").write_text(table)
+        self.written = True
+        logger.info(f"profiled steps {self.SKIP + self.WARMUP + 1}-{self.SKIP + self.WARMUP + self.ACTIVE} of "
+                    f"this launch: {folder}/trace_rank{self.rank}.json and top_ops_rank{self.rank}.txt")
+
+
+def non_finite(what: str, step: int, args: TrainArguments) -> NonFiniteLoss:
+    return NonFiniteLoss(f"non-finite {what} at step {step}: stopping without saving; lower --learning_rate or use "
+                         f"--bf16, then resume from the last checkpoint in {args.output_dir}")
+
+
+def ensure_finite(loss: float, step: int, args: TrainArguments) -> None:
+    if not math.isfinite(loss):
+        raise non_finite(f"loss ({loss})", step, args)
+
+
+def ensure_savable(accelerator, model, loss_sum: torch.Tensor, step: int, args: TrainArguments) -> None:
+    """Never write NaN or inf over a good checkpoint: check the unlogged losses and the weights (one sync)."""
+    bad = (~torch.isfinite(loss_sum)).sum().float()
+    for parameter in model.parameters():
+        bad += (~torch.isfinite(parameter.detach())).sum()
+    if accelerator.reduce(bad, reduction="sum").item():
+        raise non_finite("loss or weights", step, args)
+
+
+def main_process_first(accelerator, build):
+    """build() on the main process, then on the others (which load what it cached). A bad-input error there stops
+    every rank with the same one line, instead of leaving the others to fail on a closed connection."""
+    from accelerate.utils import broadcast_object_list
+
+    result, error = None, [None]
+    if accelerator.is_main_process:
+        try:
+            result = build()
+        except (DataError, UsageError) as caught:
+            error = [caught]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(error)  # also the barrier: the others build only after the main process has
+    if error[0] is not None:
+        raise error[0]
+    return result if accelerator.is_main_process else build()
+
+
+class RunControl:
+    """The stop request and the profiler of one launch, as a context: on exit the signal handlers are restored and
+    the profile is written (or its absence explained), however the loop ended."""
+
+    def __init__(self, num_processes: int, profile_dir: str | None, rank: int):
+        self.stop = StopRequest(num_processes)
+        self.profiler = StepProfiler(profile_dir, rank)
+
+    def __enter__(self) -> RunControl:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.profiler.stop()
+        self.stop.restore()
