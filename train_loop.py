@@ -58,6 +58,7 @@ class RunPlan:
 def main(argv: list[str] | None = None) -> str:
     model_args, data_args, args = parse_args(argv)
     create_output_dirs(args)
+    demo = is_demo(model_args, data_args)  # before load_data, which points the demo at its corpus
     accelerator = build_accelerator(args)
     torch.manual_seed(args.seed)
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> str:
         return ended
 
     save_final_model(accelerator, run.model, tokenizer, args)
-    if is_demo(model_args, data_args):
+    if demo:
         print_sample(run.model, tokenizer, accelerator)
     accelerator.end_training()
     return ended
