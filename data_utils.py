@@ -14,9 +14,11 @@ Run on its own to build the cache before a GPU job:
 
 from __future__ import annotations
 
+import argparse
 import glob
 import gzip
 import hashlib
+import itertools
 import io
 import json
 import logging
@@ -28,7 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -70,8 +72,6 @@ class DataArguments:
     data_cache_dir: str | None = field(
         default=None, metadata={"help": f"Where packed datasets are cached (default: {DEFAULT_CACHE_ROOT}/data)."},
     )
-    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
-    dataloader_pin_memory: bool = field(default=True, metadata={"help": "Pin host memory of batches (CUDA only)."})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -202,6 +202,30 @@ def eos_token_id(tokenizer: Any, where: str = "--tokenizer_name") -> int:
         raise DataError(f"{where}: the tokenizer has no EOS token, which separates packed documents; "
                         f"use a tokenizer that defines eos_token")
     return int(tokenizer.eos_token_id)
+
+
+def check_tokenizer_encodes(tokenizer: Any, files: list[Path], text_column: str, sample: int = 32) -> None:
+    """Refuse, before any work, a tokenizer that cannot encode the corpus: transformers 5 builds an empty one (one
+    entry, every text encodes to []) from a folder that holds only config.json, and the run would then train on
+    nothing but EOS tokens."""
+    where = f"the tokenizer loaded from {getattr(tokenizer, 'name_or_path', '') or 'its folder'}"
+    if len(tokenizer) < 16:
+        raise DataError(f"--tokenizer_name: {where} has a vocabulary of {len(tokenizer)}, so it cannot encode text; "
+                        f"pass --tokenizer_name with the model's tokenizer (a folder with tokenizer.json, or a Hub "
+                        f"name)")
+    texts = []
+    for path in files:
+        texts += [text for text in itertools.islice(iter_documents(path, text_column), sample)
+                  if isinstance(text, str) and text][: sample - len(texts)]
+        if len(texts) == sample:
+            break
+    if not texts:
+        return  # no usable text at all: reported with the file's name by the full pass
+    tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    if tokens <= len(texts):
+        raise DataError(f"--tokenizer_name: {where} encodes the first {len(texts)} documents of {files[0]} to "
+                        f"{tokens} tokens (at most one per document); pass --tokenizer_name with the model's "
+                        f"tokenizer")
 
 
 @dataclass
@@ -427,7 +451,8 @@ def prepare_data(args: DataArguments, tokenizer: Any, seed: int = 42) -> PackedD
         raise DataError(f"--data_cache_dir {cache_root}: cannot write there ({problem}); pass a writable "
                         f"--data_cache_dir")
 
-    set_tokenizer_threads(args.preprocessing_num_workers)
+    set_tokenizer_threads(args.preprocessing_num_workers)  # before the first encode, which starts the thread pool
+    check_tokenizer_encodes(tokenizer, train_files, args.text_column)
     corpus = _tokenize_files(train_files, tokenizer, args.text_column, "--train_files")
     skipped = corpus.skipped_documents
     documents = len(corpus.document_lengths)
@@ -612,14 +637,38 @@ class PreprocessArguments:
     seed: int = field(default=42, metadata={"help": "Seed of the validation split (use the training run's seed)."})
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from transformers import AutoTokenizer, HfArgumentParser
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each default shown once: not where the help text already says it, nor when it is None."""
 
-    parser = HfArgumentParser((DataArguments, PreprocessArguments))
-    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage dump
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if "default" in (action.help or "") or action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def argument_parser(dataclass_types: tuple, error: Callable[[str], Any]):
+    """HfArgumentParser without prefix matching (--max_step would silently set --max_steps) and with one-line
+    errors: `error(message)` must raise or exit."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types, allow_abbrev=False, formatter_class=HelpFormatter)
+    parser.error = error  # one line, no usage dump
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    def error(message: str) -> None:
+        sys.exit(f"error: {message}")
+
+    parser = argument_parser((DataArguments, PreprocessArguments), error)
     data_args, preprocess_args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        error(f"unrecognized arguments: {' '.join(unknown)}")
+    if data_args.block_size is None:
+        error("--block_size is required: the tokens per training block; pass the training run's value, e.g. "
+              "--block_size 2048")
     try:
         tokenizer = AutoTokenizer.from_pretrained(preprocess_args.tokenizer_name,
                                                   trust_remote_code=preprocess_args.trust_remote_code)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -26,11 +25,13 @@ from pretrain.arguments import ModelArguments, TrainArguments, is_demo, parse_ar
 from pretrain.checkpoints import TrainState, choose_checkpoint, launch_state, resume, save_checkpoint, \
     save_final_model
 from pretrain.chunked_loss import block_losses_in_chunks, compute_loss_in_chunks
-from pretrain.errors import CheckpointError, NonFiniteLoss, UsageError
+from pretrain.errors import SEEN_BY_EVERY_RANK, CheckpointError, NonFiniteLoss, UsageError, exit_with
 from pretrain.launch import build_accelerator, create_output_dirs, deepspeed_config, fill_deepspeed_config, \
     zero_stage_of
 from pretrain.loading import build_config, load_tokenizer, load_weights, resolve_block_size
-from pretrain.metrics import MetricsLogger, StepTimer, device_peak_tflops, flops_per_token, throughput
+from pretrain.metrics import MetricsLogger, StepTimer, device_peak_tflops, flops_per_token, numel, throughput
+from pretrain.output_lock import hold_output_dir
+from pretrain.speedups import apply_liger_kernel, compile_layers
 from pretrain.run_control import RunControl, ensure_finite, ensure_savable, main_process_first
 
 logger = logging.getLogger("train_loop")
@@ -60,38 +61,40 @@ def main(argv: list[str] | None = None) -> str:
     create_output_dirs(args)
     demo = is_demo(model_args, data_args)  # before load_data, which points the demo at its corpus
     accelerator = build_accelerator(args)
-    torch.manual_seed(args.seed)
+    with hold_output_dir(accelerator, args.output_dir):  # one run per folder: a second one is refused
+        torch.manual_seed(args.seed)
 
-    tokenizer, config, data = load_data(accelerator, model_args, data_args, args)
-    train_loader, eval_loader, global_batch_blocks = build_loaders(accelerator, data, data_args, args)
-    total_steps = count_steps(len(data.train), global_batch_blocks, args)
+        tokenizer, config, data = load_data(accelerator, model_args, data_args, args)
+        train_loader, eval_loader, global_batch_blocks = build_loaders(accelerator, data, data_args, args)
+        total_steps = count_steps(len(data.train), global_batch_blocks, args)
 
-    model = build_model(model_args, config, tokenizer, args)
-    logger.info(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {total_steps} steps "
-                f"of {global_batch_blocks} blocks ({len(data.train) // global_batch_blocks} per epoch)")
-    plan = RunPlan(total_steps, global_batch_blocks, data_args.block_size,
-                   flops_per_token(model, data_args.block_size))
-    optimizer = build_optimizer(model, args, accelerator)
-    run = prepare(accelerator, model, optimizer, train_loader, eval_loader, args, total_steps)
+        model = build_model(model_args, config, tokenizer, args)
+        logger.info(f"model: {sum(map(numel, model.parameters())) / 1e6:.2f}M parameters; {total_steps} steps "
+                    f"of {global_batch_blocks} blocks ({len(data.train) // global_batch_blocks} per epoch)")
+        plan = RunPlan(total_steps, global_batch_blocks, data_args.block_size,
+                       flops_per_token(model, data_args.block_size))
+        optimizer = build_optimizer(model, args, accelerator)
+        run = prepare(accelerator, model, optimizer, train_loader, eval_loader, args, total_steps)
 
-    state = launch_state(accelerator, global_batch_blocks, len(data.train))
-    state = resume(accelerator, choose_checkpoint(accelerator, args), state)
+        state = launch_state(accelerator, global_batch_blocks, len(data.train), schedule_of(args, total_steps))
+        state = resume(accelerator, choose_checkpoint(accelerator, args), state, args, run.scheduler)
 
-    run_config = {"model": asdict(model_args), "data": asdict(data_args), "train": asdict(args),
-                  "num_processes": accelerator.num_processes, "total_steps": total_steps}
-    with MetricsLogger(accelerator, args, total_steps, state, run_config) as metrics, \
-            RunControl(accelerator.num_processes, args.profile_dir, accelerator.process_index) as control:
-        ended = train(accelerator, run, plan, state, args, metrics, control)
-    if ended != "done":
-        logger.warning(f"stopped by {ended} at step {state.step}; checkpoint saved in {args.output_dir}: "
-                       f"rerun the same command to resume")
+        run_config = {"model": asdict(model_args), "data": asdict(data_args), "train": asdict(args),
+                      "num_processes": accelerator.num_processes, "total_steps": total_steps}
+        with MetricsLogger(accelerator, args, total_steps, state, run_config) as metrics, \
+                RunControl(accelerator.num_processes, args.profile_dir, accelerator.process_index) as control:
+            ended = train(accelerator, run, plan, state, args, metrics, control)
+        if ended != "done":
+            if accelerator.is_main_process:
+                logger.warning(f"stopped by {ended} at step {state.step}; checkpoint saved in {args.output_dir}: "
+                               f"rerun the same command to resume")
+            return ended
+
+        save_final_model(accelerator, run.model, tokenizer, args)
+        if demo:
+            print_sample(run.model, tokenizer, accelerator)
+        accelerator.end_training()
         return ended
-
-    save_final_model(accelerator, run.model, tokenizer, args)
-    if demo:
-        print_sample(run.model, tokenizer, accelerator)
-    accelerator.end_training()
-    return ended
 
 
 # ======================================================================================================================
@@ -112,14 +115,14 @@ def build_loaders(accelerator, data, data_args: DataArguments, args: TrainArgume
     """The train loader (global batches of whole blocks) and the optional eval loader, not yet prepared."""
     global_batch_blocks = args.per_device_train_batch_size * accelerator.num_processes * \
         args.gradient_accumulation_steps
-    pin_memory = data_args.dataloader_pin_memory and torch.cuda.is_available()
+    pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
     train_loader = data_utils.build_train_dataloader(data.train, args.per_device_train_batch_size, global_batch_blocks,
-                                                     args.seed, data_args.dataloader_num_workers, pin_memory)
+                                                     args.seed, args.dataloader_num_workers, pin_memory)
     eval_loader = None
     if data.validation is not None and args.eval_strategy != "no":
         eval_loader = data_utils.build_eval_dataloader(data.validation[: args.max_eval_samples],
                                                        args.per_device_eval_batch_size,
-                                                       data_args.dataloader_num_workers, pin_memory)
+                                                       args.dataloader_num_workers, pin_memory)
     return train_loader, eval_loader, global_batch_blocks
 
 
@@ -131,11 +134,15 @@ def count_steps(num_blocks: int, global_batch_blocks: int, args: TrainArguments)
 def build_model(model_args: ModelArguments, config, tokenizer, args: TrainArguments):
     """The weights (loaded or initialised), then what training changes about the model."""
     model = load_weights(model_args, config, tokenizer, args.seed)
+    if args.use_liger_kernel:
+        apply_liger_kernel(model, args)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     if args.loss_chunk_size:
         compute_loss_in_chunks(model, args.loss_chunk_size)
+    if args.torch_compile:  # last, so that the compiled layers include the changes above
+        compile_layers(model, args.torch_compile_backend, args.torch_compile_mode)
     return model
 
 
@@ -150,7 +157,8 @@ def build_optimizer(model, args: TrainArguments, accelerator):
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
-            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+            # ZeRO-3 may have partitioned the weights already: their full shape is ds_shape
+            (decay if len(getattr(parameter, "ds_shape", parameter.shape)) >= 2 else no_decay).append(parameter)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     hyper = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     if "optimizer" in (deepspeed_config(accelerator) or {}):
@@ -160,6 +168,13 @@ def build_optimizer(model, args: TrainArguments, accelerator):
 
 def warmup_steps_of(args: TrainArguments, total_steps: int) -> int:
     return args.warmup_steps if args.warmup_steps > 0 else math.ceil(args.warmup_ratio * total_steps)
+
+
+def schedule_of(args: TrainArguments, total_steps: int) -> dict[str, Any]:
+    """What shapes the learning rate; a resume that changes it is warned about."""
+    return {"lr_scheduler_type": args.lr_scheduler_type, "learning_rate": args.learning_rate,
+            "total_steps": total_steps, "warmup_steps": warmup_steps_of(args, total_steps),
+            "lr_scheduler_kwargs": args.lr_scheduler_kwargs}
 
 
 def build_scheduler(optimizer, args: TrainArguments, total_steps: int):
@@ -266,16 +281,17 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
                 loss_sum.zero_()
                 micro_steps = 0
                 timer.reset()
-            if run.eval_loader is not None and (should(args.eval_strategy, eval_every, state.step, epoch_done)
-                                                or last):
+            stopping = control.stop.agreed()  # then only the save: the launcher kills workers 30 s after a signal
+            if run.eval_loader is not None and not stopping and \
+                    (should(args.eval_strategy, eval_every, state.step, epoch_done) or last):
                 metrics.log({"step": state.step,
                              **evaluate(accelerator, model, run.eval_loader, args.loss_chunk_size)})
-            stopping = control.stop.agreed()
             # The last step is saved too, so that rerunning a finished command (or raising --max_steps) resumes
             # from the end rather than redoing the tail after the last save_steps checkpoint.
             final_save = last and args.save_strategy != "no"
             if should(args.save_strategy, args.save_steps, state.step, epoch_done) or stopping or final_save:
                 ensure_savable(accelerator, model, loss_sum, state.step, args)
+                state.lr = scheduler.get_last_lr()[0]
                 save_checkpoint(accelerator, state, args)
             if stopping:
                 return control.stop.signal_name or "signal on another rank"
@@ -341,13 +357,13 @@ def cli(argv: list[str] | None = None) -> None:
     try:
         main(argv)
     except (UsageError, DataError, NonFiniteLoss, CheckpointError) as error:
-        sys.exit(f"error: {error}")
+        exit_with(f"error: {error}", every_rank_has_it=isinstance(error, SEEN_BY_EVERY_RANK))
     except torch.OutOfMemoryError as error:  # the most common bad input on a GPU: a batch that does not fit
         what = ". ".join(first_line(error).split(". ")[:2])  # "CUDA out of memory. Tried to allocate 9.27 GiB"
-        sys.exit(f"error: out of memory ({what}); lower --per_device_train_batch_size "
-                 f"(raise --gradient_accumulation_steps to keep the global batch), or add --gradient_checkpointing "
-                 f"or --loss_chunk_size 4096, or shard with accelerate_configs/zero2.yaml; rerunning resumes from "
-                 f"the last checkpoint")
+        exit_with(f"error: out of memory ({what}); lower --per_device_train_batch_size (raise "
+                  f"--gradient_accumulation_steps to keep the global batch), or add --gradient_checkpointing or "
+                  f"--loss_chunk_size 4096, or shard with accelerate_configs/zero2.yaml; rerunning resumes from the "
+                  f"last checkpoint", every_rank_has_it=False)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# Tokens/s and MFU on one GPU: a Qwen2.5-0.5B-shaped model (random init), block 2048, bf16, SDPA attention,
-# through accelerate_configs/single_gpu.yaml and accelerate_configs/zero2.yaml (one process), each with and
-# without gradient checkpointing, and with the loss computed in chunks (--loss_chunk_size). About 5 minutes on one
-# H100; COMPILE=1 adds torch.compile rows.
+# Tokens/s and MFU on one GPU, in one run (about 8 minutes on one H100; GPU time is scarce, so few steps):
+#  - Qwen2.5-0.5B's shape, block 2048, bf16, micro-batch 16: single_gpu and zero2, each compiled (regional
+#    torch.compile of the decoder layers): the zero2/single_gpu ratio and the best single-GPU MFU.
+#  - Qwen2.5-1.5B's shape (the chapter's model) with the chapter's settings (block 2048, bf16, gradient
+#    checkpointing, micro-batch 16) through zero2.yaml with one process: eager, compiled, Liger-Kernel, compiled +
+#    Liger, and single_gpu with compiled + Liger; beside them transformers.Trainer with the chapter's DeepSpeed JSON
+#    (bench/trainer_chapter.py) on the same blocks: tokens/s, MFU, peak memory and loss after the same steps.
+# Random init and the demo corpus: the data is not what is measured. Compiled rows print the graphs dynamo made.
 #
-#   bash bench/gpu_mfu.sh                 # STEPS=30 MICRO_BATCH=8 CHUNK=4096 WORK=/tmp/gpu_mfu by default
-#   COMPILE=1 ONLY="single_gpu+compile single_gpu+compile+chunks" MICRO_BATCH=16 bash bench/gpu_mfu.sh
-#   PROFILE="single_gpu+chunks" bash bench/gpu_mfu.sh   # also prints that run's costliest ops (steps 6-8)
+#   pip install -r requirements-gpu.txt && bash bench/gpu_mfu.sh     # STEPS=12 MICRO_BATCH=16 WORK=/tmp/gpu_mfu
+#   ONLY="1.5b:zero2 1.5b:trainer" bash bench/gpu_mfu.sh              # some rows; PROFILE="<row>" adds its top ops
+#   FULL=1 bash bench/gpu_mfu.sh                                       # also eager and Liger-only rows, and ckpt=off
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/gpu_mfu}
-STEPS=${STEPS:-30}
-MICRO_BATCH=${MICRO_BATCH:-8}
-CHUNK=${CHUNK:-4096}
+STEPS=${STEPS:-12}
+MICRO_BATCH=${MICRO_BATCH:-16}
 mkdir -p "$WORK"
 
 python3 - "$WORK" <<'PY'
@@ -24,55 +27,87 @@ work = Path(sys.argv[1])
 corpus, tokenizer = data_utils.ensure_demo_assets(work / "demo")
 if not (work / "corpus.jsonl").exists():
     data_utils.write_demo_corpus(work / "corpus.jsonl", documents=30000, seed=5)
-# Qwen2.5-0.5B's shape (494M parameters with the tied 151,936-token embedding).
-config = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=896, intermediate_size=4864,
-              num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-              max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-              hidden_act="silu", eos_token_id=0, bos_token_id=0)
-(work / "qwen2.5-0.5b-shape").mkdir(exist_ok=True)
-(work / "qwen2.5-0.5b-shape" / "config.json").write_text(json.dumps(config))
+common = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=151936, max_position_embeddings=32768,
+              rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu", eos_token_id=0,
+              bos_token_id=0)
+shapes = {"0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2),  # 494M parameters with the tied embedding
+          "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                       num_key_value_heads=2)}  # 1.54B
+for name, shape in shapes.items():
+    (work / name).mkdir(exist_ok=True)
+    (work / name / "config.json").write_text(json.dumps({**common, **shape}))
 PY
 
-run() {  # name, accelerate config, extra flags...
-  local name=$1 config=$2; shift 2
-  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
-  if [[ " ${PROFILE:-} " == *" $name "* ]]; then set -- "$@" --profile_dir "$WORK/profile_$name"; fi
-  # Compiled rows log dynamo's recompiles and graph breaks, counted after the table row (zero2+compile was 25x slow).
-  local logs=""; if [[ $name == *compile* ]]; then logs="recompiles,graph_breaks"; fi
-  TORCH_LOGS="$logs" accelerate launch --config_file "accelerate_configs/$config" --num_processes 1 train_loop.py \
-    --config_name "$WORK/qwen2.5-0.5b-shape" --tokenizer_name "$WORK/demo/tokenizer" \
+row() {  # shape, name, accelerate config, extra flags...
+  local shape=$1 name=$2 config=$3; shift 3
+  local key="$shape:$name"
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $key "* ]]; then return 0; fi
+  if [[ " ${PROFILE:-} " == *" $key "* ]]; then set -- "$@" --profile_dir "$WORK/profile_${shape}_$name"; fi
+  local log="$WORK/${shape}_$name.log"
+  accelerate launch --config_file "accelerate_configs/$config" --num_processes 1 train_loop.py \
+    --config_name "$WORK/$shape" --tokenizer_name "$WORK/demo/tokenizer" \
     --train_files "$WORK/corpus.jsonl" --data_cache_dir "$WORK/cache" --validation_split_percentage 0 \
     --block_size 2048 --bf16 --attn_implementation sdpa --per_device_train_batch_size "$MICRO_BATCH" \
-    --max_steps "$STEPS" --logging_steps 10 --save_strategy no --eval_strategy no --report_to none \
-    --output_dir "$WORK/out_$name" --overwrite_output_dir "$@" > "$WORK/$name.log" 2>&1 \
-    || { echo "$name failed: tail of $WORK/$name.log"; tail -20 "$WORK/$name.log"; return 0; }
-  python3 - "$name" "$WORK/out_$name/metrics.jsonl" "$MICRO_BATCH" <<'PY'
-import json, sys
-last = [json.loads(l) for l in open(sys.argv[2]) if '"loss"' in l][-1]  # steps after the first 2/3: warm
-print(f"| {sys.argv[1] + ' mb' + sys.argv[3]:<30} | {last['tokens_per_s']:>10,.0f} | {last['step_time_s']:>7.3f} | "
-      f"{100 * last['mfu']:>5.1f}% | {last['peak_mem_gb']:>6.1f} | {last['loss']:.3f} |", flush=True)
-PY
-  if [ -n "$logs" ]; then
-    echo "|   $name: $(grep -c 'Recompiling function' "$WORK/$name.log") recompiles, $(grep -c 'Graph break' \
-      "$WORK/$name.log") graph breaks (details in $WORK/$name.log) |"
-  fi
+    --max_steps "$STEPS" --logging_steps 4 --save_strategy no --eval_strategy no --report_to none \
+    --output_dir "$WORK/out_${shape}_$name" --overwrite_output_dir "$@" > "$log" 2>&1 \
+    || { echo "| $key failed: tail of $log |"; tail -5 "$log"; return 0; }
+  show "$key" "$WORK/out_${shape}_$name/metrics.jsonl"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-echo "| run                            |   tokens/s |  step s |   MFU | mem GB | loss  |"
-echo "|--------------------------------|-----------:|--------:|------:|-------:|-------|"
-run single_gpu single_gpu.yaml
-run single_gpu+ckpt single_gpu.yaml --gradient_checkpointing
-run zero2 zero2.yaml
-run zero2+ckpt zero2.yaml --gradient_checkpointing
-run single_gpu+chunks single_gpu.yaml --loss_chunk_size "$CHUNK"
-run zero2+chunks zero2.yaml --loss_chunk_size "$CHUNK"
-if [ "${COMPILE:-0}" = 1 ]; then
-  run single_gpu+compile single_gpu.yaml --torch_compile
-  run single_gpu+compile+chunks single_gpu.yaml --torch_compile --loss_chunk_size "$CHUNK"
-  run zero2+compile zero2.yaml --torch_compile
+show() {  # row name, metrics.jsonl: the last logged window (steps after the first 2/3: warm)
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+last = [json.loads(l) for l in open(sys.argv[2]) if '"loss"' in l][-1]
+graphs = last.get("compiled_graphs")
+mem = last["peak_mem_gb"]
+print(f"| {sys.argv[1]:<28} | {last['tokens_per_s']:>10,.0f} | {last['step_time_s']:>7.3f} | "
+      f"{100 * (last['mfu'] or 0):>5.1f}% | {mem if mem is None else round(mem, 1)!s:>6} | {last['loss']:.3f} | "
+      f"{'' if graphs is None else graphs!s:>6} |", flush=True)
+PY
+}
+
+trainer_row() {  # the chapter's Trainer + DeepSpeed run on the 1.5B shape, same blocks as the rows above
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" 1.5b:trainer "* ]]; then return 0; fi
+  local blocks; blocks=$(ls "$WORK"/cache/*/train.npy 2>/dev/null | head -1)
+  if [ -z "$blocks" ]; then echo "| 1.5b:trainer: no cache (run a 1.5b row first) |"; return 0; fi
+  rm -f "$WORK/trainer.jsonl"
+  torchrun --nproc_per_node 1 --master_port 29533 bench/trainer_chapter.py --config "$WORK/1.5b" \
+    --cache_blocks "$blocks" --result "$WORK/trainer.jsonl" --micro_batch "$MICRO_BATCH" --steps "$STEPS" \
+    --work "$WORK/trainer" > "$WORK/1.5b_trainer.log" 2>&1 \
+    || { echo "| 1.5b:trainer failed: tail of $WORK/1.5b_trainer.log |"; tail -5 "$WORK/1.5b_trainer.log"; return 0; }
+  python3 - "$WORK/trainer.jsonl" <<'PY'
+import json, sys
+r = json.loads(open(sys.argv[1]).read().splitlines()[-1])
+print(f"| {'1.5b:trainer (chapter)':<28} | {r['tokens_per_s']:>10,.0f} | {r['step_time_s']:>7.3f} | "
+      f"{100 * r['mfu']:>5.1f}% | {r['peak_mem_gb'] if r['peak_mem_gb'] is None else round(r['peak_mem_gb'], 1)!s:>6} | "
+      f"{r['loss'] or float('nan'):.3f} |        |", flush=True)
+PY
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
+echo "steps $STEPS (the table shows the last 4), micro-batch $MICRO_BATCH, block 2048, bf16"
+echo "| row                          |   tokens/s |  step s |   MFU | mem GB | loss  | graphs |"
+echo "|------------------------------|-----------:|--------:|------:|-------:|-------|-------:|"
+row 0.5b single_gpu+compile single_gpu.yaml --torch_compile
+row 0.5b zero2+compile zero2.yaml --torch_compile
+CHAPTER=(--gradient_checkpointing)
+row 1.5b zero2 zero2.yaml "${CHAPTER[@]}"
+row 1.5b zero2+compile zero2.yaml "${CHAPTER[@]}" --torch_compile
+row 1.5b zero2+liger zero2.yaml "${CHAPTER[@]}" --use_liger_kernel
+row 1.5b zero2+compile+liger zero2.yaml "${CHAPTER[@]}" --torch_compile --use_liger_kernel
+row 1.5b single_gpu+compile+liger single_gpu.yaml "${CHAPTER[@]}" --torch_compile --use_liger_kernel
+trainer_row
+if [ "${FULL:-0}" = 1 ]; then
+  row 0.5b single_gpu single_gpu.yaml
+  row 0.5b zero2 zero2.yaml
+  row 1.5b single_gpu single_gpu.yaml "${CHAPTER[@]}"
+  row 1.5b single_gpu+compile single_gpu.yaml "${CHAPTER[@]}" --torch_compile
+  row 1.5b single_gpu+liger single_gpu.yaml "${CHAPTER[@]}" --use_liger_kernel
+  row 1.5b zero2+compile+liger-ckpt zero2.yaml --torch_compile --use_liger_kernel
 fi
-for name in ${PROFILE:-}; do
-  echo; echo "costliest ops of $name (steps 6-8; trace: $WORK/profile_$name/trace_rank0.json)"
-  head -n 25 "$WORK/profile_$name/top_ops_rank0.txt" 2>/dev/null || echo "no profile (run $name failed or was skipped)"
+for key in ${PROFILE:-}; do
+  folder="$WORK/profile_${key/:/_}"
+  echo; echo "costliest ops of $key (steps 6-8; trace: $folder/trace_rank0.json)"
+  head -n 25 "$folder/top_ops_rank0.txt" 2>/dev/null || echo "no profile (row $key failed or was skipped)"
 done

@@ -61,6 +61,16 @@ def packed_blocks(spec: dict):
     return data_utils.prepare_data(args, AutoTokenizer.from_pretrained(spec["tokenizer"]), seed=42).train
 
 
+def count_parameters(spec: dict) -> int:
+    """The spec's model size, counted on the meta device (no memory), the tied embedding once."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec["config"]))
+    return sum(p.numel() for p in model.parameters())
+
+
 def fresh_model(spec: dict):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -5,8 +5,11 @@ arguments     flags and argument files, the demo's defaults, validation
 launch        the Accelerator and DeepSpeed set-up of a process
 loading       tokenizer, config and weights from the Hub or a folder
 chunked_loss  the output projection and cross-entropy a chunk of tokens at a time
+speedups      regional torch.compile and Liger-Kernel, applied to the built model
 checkpoints   the run state, atomic saves, choosing and loading a resume, the final model
-metrics       timing, tokens/s, FLOPs and MFU, metrics.jsonl and the console
+universal     a ZeRO checkpoint resumed on another world size, through DeepSpeed's universal format
+output_lock   one run per output_dir
+metrics       timing, tokens/s, FLOPs and MFU, compiled graphs, metrics.jsonl and the console
 tracking      SwanLab's mode and start
 run_control   stop signals, the profiler, non-finite checks, main-process-first builds
 """

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from data_utils import DataArguments, first_line
+from data_utils import DataArguments, argument_parser, first_line
 from pretrain.errors import UsageError
 from pretrain.tracking import has_swanlab_api_key
 
@@ -75,7 +75,15 @@ class TrainArguments:
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision."})
     fp16: bool = field(default=False, metadata={"help": "fp16 mixed precision with loss scaling (CUDA only)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
-    torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
+    torch_compile: bool = field(default=False, metadata={
+        "help": "torch.compile each decoder layer in place (regional compilation), under DeepSpeed too."})
+    torch_compile_backend: str = field(default="inductor", metadata={
+        "help": "torch.compile backend: inductor, or aot_eager to check graphs without generating kernels."})
+    torch_compile_mode: str | None = field(default=None, metadata={
+        "help": "torch.compile mode: default, reduce-overhead, max-autotune (default: torch's)."})
+    use_liger_kernel: bool = field(default=False, metadata={
+        "help": "Liger-Kernel's fused RMSNorm, RoPE, SwiGLU and linear+cross-entropy (CUDA; requirements-gpu.txt). "
+                "Without CUDA: a warning, and --loss_chunk_size 4096 stands in for the fused loss."})
     loss_chunk_size: int = field(default=0, metadata={
         "help": "Compute the output projection and the cross-entropy together, this many tokens at a time, never "
                 "holding the whole batch's logits (tokens x vocabulary); 0: transformers' loss on full logits."})
@@ -101,6 +109,8 @@ class TrainArguments:
                                                              "choices": ["no", "steps", "epoch"]})
     logging_dir: str | None = field(default=None, metadata={"help": "SwanLab's log folder (default: "
                                                                     "<output_dir>/swanlog)."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    dataloader_pin_memory: bool = field(default=True, metadata={"help": "Pin host memory of batches (CUDA only)."})
     do_train: bool = field(default=False, metadata={"help": "Accepted for compatibility: this script trains."})
     do_eval: bool = field(default=False, metadata={"help": "Accepted for compatibility: see --eval_strategy."})
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; read from LOCAL_RANK."})
@@ -119,10 +129,10 @@ DEMO_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, n
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
     """Flags, or a single .yaml/.json file holding the same arguments."""
-    from transformers import HfArgumentParser
+    def error(message: str) -> None:
+        raise UsageError(message)
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
-    parser.error = lambda message: (_ for _ in ()).throw(UsageError(message))  # one line, no usage dump
+    parser = argument_parser((ModelArguments, DataArguments, TrainArguments), error)
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
         argv = args_file_to_argv(Path(argv[0]))

@@ -20,10 +20,12 @@ from data_utils import first_line
 from pretrain.arguments import TrainArguments
 from pretrain.errors import CheckpointError, UsageError
 from pretrain.launch import zero_stage_of
+from pretrain.universal import load_universal, universal_copy
 
 logger = logging.getLogger("train_loop")
 
-RUN_FILES = {"metrics.jsonl", "run_config.json", "swanlog", "logs"}  # what a run writes before its first checkpoint
+# What a run writes before its first checkpoint.
+RUN_FILES = {"metrics.jsonl", "run_config.json", "swanlog", "logs", "run.lock"}
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
@@ -43,6 +45,8 @@ class TrainState:
     global_batch_blocks: int = 0
     train_blocks: int = 0
     zero_stage: int | None = None
+    schedule: dict[str, Any] | None = None  # what shapes the learning rate: compared on resume
+    lr: float = 0.0  # the learning rate of the last step taken
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -155,35 +159,66 @@ def choose_checkpoint(accelerator, args: TrainArguments) -> Path | None:
     return choice[0]
 
 
-def resume(accelerator, checkpoint: Path | None, state: TrainState) -> TrainState:
+def resume(accelerator, checkpoint: Path | None, state: TrainState, args: TrainArguments, scheduler) -> TrainState:
+    """Load the checkpoint into the prepared objects and return its state, mapped onto this launch."""
     if checkpoint is None:
         return state
     saved = TrainState(**json.loads((checkpoint / TRAINER_STATE).read_text()))
-    zero = saved.distributed_type == "DEEPSPEED"
-    if zero and saved.num_processes != state.num_processes:
-        raise UsageError(f"--resume_from_checkpoint {checkpoint}: a ZeRO checkpoint of {saved.num_processes} "
-                         f"processes cannot load on {state.num_processes}; convert it with `python "
-                         f"{checkpoint}/pytorch_model/zero_to_fp32.py` (weights only) or DeepSpeed's "
-                         f"ds_to_universal.py, or resume with {saved.num_processes} processes")
-    if zero != (state.distributed_type == "DEEPSPEED"):
-        raise UsageError(f"checkpoint {checkpoint} was written {'with' if zero else 'without'} DeepSpeed and this "
-                         f"launch runs {'without' if zero else 'with'} it; resume with the accelerate config it was "
-                         f"saved with" + (f" (or take its weights with {checkpoint}/pytorch_model/zero_to_fp32.py)"
-                                          if zero else ""))
-    if zero and saved.zero_stage is not None and saved.zero_stage != state.zero_stage:
-        raise UsageError(f"checkpoint {checkpoint} holds ZeRO-{saved.zero_stage} shards and this launch runs "
-                         f"ZeRO-{state.zero_stage}; resume with accelerate_configs/zero{saved.zero_stage}.yaml")
+    problem = layout_mismatch(saved, state, checkpoint)
+    if problem:
+        raise UsageError(f"checkpoint {checkpoint} {problem}; {start_afresh_advice(args)}")
+    reshard = saved.distributed_type == "DEEPSPEED" and saved.num_processes != state.num_processes
+    # ZeRO shards are cut for their world size: another one loads them through DeepSpeed's universal format.
+    universal = universal_copy(accelerator, checkpoint, checkpoint_damage) if reshard else None
     try:
-        accelerator.load_state(str(checkpoint))
-    except (OSError, RuntimeError, ValueError, KeyError) as error:  # e.g. another model shape: size mismatches
+        if universal is not None:
+            load_universal(accelerator, universal)
+        else:
+            accelerator.load_state(str(checkpoint))
+    except (OSError, RuntimeError, ValueError, KeyError, AssertionError) as error:  # another model shape, etc.
         raise UsageError(f"checkpoint {checkpoint} does not fit this run ({' '.join(str(error).split())[:240]}); "
                          f"rerun with the flags it was saved with, or use another --output_dir") from None
-    logger.info(f"resumed from {checkpoint} at step {saved.step} (epoch {saved.epoch}, step {saved.step_in_epoch})")
+    logger.info(f"resumed from {checkpoint} at step {saved.step} (epoch {saved.epoch}, step {saved.step_in_epoch})"
+                + (f", resharded from {saved.num_processes} to {state.num_processes} processes" if reshard else ""))
+    if accelerator.is_main_process:
+        warn_if_schedule_changed(saved, state, scheduler)
     carry_data_position(saved, state)
-    saved.num_processes, saved.distributed_type, saved.zero_stage = \
-        state.num_processes, state.distributed_type, state.zero_stage
-    saved.global_batch_blocks, saved.train_blocks = state.global_batch_blocks, state.train_blocks
+    for launch_field in ("num_processes", "distributed_type", "zero_stage", "global_batch_blocks", "train_blocks",
+                         "schedule"):
+        setattr(saved, launch_field, getattr(state, launch_field))
     return saved
+
+
+def layout_mismatch(saved: TrainState, current: TrainState, checkpoint: Path) -> str | None:
+    """Why a checkpoint's shards cannot load in this launch, or None."""
+    zero = saved.distributed_type == "DEEPSPEED"
+    if zero != (current.distributed_type == "DEEPSPEED"):
+        return (f"was written {'with' if zero else 'without'} DeepSpeed and this launch runs "
+                f"{'without' if zero else 'with'} it; resume with the accelerate config it was saved with"
+                + (f" (or take its weights with {checkpoint}/zero_to_fp32.py)" if zero else ""))
+    if zero and saved.zero_stage is not None and saved.zero_stage != current.zero_stage:
+        return (f"holds ZeRO-{saved.zero_stage} shards and this launch runs ZeRO-{current.zero_stage}; resume with "
+                f"accelerate_configs/zero{saved.zero_stage}.yaml")
+    return None
+
+
+def start_afresh_advice(args: TrainArguments) -> str:
+    if args.resume_from_checkpoint not in (None, "latest"):
+        return "or pass another --resume_from_checkpoint"
+    return (f"or start a new run with another --output_dir (or --overwrite_output_dir, which deletes the "
+            f"checkpoints in {args.output_dir})")
+
+
+def warn_if_schedule_changed(saved: TrainState, current: TrainState, scheduler) -> None:
+    """A resume with another --max_steps, epochs, warmup or schedule re-stretches the learning rate: say so, once."""
+    if saved.schedule is None or saved.schedule == current.schedule:
+        return
+    changes = ", ".join(f"{key} {saved.schedule.get(key)} -> {value}" for key, value in current.schedule.items()
+                        if saved.schedule.get(key) != value)
+    inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate's wrapper, then the LambdaLR
+    now = f"{inner.base_lrs[0] * inner.lr_lambdas[0](saved.step):.4g}" if hasattr(inner, "lr_lambdas") else "?"
+    logger.warning(f"the learning-rate schedule changed since the checkpoint ({changes}): at step {saved.step} the "
+                   f"learning rate was {saved.lr:.4g} and is now {now}")
 
 
 def carry_data_position(saved: TrainState, current: TrainState) -> None:
@@ -220,8 +255,8 @@ def save_final_model(accelerator, model, tokenizer, args: TrainArguments) -> Non
     accelerator.wait_for_everyone()
 
 
-def launch_state(accelerator, global_batch_blocks: int, train_blocks: int) -> TrainState:
-    """A fresh state that records this launch's layout, against which a checkpoint's is compared on resume."""
+def launch_state(accelerator, global_batch_blocks: int, train_blocks: int, schedule: dict[str, Any]) -> TrainState:
+    """A fresh state that records this launch's layout and schedule, to which a checkpoint's is compared on resume."""
     return TrainState(num_processes=accelerator.num_processes, distributed_type=accelerator.distributed_type.value,
                       global_batch_blocks=global_batch_blocks, train_blocks=train_blocks,
-                      zero_stage=zero_stage_of(accelerator))
+                      zero_stage=zero_stage_of(accelerator), schedule=schedule)

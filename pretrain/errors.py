@@ -1,8 +1,15 @@
 """The errors a user can fix: each carries one line naming the flag or file and what to do.
 
-`train_loop.cli` turns them (and `data_utils.DataError`) into `error: <line>` and exit status 1. This module
-owns the kinds of error only; it raises nothing itself.
+`train_loop.cli` turns them (and `data_utils.DataError`) into `error: <line>` and exit status 1 with `exit_with`.
+This module owns the kinds of error and how their line reaches the screen; it raises none of them itself.
 """
+
+import json
+import os
+import sys
+import time
+
+from data_utils import DataError
 
 
 class UsageError(ValueError):
@@ -15,3 +22,26 @@ class CheckpointError(RuntimeError):
 
 class NonFiniteLoss(RuntimeError):
     """The loss or the weights stopped being finite; nothing was saved over the last good checkpoint."""
+
+
+# Errors from the flags, the files and the main process's broadcast decisions, and the all-reduced loss.
+SEEN_BY_EVERY_RANK = (UsageError, DataError, NonFiniteLoss)
+
+
+def exit_with(line: str, every_rank_has_it: bool) -> None:
+    """Exit with status 1 and `line`, printed once per launch where every rank has the same line.
+
+    Under torch elastic (`accelerate launch`, `torchrun`) the line also goes to the worker's error file, so that
+    the launcher's failure report names it as the root cause instead of "To enable traceback see ...".
+    """
+    printer = not every_rank_has_it or int(os.environ.get("RANK", "0")) == 0
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not error_file:
+        sys.exit(line)  # printed by Python on the way out
+    if printer:
+        print(line, file=sys.stderr, flush=True)
+    with open(error_file, "w") as handle:
+        json.dump({"message": line, "timestamp": str(int(time.time()))}, handle)
+    if not printer:
+        time.sleep(2)  # the launcher kills the other workers once one exits: let rank 0 print first
+    sys.exit(1)

@@ -89,7 +89,9 @@ def load_weights(model_args: ModelArguments, config, tokenizer, seed: int):
     if len(tokenizer) > config.vocab_size:
         raise UsageError(f"--tokenizer_name: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                          f"{config.vocab_size}; use the model's tokenizer or raise vocab_size in --config_overrides")
-    dtype = model_args.torch_dtype if model_args.torch_dtype in (None, "auto") else getattr(torch, model_args.torch_dtype)
+    dtype = model_args.torch_dtype
+    if dtype not in (None, "auto"):
+        dtype = getattr(torch, dtype)
     kwargs = {"trust_remote_code": model_args.trust_remote_code}
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation

@@ -27,11 +27,16 @@ PEAK_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 
                ("RTX 6000 Ada", 364.0), ("A6000", 155.0), ("4090", 165.0), ("3090", 71.0), ("V100", 125.0)]
 
 
+def numel(parameter) -> int:
+    """Elements of a parameter, also when ZeRO-3 has partitioned it (then it holds an empty placeholder)."""
+    return getattr(parameter, "ds_numel", parameter.numel())
+
+
 def flops_per_token(model, seq_len: int) -> int:
     """6 x matmul parameters (all but the input embedding; a tied output projection still counts) + attention."""
     config = model.config
-    params = sum(p.numel() for p in model.parameters())
-    embedding = model.get_input_embeddings().weight.numel()
+    params = sum(map(numel, model.parameters()))
+    embedding = numel(model.get_input_embeddings().weight)
     tied = model.get_output_embeddings() is not None and \
         model.get_output_embeddings().weight is model.get_input_embeddings().weight
     matmul_params = params if tied else params - embedding
@@ -63,6 +68,9 @@ class MetricsLogger:
         self.swanlab = None
         self.progress = None
         self.losses: list[tuple[int, float]] = []  # (step, loss) of this process's logged steps
+        self.compiling = args.torch_compile
+        self.graphs_before = compiled_graphs() if self.compiling else 0
+        self.first_graphs: int | None = None
         if not self.enabled:
             return
         from tqdm.auto import tqdm
@@ -80,12 +88,27 @@ class MetricsLogger:
             return
         if "loss" in record:
             self.losses.append((record["step"], record["loss"]))
+        if self.compiling:
+            self.count_graphs(record)
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
         self.progress.write(shown)
         if self.swanlab is not None:
             self.swanlab.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+
+    def count_graphs(self, record: dict[str, Any]) -> None:
+        """Add the graphs torch.compile has made so far; warn once when recompiles pile up.
+
+        Expected: the training graph(s) of the first step, and one more for evaluation (no_grad is a new guard).
+        Beyond twice the first step's graphs and two spare shapes, something changes between steps.
+        """
+        graphs = record["compiled_graphs"] = compiled_graphs() - self.graphs_before
+        self.first_graphs = self.first_graphs or graphs
+        if graphs > 2 * self.first_graphs + 2 and self.first_graphs > 0:
+            logger.warning(f"--torch_compile: {graphs} graphs compiled by step {record['step']} (the first step made "
+                           f"{self.first_graphs}); something changes between steps: see TORCH_LOGS=recompiles")
+            self.first_graphs = graphs  # warn again only if it grows that much more
 
     def advance(self) -> None:
         if self.progress is not None:
@@ -105,6 +128,13 @@ class MetricsLogger:
             logger.info(f"loss {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
         if self.swanlab is not None:
             self.swanlab.finish()
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process (a recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 class StepTimer:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +27,9 @@ class StopRequest:
     accelerator queue is never drained for it.
     """
 
+    # Ctrl-C under `accelerate launch` reaches a worker twice: from the terminal, and forwarded by the launcher.
+    FORWARDED_WITHIN_S = 3.0
+
     def __init__(self, num_processes: int):
         import torch.distributed as dist
 
@@ -38,9 +42,11 @@ class StopRequest:
             signal.signal(signum, handler)
 
     def _handle(self, signum, frame) -> None:
-        if self.signal_name is not None and signum == signal.SIGINT:
+        now = time.monotonic()
+        if self.signal_name is None:
+            self.signal_name, self.first_at = signal.Signals(signum).name, now
+        elif signum == signal.SIGINT and now - self.first_at > self.FORWARDED_WITHIN_S:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.signal_name = signal.Signals(signum).name
 
     def agreed(self) -> bool:
         """True on every rank once any rank was signalled."""

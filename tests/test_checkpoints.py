@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -307,16 +308,28 @@ def test_checkpoint_of_another_layout_is_refused_in_one_line(assets, tmp_path):
                                  "--deepspeed", str(ROOT / "ds_config_zero2.json")],
                                 capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert result.returncode != 0 and "Traceback" not in result.stderr
-        assert result.stderr.strip().splitlines()[-1] == f"error: checkpoint {output / 'checkpoint-2'} {message}"
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"error: checkpoint {output / 'checkpoint-2'} {message}; or start a new run with another --output_dir "
+            f"(or --overwrite_output_dir, which deletes the checkpoints in {output})")
         rewrite_trainer_state(output / "checkpoint-2", distributed_type="DEEPSPEED", zero_stage=3)
 
 
-def test_zero_checkpoint_on_another_world_size_says_how_to_convert(assets, tmp_path):
+def test_a_zero_checkpoint_that_cannot_be_converted_is_one_line(assets, tmp_path):
+    """A checkpoint that claims 8 ZeRO processes but holds no shards: the conversion for another world size fails
+    in one line, and the checkpoint is left as it was."""
     output = tmp_path / "run"
     run_in_process(flags(assets, output, tmp_path / "cache", "--max_steps", 2, "--save_steps", 2))
     rewrite_trainer_state(output / "checkpoint-2", distributed_type="DEEPSPEED", num_processes=8)
-    with pytest.raises(UsageError, match="ZeRO checkpoint of 8 processes cannot load on 1.*zero_to_fp32.py"):
-        run_in_process(flags(assets, output, tmp_path / "cache", "--max_steps", 4))
+    before = sorted(p.name for p in (output / "checkpoint-2").iterdir())
+    result = subprocess.run([sys.executable, str(ROOT / "train_loop.py"),
+                             *map(str, flags(assets, output, tmp_path / "cache", "--max_steps", 4, "--deepspeed",
+                                             ROOT / "ds_config_zero2.json"))],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.fullmatch(rf"error: checkpoint {output / 'checkpoint-2'}: the conversion to DeepSpeed's universal "
+                        rf"format failed \(.+\); resume with the process count it was saved with",
+                        result.stderr.strip().splitlines()[-1]), result.stderr[-2000:]
+    assert sorted(p.name for p in (output / "checkpoint-2").iterdir() if p.name != "universal.failed") == before
 
 
 def test_non_finite_loss_stops_without_overwriting_a_good_checkpoint(assets, tmp_path):

@@ -3,7 +3,9 @@
 The same global batch of 8 blocks per step must give the same losses and learning rates whatever the layout.
 """
 
+import shutil
 import subprocess
+import sys
 import threading
 import time
 
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cosine_lr, free_port, kill_tree, launch, launch_command, launch_env, read_metrics, \
+from conftest import ROOT, cosine_lr, free_port, kill_tree, launch, launch_command, launch_env, read_metrics, \
     run_in_process, tiny_flags
 
 STEPS = 12
@@ -131,6 +133,10 @@ def test_two_machines_over_loopback_match_one_launch(assets, runs, tmp_path):
     one_launch, _ = read_metrics(runs / "zero2")
     for step in range(1, STEPS + 1):
         assert two_nodes[step]["loss"] == pytest.approx(one_launch[step]["loss"], rel=1e-5), step
+    # The same world on one machine: nothing in the checkpoint depends on host names or local ranks.
+    result = launch("zero2.yaml", 2, argv + ["--max_steps", str(STEPS + 2)])
+    assert f"resumed from {output / f'checkpoint-{STEPS}'} at step {STEPS}" in result.stderr
+    assert "resharded" not in result.stderr and sorted(read_metrics(output)[0])[-2:] == [STEPS + 1, STEPS + 2]
 
 
 def test_zero2_resume_after_sigkill_matches_straight_run(assets, runs, tmp_path):
@@ -203,5 +209,124 @@ def test_bad_data_stops_every_rank_with_the_same_line(assets, tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {corpus}:2: malformed JSON (Expecting value); fix or remove that line"] * 2
+    assert errors == [f"error: {corpus}:2: malformed JSON (Expecting value); fix or remove that line"]  # once
     assert "[rank1]: Traceback" not in result.stderr and "[rank0]: Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("config, processes, micro, accumulation, reference",
+                         [("zero2.yaml", 2, 2, 2, "zero2"), ("single_gpu.yaml", 1, 2, 4, "single")])
+def test_torch_compile_matches_eager_with_no_recompiles_after_warm_up(assets, runs, tmp_path, config, processes,
+                                                                      micro, accumulation, reference):
+    """Each decoder layer compiled in place (aot_eager: dynamo and AOT autograd graphs without inductor's minute of
+    C++ compilation on this CPU): the eager run's losses, and no graph compiled after the warm-up."""
+    output = tmp_path / "compiled"
+    launch(config, processes, flags(assets, output, runs / "cache", micro, accumulation, "--torch_compile",
+                                    "--torch_compile_backend", "aot_eager"))
+    compiled, compiled_evals = read_metrics(output)
+    eager, eager_evals = read_metrics(runs / reference)
+    for step in range(1, 11):
+        assert compiled[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-4), step
+    for mine, theirs in zip(compiled_evals, eager_evals, strict=True):
+        assert mine["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-4)
+    # Warm-up: the first step, and the first evaluation (no_grad, and a last batch of 4 blocks beside those of 5).
+    training_graphs = compiled[1]["compiled_graphs"]
+    assert training_graphs >= 1
+    assert [compiled[step]["compiled_graphs"] for step in range(1, 7)] == [training_graphs] * 6
+    warm = compiled_evals[0]["compiled_graphs"]
+    assert training_graphs < warm <= training_graphs + 2
+    after_warm_up = [compiled[step]["compiled_graphs"] for step in range(7, STEPS + 1)] + \
+        [compiled_evals[1]["compiled_graphs"]]
+    assert after_warm_up == [warm] * 7  # no recompile after warm-up
+
+
+def universal_states(checkpoint, work):
+    """{parameter: {fp32, exp_avg, exp_avg_sq}}: a ZeRO checkpoint's optimizer state whatever its world size."""
+    from pretrain.universal import convert
+
+    target = work / f"{checkpoint.parent.name}_{checkpoint.name}_universal"
+    convert(checkpoint, target)
+    states = {}
+    for folder in (target / "pytorch_model" / "zero").iterdir():
+        if folder.is_dir():
+            states[folder.name] = {}
+            for name in ("fp32", "exp_avg", "exp_avg_sq"):
+                if (folder / f"{name}.pt").is_file():
+                    value = torch.load(folder / f"{name}.pt", weights_only=False)
+                    states[folder.name][name] = value["param"] if isinstance(value, dict) else value
+    return states
+
+
+def assert_resumed_exactly(resumed_run, straight_run, work):
+    """Steps 7-12 within 1e-5 of the straight run; fp32 masters and AdamW moments after step 12 within 1e-6."""
+    resumed, _ = read_metrics(resumed_run)
+    straight, _ = read_metrics(straight_run)
+    assert sorted(resumed) == list(range(7, STEPS + 1))
+    for step in resumed:
+        assert resumed[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-5), step
+        assert resumed[step]["lr"] == pytest.approx(straight[step]["lr"], rel=1e-12)
+    mine = universal_states(resumed_run / f"checkpoint-{STEPS}", work)
+    theirs = universal_states(straight_run / f"checkpoint-{STEPS}", work)
+    assert mine.keys() == theirs.keys() and len(mine) > 10
+    for parameter, states in mine.items():
+        assert states.keys() == theirs[parameter].keys()
+        for name, value in states.items():
+            assert torch.allclose(value, theirs[parameter][name], rtol=0, atol=1e-6), (parameter, name)
+
+
+def resume_elsewhere(checkpoint, folder):
+    """A new output_dir holding only this checkpoint, as after a preemption that left it behind."""
+    folder.mkdir()
+    shutil.copytree(checkpoint, folder / checkpoint.name)
+    return folder
+
+
+def test_zero2_resumes_on_fewer_and_on_more_processes_exactly(assets, runs, tmp_path):
+    """2 -> 1 process (micro-batch 2 x accumulation 2 x 2 processes = 2 x 4 x 1: the same global batch), and
+    1 -> 2, each from the checkpoint at step 6 of a 12-step run, against that run's steps 7-12."""
+    down = resume_elsewhere(runs / "zero2" / "checkpoint-6", tmp_path / "down")
+    result = launch("zero2.yaml", 1, flags(assets, down, runs / "cache", 2, 4, "--save_steps", 6))
+    assert "converted checkpoint-6 to DeepSpeed's universal format" in result.stderr
+    assert f"resumed from {down / 'checkpoint-6'} at step 6 (epoch 0, step 6), resharded from 2 to 1 processes" \
+        in result.stderr
+    assert_resumed_exactly(down, runs / "zero2", tmp_path)
+
+    one = tmp_path / "one_process"
+    launch("zero2.yaml", 1, flags(assets, one, runs / "cache", 2, 4, "--save_steps", 6))
+    up = resume_elsewhere(one / "checkpoint-6", tmp_path / "up")
+    result = launch("zero2.yaml", 2, flags(assets, up, runs / "cache", 2, 2, "--save_steps", 6))
+    assert "resharded from 1 to 2 processes" in result.stderr
+    assert_resumed_exactly(up, one, tmp_path)
+
+
+def test_zero3_resumes_on_fewer_processes(assets, runs, tmp_path):
+    straight = tmp_path / "zero3"
+    launch("zero3.yaml", 2, flags(assets, straight, runs / "cache", 2, 2, "--save_steps", 6))
+    down = resume_elsewhere(straight / "checkpoint-6", tmp_path / "down")
+    result = launch("zero3.yaml", 1, flags(assets, down, runs / "cache", 2, 4, "--save_steps", 6))
+    assert "resharded from 2 to 1 processes" in result.stderr
+    assert_resumed_exactly(down, straight, tmp_path)
+
+
+def test_the_universal_conversion_is_reused_and_a_damaged_one_redone(assets, runs, tmp_path):
+    """One process with --deepspeed (no launcher) resumes the 2-process checkpoint three times."""
+    source = resume_elsewhere(runs / "zero2" / "checkpoint-6", tmp_path / "source") / "checkpoint-6"
+
+    def resume_once(name):
+        argv = flags(assets, tmp_path / name, runs / "cache", 2, 4, "--resume_from_checkpoint", source,
+                     "--max_steps", 7, "--deepspeed", ROOT / "ds_config_zero2.json")
+        result = subprocess.run([sys.executable, str(ROOT / "train_loop.py"), *map(str, argv)], cwd=tmp_path,
+                                env=launch_env(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stderr
+
+    assert "converted checkpoint-6 to DeepSpeed's universal format" in resume_once("first")
+    assert f"reusing the universal conversion {source / 'universal'}" in resume_once("second")
+    shard = next((source / "universal" / "pytorch_model" / "zero").rglob("exp_avg.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])  # a conversion cut short, as by a full disk
+    (source / "universal.tmp").mkdir()  # and the leftover of one killed half-way
+    log = resume_once("third")
+    assert "the universal conversion" in log and "is damaged (truncated" in log and "converting again" in log
+    assert not (source / "universal.tmp").exists()
+    third, _ = read_metrics(tmp_path / "third")
+    first, _ = read_metrics(tmp_path / "first")
+    assert third[7]["loss"] == first[7]["loss"]

@@ -85,3 +85,23 @@ def test_a_head_that_is_not_a_plain_linear_is_refused(model_pair):
     chunked.config.final_logit_softcapping = 30.0
     with pytest.raises(UsageError, match="--loss_chunk_size: Qwen2ForCausalLM does not end in a plain"):
         compute_loss_in_chunks(chunked, 8)
+
+
+def test_liger_kernel_without_cuda_warns_once_and_trains_with_the_chunked_loss(assets, tmp_path, capfd):
+    from pretrain.speedups import LIGER_CPU_CHUNK
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: Liger-Kernel itself runs")
+    losses = {}
+    for name, extra in (("liger", ["--use_liger_kernel"]), ("chunked", ["--loss_chunk_size", LIGER_CPU_CHUNK])):
+        run_in_process(tiny_flags(assets, tmp_path / name, tmp_path / "cache", "--max_steps", 3, *extra))
+        losses[name] = [record["loss"] for record in read_metrics(tmp_path / name)[0].values()]
+        if name == "liger":
+            warnings = [line for line in capfd.readouterr().err.splitlines() if "--use_liger_kernel" in line]
+            assert len(warnings) == 1 and warnings[0].endswith(
+                "--use_liger_kernel: no CUDA GPU, and Liger-Kernel's Triton kernels need one; training with the "
+                f"model's own kernels and --loss_chunk_size {LIGER_CPU_CHUNK} instead of the fused loss")
+    assert losses["liger"] == losses["chunked"]
+    with pytest.raises(UsageError, match="^--use_liger_kernel with --loss_chunk_size: both replace the loss"):
+        run_in_process(tiny_flags(assets, tmp_path / "both", tmp_path / "cache", "--use_liger_kernel",
+                                  "--loss_chunk_size", 64))

@@ -72,3 +72,29 @@ def test_profile_dir_records_steps_6_to_8_without_changing_the_run(assets, tmp_p
                               "--profile_dir", tmp_path / "short_profile"))
     assert "--profile_dir: fewer than 8 steps ran in this launch" in capfd.readouterr().err
     assert not (tmp_path / "short_profile").exists()
+
+
+def test_flops_per_token_matches_a_flop_counter_and_leaves_out_the_recompute(assets):
+    """MFU counts model FLOPs: torch's FLOP counter over one forward and backward agrees with flops_per_token
+    (matmuls only: norms, biases and the softmax are not counted, a fraction of a percent at this width), also for a
+    model with gradient checkpointing, whose recomputed forward the counter does see."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = AutoConfig.from_pretrained(assets["config"], hidden_size=256, intermediate_size=512,
+                                        attn_implementation="eager")
+    seq = 64
+    input_ids = torch.randint(0, config.vocab_size, (2, seq))
+    counted = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        model.train()
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids=input_ids, labels=input_ids).loss.backward()
+        counted[checkpointing] = counter.get_total_flops() / input_ids.numel()
+    assert counted[True] > 1.2 * counted[False]  # the recomputed forward is real work...
+    assert flops_per_token(model, seq) == pytest.approx(counted[False], rel=0.02)  # ...left out of MFU

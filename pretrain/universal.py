@@ -1,0 +1,104 @@
+"""Resume a ZeRO checkpoint on another number of processes: DeepSpeed's universal checkpoint, made once.
+
+A ZeRO checkpoint holds each rank's slice of the fp32 master weights and AdamW moments, cut for its world size.
+DeepSpeed's `ds_to_universal` rewrites the slices as one file per parameter (`zero/<name>/{fp32,exp_avg,
+exp_avg_sq}.pt`), which any world size can load with `load_universal_checkpoint`. The conversion goes to
+`checkpoint-N/universal/`, beside the shards, written as `universal.tmp/` and renamed when complete (with its own
+manifest, so a damaged one is redone); a later resume on another world size reuses it. The main process
+converts; the other ranks wait by watching the folder, not in a collective, so a long conversion cannot time out.
+
+It owns the conversion and the universal load; it must not decide when to resume (`pretrain.checkpoints`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from data_utils import first_line
+from pretrain.errors import UsageError
+
+logger = logging.getLogger("train_loop")
+UNIVERSAL = "universal"
+FAILED = "universal.failed"  # the main process's one-line error, for the waiting ranks
+
+
+def universal_copy(accelerator, checkpoint: Path, damage_of) -> Path:
+    """checkpoint/universal, converted now by the main process unless a complete conversion is there already."""
+    target = checkpoint / UNIVERSAL
+    if accelerator.is_main_process:
+        (checkpoint / FAILED).unlink(missing_ok=True)
+        damage = damage_of(target) if target.exists() else "missing"
+        if damage is None:
+            logger.info(f"reusing the universal conversion {target}")
+        else:
+            if damage != "missing":
+                logger.warning(f"the universal conversion {target} is damaged ({damage}): converting again")
+            try:
+                convert(checkpoint, target)
+            except Exception as error:  # DeepSpeed's converter raises plain exceptions and assertions
+                line = (f"checkpoint {checkpoint}: the conversion to DeepSpeed's universal format failed "
+                        f"({first_line(error)}); resume with the process count it was saved with")
+                (checkpoint / FAILED).write_text(line)
+                raise UsageError(line) from None
+    else:
+        waiting_since = time.time() - 5  # an older FAILED file is a previous run's
+        while damage_of(target) is not None:
+            failed = checkpoint / FAILED
+            if failed.exists() and failed.stat().st_mtime >= waiting_since:
+                raise UsageError(failed.read_text())
+            time.sleep(1.0)
+    return target
+
+
+def convert(checkpoint: Path, target: Path) -> None:
+    """ds_to_universal on the DeepSpeed shards, plus Accelerate's own files (schedule, RNG, trainer state)."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    start = time.perf_counter()
+    tag = (checkpoint / "latest").read_text().strip()  # Accelerate saves the engine under the tag "pytorch_model"
+    temporary = target.with_name(target.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)
+    skipped = {tag, UNIVERSAL, temporary.name, FAILED, "manifest.json"}
+    shutil.copytree(checkpoint, temporary, ignore=lambda folder, names: skipped if Path(folder) == checkpoint else [])
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress prints
+        ds_to_universal(SimpleNamespace(input_folder=str(checkpoint / tag), output_folder=str(temporary / tag),
+                                        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                        strict=True, inject_missing_state=True))
+    files = {str(p.relative_to(temporary)): p.stat().st_size for p in temporary.rglob("*") if p.is_file()}
+    (temporary / "manifest.json").write_text(json.dumps(files, indent=1))
+    temporary.rename(target)
+    logger.info(f"converted {checkpoint.name} to DeepSpeed's universal format in {time.perf_counter() - start:.1f} s "
+                f"({sum(files.values()) / 1e9:.2f} GB): {target}")
+
+
+def load_universal(accelerator, universal: Path) -> None:
+    """accelerator.load_state on the conversion, with DeepSpeed told to read the universal layout."""
+    engine = accelerator.deepspeed_engine_wrapped.engine
+    engine._config.load_universal_checkpoint = True  # read once, at load_checkpoint
+    try:
+        accelerator.load_state(str(universal))
+    finally:
+        engine._config.load_universal_checkpoint = False  # this run's own checkpoints are ordinary ones
+    if engine.zero_optimization_stage() == 3:
+        _repair_zero3_groups(engine.optimizer.optimizer, universal / "pytorch_model" / "zero" / "optimizer_state.pt")
+
+
+def _repair_zero3_groups(optimizer: torch.optim.Optimizer, saved_state: Path) -> None:
+    """DeepSpeed 0.19.8's ZeRO-3 universal load gives every parameter group the first group's settings (so the
+    no-decay group decays) and one shared `step` tensor (which AdamW then advances once per group)."""
+    saved_groups = torch.load(saved_state, map_location="cpu", weights_only=False)["param_groups"]
+    for live, saved in zip(optimizer.param_groups, saved_groups, strict=True):
+        live.update({key: value for key, value in saved.items() if key != "params"})
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()

@@ -1,0 +1,183 @@
+"""What a new user meets in the first hour: a tokenizer that encodes nothing, two runs in one folder, errors and
+Ctrl-C under the launcher, the README's debugging section after the quickstart, a changed schedule on resume."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, cosine_lr, launch_command, launch_env, read_metrics, run_in_process, tiny_flags
+
+from pretrain.output_lock import LOCK_FILE
+
+
+def test_a_tokenizer_that_encodes_nothing_is_refused_before_any_work(assets, tmp_path):
+    """transformers 5 builds an empty Qwen2Tokenizer from a folder holding only config.json, as --config_name
+    without --tokenizer_name gives: every text encodes to [] and the run would train on EOS tokens alone."""
+    argv = tiny_flags(assets, tmp_path / "run", tmp_path / "cache", "--max_steps", 2)
+    argv = argv[:2] + argv[4:]  # no --tokenizer_name: the tokenizer comes from the config folder
+    for split in ("5", "0"):
+        with pytest.raises(SystemExit) as exited:
+            run_in_process(argv + ["--validation_split_percentage", split], entry="cli")
+        assert exited.value.code == (f"error: --tokenizer_name: the tokenizer loaded from {assets['config']} has a "
+                                     f"vocabulary of 1, so it cannot encode text; pass --tokenizer_name with the "
+                                     f"model's tokenizer (a folder with tokenizer.json, or a Hub name)")
+    assert not [path for path in (tmp_path / "cache").rglob("*") if path.is_file()]  # nothing was tokenized
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_a_tokenizer_that_encodes_a_document_to_at_most_one_token_is_refused(assets, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<{i}>": i for i in range(20)}  # every word is unknown: one <0> per document at most
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("\n", "removed")
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<1>", unk_token="<0>").save_pretrained(
+        tmp_path / "tok")
+    argv = tiny_flags(assets, tmp_path / "run", tmp_path / "cache", "--tokenizer_name", tmp_path / "tok")
+    with pytest.raises(SystemExit) as exited:
+        run_in_process(argv, entry="cli")
+    assert exited.value.code == (f"error: --tokenizer_name: the tokenizer loaded from {tmp_path / 'tok'} encodes the "
+                                 f"first 32 documents of {assets['small']} to 32 tokens (at most one per document); "
+                                 f"pass --tokenizer_name with the model's tokenizer")
+
+
+def test_a_second_run_in_the_same_output_dir_is_refused_and_the_first_is_unharmed(assets, tmp_path):
+    output = tmp_path / "run"
+    argv = [sys.executable, str(ROOT / "train_loop.py"),
+            *map(str, tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 40, "--save_steps", 5))]
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.time() + 120
+    while not (output / "metrics.jsonl").exists():
+        assert first.poll() is None and time.time() < deadline, first.stdout.read()[-3000:]
+        time.sleep(0.05)
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert first.poll() is None, "the first run ended before the second was refused: make it longer"
+    assert second.returncode == 1 and "Traceback" not in second.stderr
+    assert re.fullmatch(rf"error: --output_dir {output}: another run is using it \(pid {first.pid} on .+, started "
+                        rf"[\d-]+ [\d:]+\); wait for it to end, or choose another --output_dir",
+                        second.stderr.strip().splitlines()[-1]), second.stderr[-2000:]
+    assert first.wait(timeout=300) == 0, first.stdout.read()[-3000:]
+    train, _ = read_metrics(output)
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    steps = [record["step"] for record in records if "loss" in record]
+    assert steps == sorted(train) == list(range(1, 41))  # each step once, in order
+    assert not (output / LOCK_FILE).exists()  # released at exit
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(assets, tmp_path, capfd):
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / LOCK_FILE).write_text(json.dumps({"host": "gone", "pid": 999999, "started": "2026-01-01 00:00:00"}))
+    run_in_process(tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 2))
+    assert "taking over the lock of a run that is gone (pid 999999 on gone, started 2026-01-01 00:00:00)" in \
+        capfd.readouterr().err
+    assert read_metrics(output)[0].keys() == {1, 2}
+
+
+def test_a_bad_flag_under_the_launcher_prints_our_line_once_and_names_it_as_the_cause(assets, tmp_path):
+    env = launch_env()
+    argv = tiny_flags(assets, tmp_path / "run", tmp_path / "cache", "--max_steps", 0)
+    result = subprocess.run(launch_command("zero2.yaml", 2, argv, ("--main_process_port", env["MASTER_PORT"])),
+                            env=env, capture_output=True, text=True, timeout=300)
+    line = "error: --max_steps or --num_train_epochs must be positive"
+    assert result.returncode == 1
+    assert result.stderr.splitlines().count(line) == 1, result.stderr[-3000:]
+    root_cause = result.stderr.split("Root Cause (first observed failure):")[1]
+    assert f"traceback : {line}" in root_cause and "To enable traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm to the launcher"])
+def test_a_stop_under_the_launcher_saves_and_shows_no_traceback_of_ours(assets, tmp_path, how):
+    """Ctrl-C reaches every process of the terminal's group, and the launcher forwards it once more: the second
+    SIGINT must not be taken for a user's second Ctrl-C. A scheduler that signals only the launcher relies on
+    its forwarding alone."""
+    output = tmp_path / "run"
+    env = launch_env()
+    argv = tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 400, "--save_steps", 1000)
+    process = subprocess.Popen(launch_command("zero2.yaml", 2, argv, ("--main_process_port", env["MASTER_PORT"])),
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while not ((output / "metrics.jsonl").exists() and len((output / "metrics.jsonl").read_text().split()) >= 3):
+        assert process.poll() is None and time.time() < deadline, process.stdout.read()[-3000:]
+        time.sleep(0.02)
+    if how == "ctrl-c":
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.send_signal(signal.SIGTERM)
+    out = process.communicate(timeout=120)[0]
+    name = "SIGINT" if how == "ctrl-c" else "SIGTERM"
+    stopped = [line for line in out.splitlines() if "stopped by" in line]
+    assert len(stopped) == 1 and f"stopped by {name} at step" in stopped[0], out[-3000:]
+    # The launcher's own exit: torch elastic raises SignalException after its workers ended (README: exit code 1).
+    assert process.returncode == 1
+    assert out.count("Traceback (most recent call last)") == 1 and out.rstrip().endswith(
+        f"SignalException: Process {process.pid} got signal: {signal.Signals[name].value}"), out[-3000:]
+    assert "KeyboardInterrupt" not in out
+    checkpoint = next(output.glob("checkpoint-*"))
+    assert len(list(checkpoint.rglob("*optim_states.pt"))) == 2
+
+
+def test_the_readme_debugging_section_works_right_after_the_quickstart(tmp_path):
+    """The quickstart leaves a 2-process ZeRO-2 checkpoint in output/demo; the debugger line must not trip on it."""
+    import shutil
+
+    for name in ("train_loop.py", "data_utils.py", "pretrain", "ds_config_zero2.json", "accelerate_configs",
+                 "README.md"):
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, tmp_path / name)
+    env = dict(launch_env(), PRETRAIN_LOOP_CACHE=str(tmp_path / "cache"))
+    subprocess.run(launch_command("zero2.yaml", 2, ["--max_steps", "2", "--report_to", "none"],
+                                  ("--main_process_port", env["MASTER_PORT"])),
+                   cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    assert (tmp_path / "output" / "demo" / "checkpoint-2").is_dir()
+    readme = (tmp_path / "README.md").read_text()
+    command = re.search(r"^(python -m pdb train_loop\.py [^#\n]*?)\s+#", readme, re.M).group(1).split()
+    pdb_lines = [line.strip() for line in re.findall(r"^\(Pdb\) ([^#\n]*)", readme, re.M)] + ["q"]
+    result = subprocess.run([sys.executable, *command[1:]], cwd=tmp_path, env=env, text=True, timeout=300,
+                            input="\n".join(pdb_lines) + "\n", capture_output=True)
+    assert "torch.Size([8, 128])" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "error:" not in result.stderr and "NameError" not in result.stdout
+
+
+def test_a_changed_schedule_is_said_on_resume(assets, tmp_path, capfd):
+    output = tmp_path / "run"
+    argv = tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 6)
+    run_in_process(argv)
+    capfd.readouterr()
+    run_in_process(argv[:-2] + ["--max_steps", "10"])
+    expected = cosine_lr(6, 3e-3, 3, 10)
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "schedule changed" in line]
+    assert len(warnings) == 1 and warnings[0].endswith(
+        f"the learning-rate schedule changed since the checkpoint (total_steps 6 -> 10): at step 6 the learning "
+        f"rate was 0 and is now {expected:.4g}")
+    train, _ = read_metrics(output)
+    assert train[7]["lr"] == pytest.approx(cosine_lr(7, 3e-3, 3, 10), abs=1e-12)
+    capfd.readouterr()
+    run_in_process(argv[:-2] + ["--max_steps", "12"])  # the same schedule shape again: only total_steps changes
+    assert "schedule changed" in capfd.readouterr().err
+    run_in_process(argv[:-2] + ["--max_steps", "12"])  # unchanged: nothing said
+    assert "schedule changed" not in capfd.readouterr().err
+
+
+def test_help_shows_each_default_once_and_flag_prefixes_are_refused(assets, tmp_path):
+    help_text = subprocess.run([sys.executable, str(ROOT / "train_loop.py"), "--help"], capture_output=True,
+                               text=True, timeout=60).stdout
+    assert "(default: the model's or config's own)." in help_text
+    assert "(default: None)" not in help_text and "(default: 8)" in help_text
+    with pytest.raises(SystemExit) as exited:
+        run_in_process(tiny_flags(assets, tmp_path / "run", tmp_path / "cache", "--max_steps", 4, "--max_step", 5),
+                       entry="cli")
+    assert exited.value.code == "error: unknown argument(s): --max_step 5; see python train_loop.py --help"
+    cli = subprocess.run([sys.executable, str(ROOT / "data_utils.py"), "--tokenizer_name", str(assets["tokenizer"]),
+                          "--train_files", str(assets["tiny"])], capture_output=True, text=True, timeout=60)
+    assert cli.stderr.strip().splitlines()[-1] == ("error: --block_size is required: the tokens per training block; "
+                                                   "pass the training run's value, e.g. --block_size 2048")
+    assert "dataloader" not in subprocess.run([sys.executable, str(ROOT / "data_utils.py"), "--help"],
+                                              capture_output=True, text=True, timeout=60).stdout
