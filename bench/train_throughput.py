@@ -23,6 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
 import data_utils  # noqa: E402
 
 
@@ -124,30 +127,46 @@ def run_bare(spec: dict) -> list[float]:
     return times
 
 
+class BlockDataset(torch.utils.data.Dataset):
+    """Packed blocks as the Trainer takes them: input_ids and labels (the model shifts them)."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def __getitem__(self, index):
+        ids = torch.from_numpy(self.blocks[index].astype("int64"))
+        return {"input_ids": ids, "labels": ids}
+
+
+class StepTimes(TrainerCallback):
+    """Each Trainer step's seconds (the device synchronised at both ends) and the last logged loss."""
+
+    def __init__(self):
+        self.times, self.start, self.loss = [], None, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        synchronize()
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        synchronize()
+        self.times.append(time.perf_counter() - self.start)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.loss = (logs or {}).get("loss", self.loss)
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def run_trainer(spec: dict) -> list[float]:
     """transformers.Trainer, as the reference chapter uses it."""
-    import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    blocks = packed_blocks(spec)
-
-    class Blocks(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(blocks)
-
-        def __getitem__(self, index):
-            ids = torch.from_numpy(blocks[index].astype("int64"))
-            return {"input_ids": ids, "labels": ids}
-
-    class StepTimes(TrainerCallback):
-        def __init__(self):
-            self.times, self.start = [], None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self.start)
+    from transformers import Trainer, TrainingArguments
 
     timer = StepTimes()
     arguments = TrainingArguments(output_dir=str(Path(spec["work"]) / "trainer_out"),
@@ -156,7 +175,8 @@ def run_trainer(spec: dict) -> list[float]:
                                   adam_beta2=0.95, logging_steps=1, save_strategy="no", report_to=[],
                                   optim="adamw_torch_fused", use_cpu=True, dataloader_num_workers=0,
                                   disable_tqdm=True, seed=42)
-    Trainer(model=fresh_model(spec), args=arguments, train_dataset=Blocks(), callbacks=[timer]).train()
+    Trainer(model=fresh_model(spec), args=arguments, train_dataset=BlockDataset(packed_blocks(spec)),
+            callbacks=[timer]).train()
     return timer.times
 
 

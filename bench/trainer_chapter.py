@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from train_throughput import BlockDataset, StepTimes  # noqa: E402
 
 from pretrain.metrics import flops_per_token  # noqa: E402
 
@@ -38,13 +39,8 @@ CHAPTER_DS_CONFIG = {  # the chapter's ds_config_zero2.json
 }
 
 
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def main() -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -59,29 +55,6 @@ def main() -> None:
 
     blocks = np.load(options.cache_blocks, mmap_mode="r")
 
-    class Blocks(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(blocks)
-
-        def __getitem__(self, index):
-            ids = torch.from_numpy(blocks[index].astype("int64"))
-            return {"input_ids": ids, "labels": ids}
-
-    class StepTimes(TrainerCallback):
-        def __init__(self):
-            self.times, self.start, self.loss = [], None, None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            synchronize()
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            synchronize()
-            self.times.append(time.perf_counter() - self.start)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            self.loss = (logs or {}).get("loss", self.loss)
-
     work = Path(options.work)
     work.mkdir(parents=True, exist_ok=True)
     (work / "ds_config_chapter.json").write_text(json.dumps(CHAPTER_DS_CONFIG))
@@ -95,7 +68,7 @@ def main() -> None:
         max_steps=options.steps, learning_rate=1e-4, warmup_steps=200, weight_decay=0.01, bf16=True,
         gradient_checkpointing=True, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
         deepspeed=str(work / "ds_config_chapter.json"), seed=12, dataloader_num_workers=0)
-    Trainer(model=model, args=arguments, train_dataset=Blocks(), callbacks=[timer]).train()
+    Trainer(model=model, args=arguments, train_dataset=BlockDataset(blocks), callbacks=[timer]).train()
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         step_s = float(np.median(timer.times[options.warmup:]))
         tokens_per_s = options.micro_batch * seq / step_s

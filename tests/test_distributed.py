@@ -3,6 +3,7 @@
 The same global batch of 8 blocks per step must give the same losses and learning rates whatever the layout.
 """
 
+import json
 import shutil
 import subprocess
 import sys
@@ -280,31 +281,31 @@ def resume_elsewhere(checkpoint, folder):
     return folder
 
 
+def reshard(assets, cache, straight, config, processes, micro, accumulation, work):
+    """Resume the straight run's step-6 checkpoint with another process count and the same global batch of 8."""
+    resumed = resume_elsewhere(straight / "checkpoint-6", work / f"{straight.name}_on_{processes}")
+    result = launch(config, processes, flags(assets, resumed, cache, micro, accumulation, "--save_steps", 6))
+    saved_with = json.loads((straight / "checkpoint-6" / "trainer_state.json").read_text())["num_processes"]
+    assert f"resumed from {resumed / 'checkpoint-6'} at step 6 (epoch 0, step 6), resharded from {saved_with} to " \
+           f"{processes} processes" in result.stderr
+    assert_resumed_exactly(resumed, straight, work)
+    return result
+
+
 def test_zero2_resumes_on_fewer_and_on_more_processes_exactly(assets, runs, tmp_path):
     """2 -> 1 process (micro-batch 2 x accumulation 2 x 2 processes = 2 x 4 x 1: the same global batch), and
     1 -> 2, each from the checkpoint at step 6 of a 12-step run, against that run's steps 7-12."""
-    down = resume_elsewhere(runs / "zero2" / "checkpoint-6", tmp_path / "down")
-    result = launch("zero2.yaml", 1, flags(assets, down, runs / "cache", 2, 4, "--save_steps", 6))
+    result = reshard(assets, runs / "cache", runs / "zero2", "zero2.yaml", 1, 2, 4, tmp_path)
     assert "converted checkpoint-6 to DeepSpeed's universal format" in result.stderr
-    assert f"resumed from {down / 'checkpoint-6'} at step 6 (epoch 0, step 6), resharded from 2 to 1 processes" \
-        in result.stderr
-    assert_resumed_exactly(down, runs / "zero2", tmp_path)
-
     one = tmp_path / "one_process"
     launch("zero2.yaml", 1, flags(assets, one, runs / "cache", 2, 4, "--save_steps", 6))
-    up = resume_elsewhere(one / "checkpoint-6", tmp_path / "up")
-    result = launch("zero2.yaml", 2, flags(assets, up, runs / "cache", 2, 2, "--save_steps", 6))
-    assert "resharded from 1 to 2 processes" in result.stderr
-    assert_resumed_exactly(up, one, tmp_path)
+    reshard(assets, runs / "cache", one, "zero2.yaml", 2, 2, 2, tmp_path)
 
 
 def test_zero3_resumes_on_fewer_processes(assets, runs, tmp_path):
     straight = tmp_path / "zero3"
     launch("zero3.yaml", 2, flags(assets, straight, runs / "cache", 2, 2, "--save_steps", 6))
-    down = resume_elsewhere(straight / "checkpoint-6", tmp_path / "down")
-    result = launch("zero3.yaml", 1, flags(assets, down, runs / "cache", 2, 4, "--save_steps", 6))
-    assert "resharded from 2 to 1 processes" in result.stderr
-    assert_resumed_exactly(down, straight, tmp_path)
+    reshard(assets, runs / "cache", straight, "zero3.yaml", 1, 2, 4, tmp_path)
 
 
 def test_the_universal_conversion_is_reused_and_a_damaged_one_redone(assets, runs, tmp_path):
