@@ -1,25 +1,23 @@
 """Text corpora into packed, cached token blocks for causal-LM pretraining.
 
-The pipeline is a chain of small functions, each testable on its own:
+    resolve_files -> pieces (byte ranges, row groups) -> worker processes tokenize each piece into a shard file
+    (EOS after each document; validation documents held out by a seeded hash) -> shards copied into one
+    memory-mapped array of blocks -> cache -> DataLoaders
 
-    resolve_files -> iter_documents -> tokenize_documents -> split_documents -> pack_blocks -> cache
-
-Only token ids are stored (uint16 when the vocabulary allows it): no attention mask, no labels.
-Every document is followed by the tokenizer's EOS id so that documents never run into each other.
+Only token ids are stored (uint16 when the vocabulary allows it): no attention mask, no labels. Memory stays
+bounded whatever the corpus size; a build killed half-way resumes from its finished pieces; every rank of a launch
+helps build and waits by watching the cache folder. The reading lives in pretrain/corpus_files.py, the build in
+pretrain/corpus_build.py and the folder sharing in pretrain/cache_claims.py; this module is the entry point.
 
 Run on its own to build the cache before a GPU job:
 
     python data_utils.py --train_files "data/*.jsonl.gz" --tokenizer_name Qwen/Qwen2.5-1.5B --block_size 2048
 """
-
 from __future__ import annotations
 
 import argparse
-import glob
-import gzip
 import hashlib
 import itertools
-import io
 import json
 import logging
 import os
@@ -30,21 +28,19 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-SUPPORTED_FORMATS = ".jsonl, .json, .txt (each optionally .gz) and .parquet"
-CACHE_FORMAT_VERSION = 1
-DOCUMENTS_PER_TOKENIZER_BATCH = 2048
+from pretrain import corpus_build
+from pretrain.cache_claims import main_reports_first
+from pretrain.corpus_files import SUPPORTED_FORMATS, DataError, iter_documents, plan_pieces, resolve_files  # noqa
+
+CACHE_FORMAT_VERSION = 2  # 2: streamed build, validation documents chosen by a seeded hash of their position
 DEFAULT_CACHE_ROOT = Path(os.environ.get("PRETRAIN_LOOP_CACHE", Path.home() / ".cache" / "pretrain_loop"))
 
 logger = logging.getLogger("data_utils")
-
-
-class DataError(ValueError):
-    """Bad input data: the message is one line that names the file or flag and says what to do."""
 
 
 @dataclass
@@ -67,125 +63,12 @@ class DataArguments:
         "help": "Tokens per training block (sequence length). Training default: min(2048, the model's "
                 "max_position_embeddings); required by `python data_utils.py`."})
     preprocessing_num_workers: int | None = field(
-        default=None, metadata={"help": "Threads for tokenization (default: all cores)."},
+        default=None, metadata={"help": "Tokenizing processes, each single-threaded (default: the cores, divided "
+                                       "among the processes of a launch on this machine)."},
     )
     data_cache_dir: str | None = field(
         default=None, metadata={"help": f"Where packed datasets are cached (default: {DEFAULT_CACHE_ROOT}/data)."},
     )
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Reading
-# ----------------------------------------------------------------------------------------------------------------------
-
-def resolve_files(patterns: Iterable[str], flag: str = "--train_files") -> list[Path]:
-    """Expand paths and glob patterns, in the given order; each pattern must match at least one file."""
-    files: list[Path] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-        matches = [m for m in matches if os.path.isfile(m)]
-        if not matches:
-            hint = f"pass a glob such as '{pattern.rstrip('/')}/*.jsonl'" if os.path.isdir(pattern) else \
-                "check the path or quote the glob pattern"
-            raise DataError(f"{flag}: '{pattern}' matches no file; {hint}")
-        for match in matches:
-            _file_format(Path(match))  # fail early on an unknown extension
-            files.append(Path(match).resolve())
-    return files
-
-
-def _file_format(path: Path) -> str:
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        name = name[:-3]
-    for fmt in ("jsonl", "json", "txt", "parquet"):
-        if name.endswith("." + fmt):
-            return fmt
-    raise DataError(f"{path}: unknown format; supported formats are {SUPPORTED_FORMATS}")
-
-
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.name.lower().endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def _text_of(record: Any, text_column: str, where: str) -> Any:
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object with a '{text_column}' field, found {type(record).__name__}")
-    if text_column not in record:
-        raise DataError(f"{where}: no '{text_column}' field (found: {', '.join(map(str, record)) or 'none'}); "
-                        f"pass --text_column with one of them")
-    return record[text_column]
-
-
-def _iter_jsonl(path: Path, text_column: str) -> Iterator[Any]:
-    with _open_text(path) as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{line_number}: malformed JSON ({error.msg}); fix or remove that line") from None
-            yield _text_of(record, text_column, f"{path}:{line_number}")
-
-
-def _iter_json(path: Path, text_column: str) -> Iterator[Any]:
-    with _open_text(path) as handle:
-        content = handle.read()
-    try:
-        data = json.loads(content)
-    except json.JSONDecodeError as error:
-        if error.msg == "Extra data":  # several JSON values: JSON Lines stored under a .json name
-            yield from _iter_jsonl(path, text_column)
-            return
-        raise DataError(f"{path}:{error.lineno}: malformed JSON ({error.msg}); fix the file") from None
-    if isinstance(data, dict):
-        lists = [value for value in data.values() if isinstance(value, list)]
-        if text_column in data or len(lists) != 1:
-            data = [data]
-        else:
-            data = lists[0]
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON array of objects or JSON Lines; convert the file")
-    for index, record in enumerate(data):
-        yield _text_of(record, text_column, f"{path}: record {index}")
-
-
-def _iter_txt(path: Path, text_column: str) -> Iterator[Any]:
-    with _open_text(path) as handle:
-        for line in handle:
-            yield line.rstrip("\r\n")
-
-
-def _iter_parquet(path: Path, text_column: str) -> Iterator[Any]:
-    import pyarrow.parquet as pq
-
-    parquet_file = pq.ParquetFile(path)
-    columns = parquet_file.schema_arrow.names
-    if text_column not in columns:
-        raise DataError(f"{path}: no '{text_column}' column (found: {', '.join(columns)}); "
-                        f"pass --text_column with one of them")
-    for batch in parquet_file.iter_batches(columns=[text_column], batch_size=DOCUMENTS_PER_TOKENIZER_BATCH):
-        yield from batch.column(0).to_pylist()
-
-
-_READERS = {"jsonl": _iter_jsonl, "json": _iter_json, "txt": _iter_txt, "parquet": _iter_parquet}
-
-
-def iter_documents(path: Path, text_column: str = "text") -> Iterator[Any]:
-    """Yield the raw text value of every record of one file, in file order (None or non-strings included)."""
-    try:
-        yield from _READERS[_file_format(path)](path, text_column)
-    except DataError:
-        raise
-    except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as error:
-        raise DataError(f"{path}: cannot be read ({type(error).__name__}: {error}); check the file") from None
-    except Exception as error:  # pyarrow raises its own types for corrupt files
-        if type(error).__module__.startswith("pyarrow"):
-            raise DataError(f"{path}: cannot be read as Parquet ({error}); check the file") from None
-        raise
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -228,14 +111,6 @@ def check_tokenizer_encodes(tokenizer: Any, files: list[Path], text_column: str,
                         f"tokenizer")
 
 
-@dataclass
-class TokenizedCorpus:
-    """All documents' ids, each followed by EOS, concatenated; plus each document's length (EOS included)."""
-    ids: np.ndarray
-    document_lengths: np.ndarray
-    skipped_documents: int
-
-
 def join_with_eos(documents: list[list[int]], eos: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate token-id lists with one EOS after each; returns (ids, each document's length with its EOS)."""
     pieces = [np.asarray(document, dtype=dtype) for document in documents]
@@ -243,60 +118,6 @@ def join_with_eos(documents: list[list[int]], eos: int, dtype: np.dtype) -> tupl
     # inserted before the first token of the next document, and after the last one
     ids = np.insert(np.concatenate(pieces), np.cumsum(lengths), eos).astype(dtype, copy=False)
     return ids, lengths + 1
-
-
-def tokenize_documents(texts: Iterable[Any], tokenizer: Any, *, description: str = "tokenizing") -> TokenizedCorpus:
-    """Tokenize with the fast tokenizer's parallel batch encoder and append EOS after each document.
-
-    Empty, null and non-string documents are skipped and counted.
-    """
-    from tqdm.auto import tqdm
-
-    eos = eos_token_id(tokenizer)
-    dtype = token_dtype(len(tokenizer))
-    backend = tokenizer.backend_tokenizer
-    id_chunks: list[np.ndarray] = []
-    length_chunks: list[np.ndarray] = []
-    skipped = 0
-    batch: list[str] = []
-
-    def flush() -> None:
-        encodings = backend.encode_batch_fast(batch, add_special_tokens=False)
-        ids, lengths = join_with_eos([encoding.ids for encoding in encodings], eos, dtype)
-        id_chunks.append(ids)
-        length_chunks.append(lengths)
-        batch.clear()
-
-    progress = tqdm(desc=description, unit=" docs", disable=None, mininterval=1.0)
-    for text in texts:
-        if not isinstance(text, str) or not text:
-            skipped += 1
-            continue
-        batch.append(text)
-        if len(batch) == DOCUMENTS_PER_TOKENIZER_BATCH:
-            progress.update(len(batch))
-            flush()
-    if batch:
-        progress.update(len(batch))
-        flush()
-    progress.close()
-    ids = np.concatenate(id_chunks) if id_chunks else np.empty(0, dtype=dtype)
-    lengths = np.concatenate(length_chunks) if length_chunks else np.empty(0, dtype=np.int64)
-    return TokenizedCorpus(ids, lengths, skipped)
-
-
-def split_documents(corpus: TokenizedCorpus, validation_percentage: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out whole documents for validation, chosen by the seed; both parts keep corpus order."""
-    n_docs = len(corpus.document_lengths)
-    n_validation = max(1, round(n_docs * validation_percentage / 100))
-    if n_validation >= n_docs:
-        raise DataError(f"--validation_split_percentage {validation_percentage}: would hold out all {n_docs} documents;"
-                        f" lower it or pass --validation_files")
-    chosen = np.random.default_rng(seed).permutation(n_docs)[:n_validation]
-    is_validation_doc = np.zeros(n_docs, dtype=bool)
-    is_validation_doc[chosen] = True
-    is_validation_token = np.repeat(is_validation_doc, corpus.document_lengths)
-    return corpus.ids[~is_validation_token], corpus.ids[is_validation_token]
 
 
 def pack_blocks(ids: np.ndarray, block_size: int) -> tuple[np.ndarray, int]:
@@ -386,105 +207,114 @@ def unwritable(folder: Path) -> str | None:
     return None
 
 
-def _write_cache(directory: Path, data: PackedData) -> None:
-    """Write into a temporary folder and rename it, so a reader never sees a half-written cache."""
-    temporary = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    np.save(temporary / "train.npy", np.ascontiguousarray(data.train))
-    if data.validation is not None:
-        np.save(temporary / "validation.npy", np.ascontiguousarray(data.validation))
-    (temporary / "meta.json").write_text(json.dumps(data.stats, indent=1))
-    try:
-        os.rename(temporary, directory)
-    except OSError:  # another process finished first: its cache is identical
-        shutil.rmtree(temporary, ignore_errors=True)
+def default_workers() -> int:
+    """The cores this process may use, divided among the processes that a launch started on this machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def _tokenize_files(files: list[Path], tokenizer: Any, text_column: str, flag: str) -> TokenizedCorpus:
-    texts = (text for path in files for text in iter_documents(path, text_column))
-    corpus = tokenize_documents(texts, tokenizer, description=f"tokenizing {flag.lstrip('-')}")
-    if len(corpus.document_lengths) == 0:
-        found = f"{corpus.skipped_documents} empty, null or non-string" if corpus.skipped_documents else "no"
+def _no_usable_text(flag: str, files: list[Path], documents: int, skipped: int) -> None:
+    if documents == 0:
+        found = f"{skipped} empty, null or non-string" if skipped else "no"
         raise DataError(f"{flag}: {', '.join(map(str, files))} hold {found} documents and no usable text; "
                         f"check the files and --text_column")
-    return corpus
 
 
-def _packed_or_error(ids: np.ndarray, block_size: int, flag: str) -> tuple[np.ndarray, int]:
-    blocks, dropped = pack_blocks(ids, block_size)
-    if len(blocks) == 0:
-        raise DataError(f"{flag}: the corpus has {len(ids)} tokens, fewer than one block of --block_size {block_size};"
+def _at_least_one_block(tokens: int, block_size: int, flag: str) -> None:
+    if tokens < block_size:
+        raise DataError(f"{flag}: the corpus has {tokens} tokens, fewer than one block of --block_size {block_size};"
                         f" add text or lower --block_size")
-    return blocks, dropped
 
 
-def set_tokenizer_threads(num_workers: int | None) -> None:
-    """Size the Rust tokenizer's thread pool (it is read once, at the first parallel encode)."""
-    if num_workers:
-        os.environ["RAYON_RS_NUM_CPUS"] = str(num_workers)
-        os.environ["RAYON_NUM_THREADS"] = str(num_workers)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+def _stats_of(parts: dict[str, list[Path]], plan: dict[str, Any], counts: list[dict[str, Any]],
+              args: DataArguments, directory: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """The cache's stats and its arrays' block counts, from the pieces' counts; a DataError for what cannot be
+    packed. Every process computes the same from the same files, so every rank raises the same line."""
+    def total(part: str, field_name: str) -> int:
+        return sum(count[field_name] for piece, count in zip(plan["pieces"], counts) if piece["part"] == part)
+
+    block_size = args.block_size
+    _no_usable_text("--train_files", parts["train"], total("train", "documents"), total("train", "skipped"))
+    if "validation" in parts:
+        _no_usable_text("--validation_files", parts["validation"], total("validation", "documents"),
+                        total("validation", "skipped"))
+    train_tokens = total("train", "train_tokens")
+    validation_tokens = total("train", "validation_tokens") + total("validation", "validation_tokens")
+    _at_least_one_block(train_tokens, block_size, "--train_files")
+    shapes = {"train": train_tokens // block_size}
+    if "validation" in parts or plan["validation_percentage"] > 0:
+        flag = "--validation_files" if "validation" in parts else "--validation_split_percentage"
+        _at_least_one_block(validation_tokens, block_size, flag)
+        shapes["validation"] = validation_tokens // block_size
+    stats = {
+        "documents": total("train", "documents"),
+        "tokens": total("train", "tokens"),
+        "blocks": shapes["train"],
+        "validation_blocks": shapes.get("validation", 0),
+        "dropped_tokens": train_tokens % block_size + (validation_tokens % block_size if len(shapes) > 1 else 0),
+        "skipped_documents": total("train", "skipped"),
+        "dtype": plan["dtype"],
+        "block_size": block_size,
+        "cache_dir": str(directory),
+        "shards": len(counts),
+    }
+    return stats, shapes
 
 
-def prepare_data(args: DataArguments, tokenizer: Any, seed: int = 42) -> PackedData:
-    """Load the packed blocks from the cache, or build and cache them."""
+def prepare_data(args: DataArguments, tokenizer: Any, seed: int = 42, show_progress: bool = True) -> PackedData:
+    """Load the packed blocks from the cache, or build them (with any other process building the same cache) and
+    cache them. `show_progress`: the bar over the input's bytes (the main process of a launch). A DataError is
+    raised by every rank of a launch, the machine's first rank no later than the others."""
+    try:
+        return _prepare_data(args, tokenizer, seed, show_progress)
+    except DataError as error:
+        main_reports_first(str(error))
+        raise
+
+
+def _prepare_data(args: DataArguments, tokenizer: Any, seed: int, show_progress: bool) -> PackedData:
     start = time.perf_counter()
     if args.block_size is None or args.block_size < 2:
         raise DataError(f"--block_size {args.block_size}: must be at least 2")
     if not 0 <= args.validation_split_percentage < 100:
         raise DataError(f"--validation_split_percentage {args.validation_split_percentage}: must be in [0, 100)")
-    eos_token_id(tokenizer)
+    eos = eos_token_id(tokenizer)
     train_files = resolve_files(args.train_files or [], "--train_files")
     if not train_files:
         raise DataError("--train_files: no training files given")
     validation_files = resolve_files(args.validation_files, "--validation_files") if args.validation_files else None
 
-    cache_root = Path(args.data_cache_dir or DEFAULT_CACHE_ROOT / "data").expanduser()
+    cache_root = Path(args.data_cache_dir or DEFAULT_CACHE_ROOT / "data").expanduser().absolute()  # workers: cwd ROOT
     directory = cache_root / cache_key(train_files, validation_files, args, tokenizer, seed)
     cached = _load_cache(directory)
     if cached is not None:
-        cached.stats.update(cache_hit=True, seconds=round(time.perf_counter() - start, 3))
+        cached.stats.update(cache_hit=True, seconds=round(time.perf_counter() - start, 3), tokens_per_s=None,
+                            peak_rss_gb=corpus_build.peak_rss_gb(0))
         return cached
     problem = unwritable(cache_root)  # checked before hours of tokenizing, not after
     if problem:
         raise DataError(f"--data_cache_dir {cache_root}: cannot write there ({problem}); pass a writable "
                         f"--data_cache_dir")
 
-    set_tokenizer_threads(args.preprocessing_num_workers)  # before the first encode, which starts the thread pool
     check_tokenizer_encodes(tokenizer, train_files, args.text_column)
-    corpus = _tokenize_files(train_files, tokenizer, args.text_column, "--train_files")
-    skipped = corpus.skipped_documents
-    documents = len(corpus.document_lengths)
-    total_tokens = len(corpus.ids)
-    validation_ids = None
-    train_ids = corpus.ids
-    if validation_files:
-        validation_corpus = _tokenize_files(validation_files, tokenizer, args.text_column, "--validation_files")
-        validation_ids = validation_corpus.ids
-    elif args.validation_split_percentage > 0:
-        train_ids, validation_ids = split_documents(corpus, args.validation_split_percentage, seed)
-    del corpus
-
-    train_blocks, dropped = _packed_or_error(train_ids, args.block_size, "--train_files")
-    validation_blocks, validation_dropped = None, 0
-    if validation_ids is not None:
-        flag = "--validation_files" if validation_files else "--validation_split_percentage"
-        validation_blocks, validation_dropped = _packed_or_error(validation_ids, args.block_size, flag)
-    stats = {
-        "documents": documents,
-        "tokens": total_tokens,
-        "blocks": len(train_blocks),
-        "validation_blocks": 0 if validation_blocks is None else len(validation_blocks),
-        "dropped_tokens": dropped + validation_dropped,
-        "skipped_documents": skipped,
-        "dtype": str(train_blocks.dtype),
-        "block_size": args.block_size,
-        "cache_dir": str(directory),
-    }
-    packed = PackedData(train_blocks, validation_blocks, stats)
-    _write_cache(directory, packed)
-    stats.update(cache_hit=False, seconds=round(time.perf_counter() - start, 3))
+    parts = {"train": train_files, **({"validation": validation_files} if validation_files else {})}
+    plan = {"pieces": [piece.to_dict() for piece in plan_pieces(parts)], "dtype": str(token_dtype(len(tokenizer))),
+            "eos": eos, "seed": seed, "text_column": args.text_column, "block_size": args.block_size,
+            "validation_percentage": 0.0 if validation_files else args.validation_split_percentage,
+            "final_dir": str(directory)}
+    folder = directory.with_name(directory.name + ".build")
+    workers = args.preprocessing_num_workers or default_workers()
+    built = corpus_build.build(folder, directory, plan, tokenizer.backend_tokenizer.to_str(), workers, show_progress)
+    if not (directory / "meta.json").exists():  # else finished by another process while this one waited
+        stats, shapes = _stats_of(parts, plan, built["pieces"], args, directory)
+        corpus_build.assemble_or_wait(folder, directory, built["pieces"], plan, shapes, stats)
+    packed = _load_cache(directory)
+    if packed is None:
+        raise RuntimeError(f"the data cache {directory} was removed while this process built it; rerun")
+    seconds = time.perf_counter() - start
+    packed.stats.update(cache_hit=False, seconds=round(seconds, 3), shards_reused=built["reused"],
+                        tokens_per_s=round(packed.stats["tokens"] / seconds),
+                        peak_rss_gb=corpus_build.peak_rss_gb(workers))
     return packed
 
 
@@ -535,7 +365,9 @@ class EpochShuffledSampler(torch.utils.data.Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.num_blocks, generator=generator)[: len(self)].tolist())
+        order = torch.randperm(self.num_blocks, generator=generator)[: len(self)]  # 8 bytes per block
+        for chunk in order.split(2**16):  # never a Python list of every block: 5 M of them would take ~200 MB
+            yield from chunk.tolist()
 
 
 def build_train_dataloader(blocks: np.ndarray, micro_batch_size: int, global_batch_blocks: int, seed: int,
@@ -666,6 +498,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data_args, preprocess_args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         error(f"unrecognized arguments: {' '.join(unknown)}")
+    if not logger.handlers:  # the build's progress lines when stderr is not a terminal
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     if data_args.block_size is None:
         error("--block_size is required: the tokens per training block; pass the training run's value, e.g. "
               "--block_size 2048")

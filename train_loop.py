@@ -31,8 +31,8 @@ from pretrain.launch import build_accelerator, create_output_dirs, deepspeed_con
 from pretrain.loading import build_config, load_tokenizer, load_weights, resolve_block_size
 from pretrain.metrics import MetricsLogger, StepTimer, device_peak_tflops, flops_per_token, numel, throughput
 from pretrain.output_lock import hold_output_dir
+from pretrain.run_control import RunControl, ensure_finite, ensure_savable
 from pretrain.speedups import apply_liger_kernel, compile_layers
-from pretrain.run_control import RunControl, ensure_finite, ensure_savable, main_process_first
 
 logger = logging.getLogger("train_loop")
 
@@ -102,11 +102,11 @@ def main(argv: list[str] | None = None) -> str:
 # ======================================================================================================================
 
 def load_data(accelerator, model_args: ModelArguments, data_args: DataArguments, args: TrainArguments):
-    """Tokenizer, model config and the packed blocks (built by the main process, loaded by the others)."""
+    """Tokenizer, config and packed blocks (every rank helps build them, waiting on files, not in a collective)."""
     tokenizer = load_tokenizer(model_args, data_args)
     config = build_config(model_args, tokenizer)
     resolve_block_size(data_args, config)
-    data = main_process_first(accelerator, lambda: data_utils.prepare_data(data_args, tokenizer, seed=args.seed))
+    data = data_utils.prepare_data(data_args, tokenizer, seed=args.seed, show_progress=accelerator.is_main_process)
     logger.info(f"data: {json.dumps(data.stats)}")
     return tokenizer, config, data
 

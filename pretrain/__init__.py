@@ -11,5 +11,8 @@ universal     a ZeRO checkpoint resumed on another world size, through DeepSpeed
 output_lock   one run per output_dir
 metrics       timing, tokens/s, FLOPs and MFU, compiled graphs, metrics.jsonl and the console
 tracking      SwanLab's mode and start
-run_control   stop signals, the profiler, non-finite checks, main-process-first builds
+run_control   stop signals, the profiler, non-finite checks
+corpus_files  corpus formats, pieces of files, bad-input lines (used by data_utils)
+corpus_build  the streamed, crash-safe, multi-process build of the data cache (used by data_utils)
+cache_claims  sharing a build folder between processes with claims and error files
 """

@@ -111,6 +111,9 @@ class TrainArguments:
                                                                     "<output_dir>/swanlog)."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     dataloader_pin_memory: bool = field(default=True, metadata={"help": "Pin host memory of batches (CUDA only)."})
+    ddp_timeout: int = field(default=1800, metadata={
+        "help": "Seconds a collective may wait for another rank before the run fails (the process group's timeout, "
+                "NCCL and gloo, with or without DeepSpeed). The data build waits on files, not here."})
     do_train: bool = field(default=False, metadata={"help": "Accepted for compatibility: this script trains."})
     do_eval: bool = field(default=False, metadata={"help": "Accepted for compatibility: see --eval_strategy."})
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; read from LOCAL_RANK."})

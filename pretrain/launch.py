@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,14 @@ def build_accelerator(args: TrainArguments):
                               MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_local_port()))
     uses_deepspeed = plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     launched = "LOCAL_RANK" in os.environ
-    handlers = []
-    if not torch.cuda.is_available() and launched:
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))  # DeepSpeed/DDP on a CPU-only machine
+    if args.ddp_timeout <= 0:
+        raise UsageError(f"--ddp_timeout {args.ddp_timeout}: must be a positive number of seconds")
+    # The timeout reaches torch.distributed.init_process_group, or deepspeed.comm.init_distributed under DeepSpeed
+    # (whose own default is 10 minutes). Accelerate forwards only values that differ from its class defaults (nccl,
+    # 600 s), so --ddp_timeout 600 means each backend's own default: 600 s, except 1800 s for gloo without DeepSpeed.
+    timeout = timedelta(seconds=args.ddp_timeout)
+    backend = "gloo" if not torch.cuda.is_available() and launched else "nccl"  # gloo: DeepSpeed/DDP on a CPU
+    handlers = [InitProcessGroupKwargs(backend=backend, timeout=timeout)]
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "no",

@@ -1,5 +1,4 @@
-"""Run control: stop signals agreed across ranks, the profiler, non-finite checks before a save, and the main process
-building shared work first.
+"""Run control: stop signals agreed across ranks, the profiler, and non-finite checks before a save.
 
 It owns when a run stops early and why; it must not save or log by itself.
 """
@@ -14,9 +13,8 @@ from pathlib import Path
 
 import torch
 
-from data_utils import DataError
 from pretrain.arguments import TrainArguments
-from pretrain.errors import NonFiniteLoss, UsageError
+from pretrain.errors import NonFiniteLoss
 
 logger = logging.getLogger("train_loop")
 
@@ -117,24 +115,6 @@ def ensure_savable(accelerator, model, loss_sum: torch.Tensor, step: int, args: 
         bad += (~torch.isfinite(parameter.detach())).sum()
     if accelerator.reduce(bad, reduction="sum").item():
         raise non_finite("loss or weights", step, args)
-
-
-def main_process_first(accelerator, build):
-    """build() on the main process, then on the others (which load what it cached). A bad-input error there stops
-    every rank with the same one line, instead of leaving the others to fail on a closed connection."""
-    from accelerate.utils import broadcast_object_list
-
-    result, error = None, [None]
-    if accelerator.is_main_process:
-        try:
-            result = build()
-        except (DataError, UsageError) as caught:
-            error = [caught]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(error)  # also the barrier: the others build only after the main process has
-    if error[0] is not None:
-        raise error[0]
-    return result if accelerator.is_main_process else build()
 
 
 class RunControl:
