@@ -100,7 +100,9 @@ def test_sigkill_at_random_moments_always_resumes_from_a_complete_checkpoint(ass
     for attempt in range(5):
         before = max(logged_steps(output), default=0)
         process = start(argv)
-        wait_for(lambda: max(logged_steps(output), default=0) > before, process)
+        # A new step, and a complete checkpoint to fall back on (a loaded machine may still be writing the first).
+        wait_for(lambda: max(logged_steps(output), default=0) > before and checkpoints.list_checkpoints(output),
+                 process)
         if attempt % 2:  # odd attempts: the moment a save is under way
             wait_for(lambda: any(output.glob("checkpoint-*.tmp")), process)
         else:
