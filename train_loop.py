@@ -197,6 +197,10 @@ def prepare(accelerator, model, optimizer, train_loader, eval_loader, args: Trai
     from accelerate.utils import DummyScheduler
 
     fill_deepspeed_config(accelerator, args)
+    if warmup_steps_of(args, total_steps) >= total_steps and accelerator.is_main_process:
+        logger.warning(f"the warmup ({warmup_steps_of(args, total_steps)} steps) is as long as the run ({total_steps} "
+                       f"steps): the learning rate never reaches --learning_rate nor decays; lower --warmup_steps or "
+                       f"--warmup_ratio, or train longer")
     ds_scheduler = (deepspeed_config(accelerator) or {}).get("scheduler")
     if ds_scheduler is not None:  # the user's DeepSpeed config owns the schedule (the chapter's does)
         if ds_scheduler.get("type") == "WarmupLR":

@@ -181,3 +181,10 @@ def test_help_shows_each_default_once_and_flag_prefixes_are_refused(assets, tmp_
                                                    "pass the training run's value, e.g. --block_size 2048")
     assert "dataloader" not in subprocess.run([sys.executable, str(ROOT / "data_utils.py"), "--help"],
                                               capture_output=True, text=True, timeout=60).stdout
+
+
+def test_a_warmup_as_long_as_the_run_is_said(assets, tmp_path, capfd):
+    run_in_process(tiny_flags(assets, tmp_path / "run", tmp_path / "cache", "--max_steps", 4, "--warmup_steps", 200))
+    assert "the warmup (200 steps) is as long as the run (4 steps): the learning rate never reaches --learning_rate" \
+        in capfd.readouterr().err
+    assert max(record["lr"] for record in read_metrics(tmp_path / "run")[0].values()) < 3e-3 * 4 / 200 + 1e-12
