@@ -50,7 +50,7 @@ def test_a_tokenizer_that_encodes_a_document_to_at_most_one_token_is_refused(ass
 def test_a_second_run_in_the_same_output_dir_is_refused_and_the_first_is_unharmed(assets, tmp_path):
     output = tmp_path / "run"
     argv = [sys.executable, str(ROOT / "train_loop.py"),
-            *map(str, tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 40, "--save_steps", 5))]
+            *map(str, tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 100000, "--save_steps", 5))]
     first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
     deadline = time.time() + 120
@@ -63,11 +63,13 @@ def test_a_second_run_in_the_same_output_dir_is_refused_and_the_first_is_unharme
     assert re.fullmatch(rf"error: --output_dir {output}: another run is using it \(pid {first.pid} on .+, started "
                         rf"[\d-]+ [\d:]+\); wait for it to end, or choose another --output_dir",
                         second.stderr.strip().splitlines()[-1]), second.stderr[-2000:]
+    first.send_signal(signal.SIGTERM)  # it has run well past the second's start: stop it, as a user would
     assert first.wait(timeout=300) == 0, first.stdout.read()[-3000:]
     train, _ = read_metrics(output)
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     steps = [record["step"] for record in records if "loss" in record]
-    assert steps == sorted(train) == list(range(1, 41))  # each step once, in order
+    assert len(steps) > 5 and steps == sorted(train) == list(range(1, len(steps) + 1))  # each step once, in order
+    assert (output / f"checkpoint-{len(steps)}").is_dir()  # the first run's own save at its stop
     assert not (output / LOCK_FILE).exists()  # released at exit
 
 
