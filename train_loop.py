@@ -197,8 +197,9 @@ def prepare(accelerator, model, optimizer, train_loader, eval_loader, args: Trai
     from accelerate.utils import DummyScheduler
 
     fill_deepspeed_config(accelerator, args)
-    if warmup_steps_of(args, total_steps) >= total_steps and accelerator.is_main_process:
-        logger.warning(f"the warmup ({warmup_steps_of(args, total_steps)} steps) is as long as the run ({total_steps} "
+    warmup = warmup_steps_of(args, total_steps)
+    if warmup >= total_steps and accelerator.is_main_process:
+        logger.warning(f"the warmup ({warmup} steps) is as long as the run ({total_steps} "
                        f"steps): the learning rate never reaches --learning_rate nor decays; lower --warmup_steps or "
                        f"--warmup_ratio, or train longer")
     ds_scheduler = (deepspeed_config(accelerator) or {}).get("scheduler")
@@ -206,8 +207,7 @@ def prepare(accelerator, model, optimizer, train_loader, eval_loader, args: Trai
         if ds_scheduler.get("type") == "WarmupLR":
             logger.warning("the DeepSpeed config's WarmupLR warms up and then never decays the learning rate; "
                            "remove its 'scheduler' block to use --lr_scheduler_type")
-        scheduler = DummyScheduler(optimizer, total_num_steps=total_steps,
-                                   warmup_num_steps=warmup_steps_of(args, total_steps))
+        scheduler = DummyScheduler(optimizer, total_num_steps=total_steps, warmup_num_steps=warmup)
         model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     else:
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)

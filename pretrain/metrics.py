@@ -100,7 +100,8 @@ class MetricsLogger:
     def count_graphs(self, record: dict[str, Any]) -> None:
         """Add the graphs torch.compile has made so far; warn once when recompiles pile up.
 
-        Expected: the training graph(s) of the first step, and one more for evaluation (no_grad is a new guard).
+        Expected: the training graph(s) of the first step, and one or two more at the first evaluation (no_grad is a
+        new guard, and a shorter last batch a new shape).
         Beyond twice the first step's graphs and two spare shapes, something changes between steps.
         """
         graphs = record["compiled_graphs"] = compiled_graphs() - self.graphs_before
