@@ -7,7 +7,8 @@
 Only token ids are stored (uint16 when the vocabulary allows it): no attention mask, no labels. Memory stays
 bounded whatever the corpus size; a build killed half-way resumes from its finished pieces; every rank of a launch
 helps build and waits by watching the cache folder. The reading lives in pretrain/corpus_files.py, the build in
-pretrain/corpus_build.py and the folder sharing in pretrain/cache_claims.py; this module is the entry point.
+pretrain/corpus_build.py, the folder sharing in pretrain/cache_claims.py, the cache's key and loading in
+pretrain/corpus_cache.py and the demo corpus in pretrain/demo_corpus.py; this module is the entry point.
 
 Run on its own to build the cache before a GPU job:
 
@@ -15,29 +16,26 @@ Run on its own to build the cache before a GPU job:
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
 import itertools
 import json
 import logging
 import os
-import random
-import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from pretrain import corpus_build
 from pretrain.cache_claims import main_reports_first
+from pretrain.corpus_cache import PackedData, cache_key, load_cache
 from pretrain.corpus_files import SUPPORTED_FORMATS, DataError, iter_documents, plan_pieces, resolve_files  # noqa
+from pretrain.errors import cannot_load
 
-CACHE_FORMAT_VERSION = 2  # 2: streamed build, validation documents chosen by a seeded hash of their position
 DEFAULT_CACHE_ROOT = Path(os.environ.get("PRETRAIN_LOOP_CACHE", Path.home() / ".cache" / "pretrain_loop"))
 
 logger = logging.getLogger("data_utils")
@@ -109,92 +107,6 @@ def check_tokenizer_encodes(tokenizer: Any, files: list[Path], text_column: str,
         raise DataError(f"--tokenizer_name: {where} encodes the first {len(texts)} documents of {files[0]} to "
                         f"{tokens} tokens (at most one per document); pass --tokenizer_name with the model's "
                         f"tokenizer")
-
-
-def join_with_eos(documents: list[list[int]], eos: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate token-id lists with one EOS after each; returns (ids, each document's length with its EOS)."""
-    pieces = [np.asarray(document, dtype=dtype) for document in documents]
-    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
-    # inserted before the first token of the next document, and after the last one
-    ids = np.insert(np.concatenate(pieces), np.cumsum(lengths), eos).astype(dtype, copy=False)
-    return ids, lengths + 1
-
-
-def pack_blocks(ids: np.ndarray, block_size: int) -> tuple[np.ndarray, int]:
-    """Cut the token stream into consecutive blocks; returns (blocks[n, block_size], dropped remainder length)."""
-    n_blocks = len(ids) // block_size
-    return ids[: n_blocks * block_size].reshape(n_blocks, block_size), len(ids) - n_blocks * block_size
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Cache
-# ----------------------------------------------------------------------------------------------------------------------
-
-def _file_fingerprint(path: Path) -> dict[str, Any]:
-    stat = path.stat()
-    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    content = tokenizer.backend_tokenizer.to_str() + json.dumps([len(tokenizer), tokenizer.eos_token_id])
-    return hashlib.sha256(content.encode("utf-8")).hexdigest()
-
-
-def cache_key(train: list[Path], validation: list[Path] | None, args: DataArguments, tokenizer: Any,
-              seed: int) -> str:
-    """A hash of everything that changes the packed result."""
-    description = {
-        "version": CACHE_FORMAT_VERSION,
-        "train": [_file_fingerprint(p) for p in train],
-        "validation": [_file_fingerprint(p) for p in validation] if validation else None,
-        "split": None if validation else {"percentage": args.validation_split_percentage, "seed": seed},
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "block_size": args.block_size,
-        "text_column": args.text_column,
-        "eos_policy": "append-eos-after-every-document",
-    }
-    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
-
-
-@dataclass
-class PackedData:
-    train: np.ndarray  # [n_blocks, block_size], memory-mapped when loaded from the cache
-    validation: np.ndarray | None
-    stats: dict[str, Any]
-
-
-def _load_cache(directory: Path) -> PackedData | None:
-    """The cached blocks, or None when there are none; a damaged cache is removed, to be rebuilt."""
-    meta_path = directory / "meta.json"
-    if not meta_path.exists():
-        return None
-    try:
-        stats = json.loads(meta_path.read_text())
-        validation_path = directory / "validation.npy"
-        data = PackedData(
-            train=np.load(directory / "train.npy", mmap_mode="r"),
-            validation=np.load(validation_path, mmap_mode="r") if validation_path.exists() else None,
-            stats=stats,
-        )
-        if data.train.shape != (stats["blocks"], stats["block_size"]):
-            raise ValueError(f"train.npy has shape {data.train.shape}, meta.json says "
-                             f"{(stats['blocks'], stats['block_size'])}")
-    except (OSError, ValueError, KeyError) as error:
-        logger.warning(f"data cache {directory} is damaged ({error}); rebuilding it")
-        shutil.rmtree(directory, ignore_errors=True)
-        return None
-    return data
-
-
-def first_line(error: BaseException) -> str:
-    """An exception's message cut to its first line, for one-line errors."""
-    text = str(error).strip()
-    return text.splitlines()[0].rstrip(".:") if text else type(error).__name__
-
-
-def cannot_load(flag: str, name: str, error: BaseException) -> str:
-    """The one-line message for a tokenizer, config or model that a Hub name or path did not give."""
-    return f"{flag} {name}: cannot be loaded ({first_line(error)}); check the name, the path or the network"
 
 
 def unwritable(folder: Path) -> str | None:
@@ -285,8 +197,9 @@ def _prepare_data(args: DataArguments, tokenizer: Any, seed: int, show_progress:
     validation_files = resolve_files(args.validation_files, "--validation_files") if args.validation_files else None
 
     cache_root = Path(args.data_cache_dir or DEFAULT_CACHE_ROOT / "data").expanduser().absolute()  # workers: cwd ROOT
-    directory = cache_root / cache_key(train_files, validation_files, args, tokenizer, seed)
-    cached = _load_cache(directory)
+    directory = cache_root / cache_key(train_files, validation_files, args.validation_split_percentage,
+                                       args.block_size, args.text_column, tokenizer, seed)
+    cached = load_cache(directory)
     if cached is not None:
         cached.stats.update(cache_hit=True, seconds=round(time.perf_counter() - start, 3), tokens_per_s=None,
                             peak_rss_gb=corpus_build.peak_rss_gb(0))
@@ -308,7 +221,7 @@ def _prepare_data(args: DataArguments, tokenizer: Any, seed: int, show_progress:
     if not (directory / "meta.json").exists():  # else finished by another process while this one waited
         stats, shapes = _stats_of(parts, plan, built["pieces"], args, directory)
         corpus_build.assemble_or_wait(folder, directory, built["pieces"], plan, shapes, stats)
-    packed = _load_cache(directory)
+    packed = load_cache(directory)
     if packed is None:
         raise RuntimeError(f"the data cache {directory} was removed while this process built it; rerun")
     seconds = time.perf_counter() - start
@@ -394,71 +307,6 @@ def build_eval_dataloader(blocks: np.ndarray, batch_size: int, num_workers: int 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Built-in demo: a generated corpus with learnable structure and a byte-level BPE tokenizer trained on it
-# ----------------------------------------------------------------------------------------------------------------------
-
-_NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy"]
-_THINGS = ["apples", "books", "coins", "lamps", "maps", "pens", "rocks", "shells", "stamps", "tickets"]
-_PLACES = ["the park", "the market", "the library", "the harbor", "the garden", "the station"]
-
-
-def _demo_document(rng: random.Random) -> str:
-    """A short story whose numbers and names follow rules a small model can learn."""
-    name, other = rng.sample(_NAMES, 2)
-    thing = rng.choice(_THINGS)
-    have, more = rng.randint(1, 9), rng.randint(1, 9)
-    start = rng.randint(1, 20)
-    counting = " ".join(str(n) for n in range(start, start + rng.randint(4, 8)))
-    return (f"{name} went to {rng.choice(_PLACES)} with {have} {thing}. "
-            f"{other} gave {name} {more} more {thing}. "
-            f"now {name} has {have + more} {thing}. "
-            f"{name} counted: {counting}.")
-
-
-def write_demo_corpus(path: Path, documents: int = 6000, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        for _ in range(documents):
-            handle.write(json.dumps({"text": _demo_document(rng)}) + "\n")
-    os.replace(temporary, path)
-    return path
-
-
-def train_demo_tokenizer(corpus: Path, output_dir: Path, vocab_size: int = 512) -> Path:
-    """Train a Qwen2-style byte-level BPE tokenizer (EOS <|endoftext|>) on the corpus and save it.
-
-    It is a Qwen2Tokenizer, so that AutoTokenizer rebuilds the very same pipeline from a saved Qwen2 model folder.
-    """
-    from tokenizers import pre_tokenizers
-    from transformers import Qwen2Tokenizer
-
-    texts = (json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines())
-    tokenizer = Qwen2Tokenizer().train_new_from_iterator(
-        texts, vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    temporary = output_dir.with_name(output_dir.name + f".tmp-{os.getpid()}")
-    tokenizer.save_pretrained(temporary)
-    try:
-        os.rename(temporary, output_dir)
-    except OSError:
-        shutil.rmtree(temporary, ignore_errors=True)
-    return output_dir
-
-
-def ensure_demo_assets(root: Path | None = None) -> tuple[Path, Path]:
-    """The demo corpus and tokenizer, generated once and cached: returns (corpus path, tokenizer dir)."""
-    root = (root or DEFAULT_CACHE_ROOT / "demo").expanduser()
-    corpus = root / "demo_corpus.jsonl"
-    tokenizer_dir = root / "tokenizer"
-    if not corpus.exists():
-        write_demo_corpus(corpus)
-    if not (tokenizer_dir / "tokenizer.json").exists():
-        train_demo_tokenizer(corpus, tokenizer_dir)
-    return corpus, tokenizer_dir
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Command line: preprocess on its own
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -469,27 +317,10 @@ class PreprocessArguments:
     seed: int = field(default=42, metadata={"help": "Seed of the validation split (use the training run's seed)."})
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with each default shown once: not where the help text already says it, nor when it is None."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if "default" in (action.help or "") or action.default is None:
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
-def argument_parser(dataclass_types: tuple, error: Callable[[str], Any]):
-    """HfArgumentParser without prefix matching (--max_step would silently set --max_steps) and with one-line
-    errors: `error(message)` must raise or exit."""
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(dataclass_types, allow_abbrev=False, formatter_class=HelpFormatter)
-    parser.error = error  # one line, no usage dump
-    return parser
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transformers import AutoTokenizer
+
+    from pretrain.arguments import argument_parser
 
     def error(message: str) -> None:
         sys.exit(f"error: {message}")

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 
 import data_utils
-from data_utils import DataArguments, DataError, first_line
+from data_utils import DataArguments, DataError
 from pretrain.arguments import ModelArguments, TrainArguments, is_demo, parse_args
 from pretrain.checkpoints import TrainState, choose_checkpoint, launch_state, resume, save_checkpoint, \
     save_final_model
 from pretrain.chunked_loss import block_losses_in_chunks, compute_loss_in_chunks
-from pretrain.errors import SEEN_BY_EVERY_RANK, CheckpointError, NonFiniteLoss, UsageError, exit_with
+from pretrain.errors import SEEN_BY_EVERY_RANK, CheckpointError, NonFiniteLoss, UsageError, exit_with, first_line
 from pretrain.launch import build_accelerator, create_output_dirs, deepspeed_config, fill_deepspeed_config, \
     zero_stage_of
 from pretrain.loading import build_config, load_tokenizer, load_weights, resolve_block_size

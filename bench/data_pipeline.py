@@ -8,7 +8,7 @@ Python lists in 40,000-document batches, and `labels` stored as a copy of `input
 documents. Every measurement runs in a fresh process (cold: empty cache; warm: cache present).
 
     pip install -r bench/requirements.txt     # datatrove, for its row
-    python bench/data_pipeline.py [--documents 75000] [--workers 2] [--block_size 2048] [--cjk_documents 40000]
+    python bench/data_pipeline.py [--documents 75000] [--workers 2] [--block_size 2048] [--cjk_documents 100000]
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data_utils  # noqa: E402
+from pretrain import demo_corpus  # noqa: E402
+from pretrain.corpus_cache import load_cache  # noqa: E402
 
 
 def ours(corpus: str, tokenizer, cache: str, workers: int, block_size: int) -> int:
@@ -43,11 +45,13 @@ def ours_with_datasets_map(corpus: str, tokenizer, cache: str, workers: int, blo
 
     datasets.disable_progress_bars()
     raw = datasets.load_dataset("json", data_files=corpus, cache_dir=cache)["train"]
-    ids = raw.map(lambda batch: {"ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]},
-                  batched=True, num_proc=workers, remove_columns=raw.column_names)["ids"]
-    stream, _ = data_utils.join_with_eos(ids, tokenizer.eos_token_id, data_utils.token_dtype(len(tokenizer)))
-    blocks, _ = data_utils.pack_blocks(stream, block_size)
-    np.save(Path(cache) / "blocks.npy", blocks)
+    documents = raw.map(lambda batch: {"ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]},
+                        batched=True, num_proc=workers, remove_columns=raw.column_names)["ids"]
+    dtype = data_utils.token_dtype(len(tokenizer))
+    pieces = [np.asarray(ids + [tokenizer.eos_token_id], dtype=dtype) for ids in documents]
+    stream = np.concatenate(pieces)
+    blocks = len(stream) // block_size
+    np.save(Path(cache) / "blocks.npy", stream[: blocks * block_size].reshape(blocks, block_size))
     return len(stream)
 
 
@@ -149,7 +153,7 @@ def startup(cache_dir: str) -> dict:
     from accelerate.data_loader import prepare_data_loader, skip_first_batches
 
     start = time.perf_counter()
-    packed = data_utils._load_cache(Path(cache_dir))
+    packed = load_cache(Path(cache_dir))
     loader = data_utils.build_train_dataloader(packed.train, 8, 8, seed=1)
     loader = prepare_data_loader(loader, num_processes=1, process_index=0, put_on_device=False)
     batch = next(iter(skip_first_batches(loader, len(loader) // 2)))
@@ -225,7 +229,7 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=75000, help="generated documents (about 140 bytes each)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--block_size", type=int, default=2048)
-    parser.add_argument("--cjk_documents", type=int, default=40000, help="CJK documents (about 540 bytes each)")
+    parser.add_argument("--cjk_documents", type=int, default=100000, help="CJK documents (about 540 bytes each)")
     parser.add_argument("--tokenizer_name", default=None, help="default: the demo tokenizer trained on the corpus")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
@@ -242,8 +246,8 @@ def main() -> None:
         work = Path(work_dir)
         before = subprocess.run(["git", "show", "87a61fb:data_utils.py"], cwd=ROOT, capture_output=True, text=True)
         (work / "data_utils_before.py").write_text(before.stdout)
-        corpus = data_utils.write_demo_corpus(work / "corpus.jsonl", documents=options.documents, seed=11)
-        tokenizer_name = options.tokenizer_name or str(data_utils.ensure_demo_assets(work / "demo")[1])
+        corpus = demo_corpus.write_demo_corpus(work / "corpus.jsonl", documents=options.documents, seed=11)
+        tokenizer_name = options.tokenizer_name or str(demo_corpus.ensure_demo_assets(work / "demo")[1])
         print(f"corpus: {corpus.stat().st_size / 1e6:.1f} MB, {options.documents} documents; tokenizer "
               f"{Path(tokenizer_name).name}; {workers} workers; block {block}; os.cpu_count() = {os.cpu_count()}")
         caches = iter(work / f"cache_{n}" for n in range(1000))
@@ -285,8 +289,6 @@ def main() -> None:
               f"{eight['child_rss_gb'] / one['child_rss_gb']:.3f} (goal: within 1.10)")
         counts = sorted({1, 2, workers} | {n for n in (4, 8, 16, 32) if n <= (os.cpu_count() or 1)})
         scaling = {n: measure("data_utils (ours)", corpus, tokenizer_name, next(caches), n, block) for n in counts}
-        stdlib_json = measure("data_utils (ours)", corpus, tokenizer_name, next(caches), workers, block,
-                              PRETRAIN_LOOP_JSON="stdlib")
         datatrove = measure("datatrove DocumentTokenizer", corpus, tokenizer_name, next(caches), workers, block)
         print("\n| build of the 1x corpus | tokens | seconds | tokens/s | vs 1 worker | peak RSS GB (process + "
               "largest child) |")
@@ -296,8 +298,6 @@ def main() -> None:
                   f"{rate(run)} | "
                   f"{run['tokens'] / run['seconds'] / (scaling[1]['tokens'] / scaling[1]['seconds']):.2f}x | "
                   f"{run['peak_rss_gb']:.2f} |")
-        print(f"| ours, {workers} workers, stdlib json instead of orjson | {stdlib_json['tokens']:,} | "
-              f"{stdlib_json['seconds']:.2f} | {rate(stdlib_json)} | - | {stdlib_json['peak_rss_gb']:.2f} |")
         print(f"| datatrove, {workers} tasks | {datatrove['tokens']:,} | {datatrove['seconds']:.2f} | "
               f"{rate(datatrove)} | - | {datatrove['peak_rss_gb']:.2f} |")
 
@@ -305,15 +305,16 @@ def main() -> None:
         cjk = cjk_corpus(work / "cjk.jsonl", options.cjk_documents)
         cjk_tok = str(cjk_tokenizer(cjk, work / "cjk_tokenizer"))
         print(f"\nCJK corpus: {cjk.stat().st_size / 1e6:.1f} MB, {options.cjk_documents} documents; byte-level BPE "
-              f"of 70,000 entries (int32 ids); same {workers} threads/processes everywhere")
-        print("| CJK build | tokens | seconds | tokens/s | / encoder alone |")
-        print("|---|---:|---:|---:|---:|")
-        cjk_runs = {name: measure(name, cjk, cjk_tok, next(caches), workers, block) for name in (
-            "tokenizer batch encoder alone", "data_utils (ours)", "data_utils before issue 11",
-            "chapter (datasets.map + chain)", "datatrove DocumentTokenizer")}
-        floor = cjk_runs["tokenizer batch encoder alone"]["seconds"]
-        for name, run in cjk_runs.items():
-            print(f"| {name} | {run['tokens']:,} | {run['seconds']:.2f} | {rate(run)} | "
+              f"of 70,000 entries (int32 ids); N worker processes against the encoder's N threads")
+        print("| CJK build | N | tokens | seconds | tokens/s | / encoder alone |")
+        print("|---|---:|---:|---:|---:|---:|")
+        sides = [(name, n) for n in counts for name in ("tokenizer batch encoder alone", "data_utils (ours)")]
+        sides += [(name, workers) for name in ("data_utils before issue 11", "chapter (datasets.map + chain)",
+                                               "datatrove DocumentTokenizer")]
+        cjk_runs = {side: measure(side[0], cjk, cjk_tok, next(caches), side[1], block) for side in sides}
+        for (name, n), run in cjk_runs.items():
+            floor = cjk_runs[("tokenizer batch encoder alone", n)]["seconds"]
+            print(f"| {name} | {n} | {run['tokens']:,} | {run['seconds']:.2f} | {rate(run)} | "
                   f"{run['seconds'] / floor:.2f}x |")
 
         # 6. Start-up on a 10 B-token cache (sparse) against the small one

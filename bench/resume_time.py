@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import data_utils  # noqa: E402
+from pretrain import demo_corpus  # noqa: E402
 from pretrain.checkpoints import MANIFEST, TRAINER_STATE  # noqa: E402
 
 FAR = 5000
@@ -59,11 +59,12 @@ def seconds_to_first_step(spec: dict, checkpoint: Path, step: int, work: Path) -
     shutil.rmtree(output, ignore_errors=True)
     metrics = output / "metrics.jsonl"
     start = time.perf_counter()
+    log = tempfile.TemporaryFile("w+")  # not a pipe: one that nobody reads while waiting would fill and block it
     process = subprocess.Popen(command(spec, output, step + 50, "--resume_from_checkpoint", str(checkpoint)),
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True)
     while not (metrics.exists() and metrics.read_text().strip()):
         if process.poll() is not None:
-            raise SystemExit(process.stderr.read()[-3000:])
+            raise SystemExit(log.seek(0) or log.read()[-3000:])
         time.sleep(0.002)
     elapsed = time.perf_counter() - start
     process.kill()
@@ -79,7 +80,7 @@ def main() -> None:
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as work_dir:
         work = Path(work_dir)
-        corpus, tokenizer = data_utils.ensure_demo_assets(work / "demo")
+        corpus, tokenizer = demo_corpus.ensure_demo_assets(work / "demo")
         from transformers import Qwen2Config
         Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=64).save_pretrained(work / "config")

@@ -41,22 +41,22 @@ def stop_once(spec: dict, options, output: Path) -> dict:
                str(spec["batch"]), "--max_steps", "10000", "--save_steps", "100000", "--logging_steps", "1",
                "--eval_strategy", "no", "--report_to", "none", "--output_dir", str(output)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(max(1, os.cpu_count() // options.processes)))
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
+    log = tempfile.TemporaryFile("w+")  # not a pipe: one that nobody reads while waiting would fill and block it
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
     metrics = output / "metrics.jsonl"
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= options.warmup):
         if process.poll() is not None:
-            raise SystemExit(process.stderr.read()[-3000:])
+            raise SystemExit(log.seek(0) or log.read()[-3000:])
         time.sleep(0.01)
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     sent = time.perf_counter()
     process.send_signal(signal.SIGTERM)
     while not any(output.glob("checkpoint-*[0-9]")):
         if process.poll() is not None and not any(output.glob("checkpoint-*[0-9]")):
-            raise SystemExit("no checkpoint was saved:\n" + process.stderr.read()[-3000:])
+            raise SystemExit("no checkpoint was saved:\n" + (log.seek(0) or log.read()[-3000:]))
         time.sleep(0.005)
     saved = time.perf_counter() - sent
-    process.communicate(timeout=GRACE_S + 30)
+    process.wait(timeout=GRACE_S + 30)
     checkpoint = next(output.glob("checkpoint-*[0-9]"))
     size = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
     return {"seconds": saved, "gb": size / 1e9, "step_s": records[-1]["step_time_s"],

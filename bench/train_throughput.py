@@ -27,13 +27,14 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 import data_utils  # noqa: E402
+from pretrain import demo_corpus  # noqa: E402
 
 
 def prepare(work: Path, options) -> dict:
     """The shared inputs: demo corpus and tokenizer, a model config, the packed cache."""
     from transformers import AutoTokenizer, Qwen2Config
 
-    corpus, tokenizer_dir = data_utils.ensure_demo_assets(work / "demo")
+    corpus, tokenizer_dir = demo_corpus.ensure_demo_assets(work / "demo")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config_dir = work / "config"
     Qwen2Config(vocab_size=len(tokenizer), hidden_size=options.hidden_size, intermediate_size=4 * options.hidden_size,

@@ -6,21 +6,41 @@ It owns what the flags mean and which combinations are refused; it must not load
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from data_utils import DataArguments, argument_parser, first_line
-from pretrain.errors import UsageError
+from data_utils import DataArguments
+from pretrain.errors import UsageError, first_line
 from pretrain.tracking import has_swanlab_api_key
 
 
 SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each default shown once: not where the help text already says it, nor when it is None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if "default" in (action.help or "") or action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def argument_parser(dataclass_types: tuple, error: Callable[[str], Any]):
+    """HfArgumentParser without prefix matching (--max_step would silently set --max_steps) and with one-line
+    errors: `error(message)` must raise or exit."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types, allow_abbrev=False, formatter_class=HelpFormatter)
+    parser.error = error  # one line, no usage dump
+    return parser
 
 
 @dataclass

@@ -16,9 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from data_utils import first_line
 from pretrain.arguments import TrainArguments
-from pretrain.errors import CheckpointError, UsageError
+from pretrain.errors import CheckpointError, UsageError, first_line
 from pretrain.launch import zero_stage_of
 from pretrain.universal import load_universal, universal_copy
 

@@ -17,13 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-try:  # optional: parses JSON lines several times faster than the standard library (see the README's Data benchmark)
-    import orjson
-except ImportError:
-    orjson = None
-if os.environ.get("PRETRAIN_LOOP_JSON") == "stdlib":  # the bench's comparison
-    orjson = None
-
 SUPPORTED_FORMATS = ".jsonl, .json, .txt (each optionally .gz) and .parquet"
 PARQUET_BATCH = 2048
 MIN_PIECE_BYTES = 16 * 2**10  # a piece is about 1/256 of the input, within these bounds
@@ -260,17 +253,6 @@ def iter_piece(piece: Piece, text_column: str) -> Iterator[tuple[int, Any]]:
             yield from enumerate(iter_documents(path, text_column))
 
 
-def parse_line(line: bytes) -> Any:
-    """One JSON line; orjson when installed, the standard library for its error message or what orjson refuses
-    (NaN, integers beyond 64 bits), so the result and the errors never depend on orjson being there."""
-    if orjson is not None:
-        try:
-            return orjson.loads(line)
-        except orjson.JSONDecodeError:
-            pass
-    return json.loads(line)
-
-
 def _iter_range(piece: Piece, text_column: str) -> Iterator[tuple[int, Any]]:
     with open(piece.path, "rb") as handle:
         if piece.start > 0:  # the line holding byte start-1 belongs to the previous range
@@ -285,7 +267,7 @@ def _iter_range(piece: Piece, text_column: str) -> Iterator[tuple[int, Any]]:
                 yield position, line.decode("utf-8").rstrip("\r\n")
             elif line.strip():
                 try:
-                    record = parse_line(line)
+                    record = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise malformed(Path(piece.path), line_number_at(piece.path, position), error) from None
                 if not isinstance(record, dict) or text_column not in record:

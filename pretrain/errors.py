@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from data_utils import DataError
+from pretrain.corpus_files import DataError
 
 
 class UsageError(ValueError):
@@ -22,6 +22,17 @@ class CheckpointError(RuntimeError):
 
 class NonFiniteLoss(RuntimeError):
     """The loss or the weights stopped being finite; nothing was saved over the last good checkpoint."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line, for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0].rstrip(".:") if text else type(error).__name__
+
+
+def cannot_load(flag: str, name: str, error: BaseException) -> str:
+    """The one-line message for a tokenizer, config or model that a Hub name or path did not give."""
+    return f"{flag} {name}: cannot be loaded ({first_line(error)}); check the name, the path or the network"
 
 
 # Errors from the flags, the files and the main process's broadcast decisions, and the all-reduced loss.

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
-import data_utils
-from data_utils import DataArguments, cannot_load, first_line
+from data_utils import DEFAULT_CACHE_ROOT, DataArguments
 from pretrain.arguments import DEMO_MODEL, ModelArguments, is_demo, parse_config_overrides
-from pretrain.errors import UsageError
+from pretrain.demo_corpus import ensure_demo_assets
+from pretrain.errors import UsageError, cannot_load, first_line
 
 
 def from_hub(flag: str, name: str, loader, **kwargs):
@@ -25,7 +25,7 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments):
     from transformers import AutoTokenizer
 
     if is_demo(model_args, data_args):
-        corpus, tokenizer_dir = data_utils.ensure_demo_assets()
+        corpus, tokenizer_dir = ensure_demo_assets(DEFAULT_CACHE_ROOT / "demo")
         data_args.train_files = [str(corpus)]
         return AutoTokenizer.from_pretrained(tokenizer_dir)
     flag, name = next((f, n) for f, n in (("--tokenizer_name", model_args.tokenizer_name),

@@ -10,8 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from data_utils import first_line
-from pretrain.errors import UsageError
+from pretrain.errors import UsageError, first_line
 
 if TYPE_CHECKING:
     from pretrain.arguments import TrainArguments

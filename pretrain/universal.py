@@ -23,8 +23,7 @@ from types import SimpleNamespace
 
 import torch
 
-from data_utils import first_line
-from pretrain.errors import UsageError
+from pretrain.errors import UsageError, first_line
 
 logger = logging.getLogger("train_loop")
 UNIVERSAL = "universal"

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import data_utils  # noqa: E402
+from pretrain import demo_corpus  # noqa: E402
 from pretrain.launch import free_local_port as free_port  # noqa: E402,F401  (a port nothing listens on)
 
 TINY_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -24,9 +24,9 @@ def assets(tmp_path_factory):
     from transformers import AutoTokenizer, Qwen2Config
 
     root = tmp_path_factory.mktemp("assets")
-    corpus, tokenizer_dir = data_utils.ensure_demo_assets(root)
-    small = data_utils.write_demo_corpus(root / "small.jsonl", documents=800, seed=1)
-    tiny = data_utils.write_demo_corpus(root / "tiny.jsonl", documents=120, seed=2)  # ~8 steps of 8 blocks
+    corpus, tokenizer_dir = demo_corpus.ensure_demo_assets(root)
+    small = demo_corpus.write_demo_corpus(root / "small.jsonl", documents=800, seed=1)
+    tiny = demo_corpus.write_demo_corpus(root / "tiny.jsonl", documents=120, seed=2)  # ~8 steps of 8 blocks
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config_dir = root / "tiny_config"
     Qwen2Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, **TINY_MODEL).save_pretrained(config_dir)
@@ -77,6 +77,22 @@ def launch(config, num_processes, argv, timeout=300, extra_launch=(), cwd=ROOT):
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
+
+
+class LoggedProcess(subprocess.Popen):
+    """A process in the background with its stdout and stderr in the file `log`: a pipe that nobody reads while
+    the test waits fills up (64 KiB of step lines and progress bars) and blocks the process in its next print."""
+
+    def __init__(self, command, log, **popen):
+        self.log = Path(log)
+        with open(self.log, "w") as handle:
+            super().__init__(command, stdout=handle, stderr=subprocess.STDOUT, text=True, **popen)
+
+    def output(self, timeout=None):
+        """Everything it printed so far; with a timeout, once it has exited."""
+        if timeout is not None:
+            self.wait(timeout)
+        return self.log.read_text(errors="replace")
 
 
 def read_metrics(output_dir):

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, kill_tree, read_metrics, run_in_process, tiny_flags
+from conftest import ROOT, LoggedProcess, kill_tree, read_metrics, run_in_process, tiny_flags
 
 import train_loop
 from pretrain import checkpoints
@@ -27,9 +27,8 @@ def flags(assets, output, cache, *extra):
                       "--max_steps", STEPS, "--gradient_accumulation_steps", 4, *extra)
 
 
-def start(argv):
-    return subprocess.Popen([sys.executable, str(ROOT / "train_loop.py"), *map(str, argv)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start(argv, log):
+    return LoggedProcess([sys.executable, str(ROOT / "train_loop.py"), *map(str, argv)], log, cwd=ROOT)
 
 
 def finish(argv, timeout=300):
@@ -42,7 +41,7 @@ def finish(argv, timeout=300):
 def wait_for(predicate, process, timeout=120):
     deadline = time.time() + timeout
     while not predicate():
-        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert process.poll() is None, process.output()[-3000:]
         assert time.time() < deadline, "timed out"
         time.sleep(0.005)
 
@@ -76,10 +75,10 @@ def test_resume_after_sigkill_is_bit_exact_across_an_epoch_boundary(assets, tmp_
 def test_sigterm_saves_a_checkpoint_and_a_rerun_continues(assets, tmp_path):
     output = tmp_path / "run"
     argv = flags(assets, output, tmp_path / "cache", *SLOW, "--max_steps", 60, "--save_steps", 1000)
-    process = start(argv)
+    process = start(argv, tmp_path / "run.log")
     wait_for(lambda: len(logged_steps(output)) >= 3, process)
     process.send_signal(signal.SIGTERM)
-    out, _ = process.communicate(timeout=60)
+    out = process.output(timeout=60)
     assert process.returncode == 0, out[-3000:]
     assert "stopped by SIGTERM" in out and "rerun the same command to resume" in out
     stopped_at = max(logged_steps(output))
@@ -99,7 +98,7 @@ def test_sigkill_at_random_moments_always_resumes_from_a_complete_checkpoint(ass
     killed_mid_save = 0
     for attempt in range(5):
         before = max(logged_steps(output), default=0)
-        process = start(argv)
+        process = start(argv, tmp_path / f"attempt{attempt}.log")
         # A new step, and a complete checkpoint to fall back on (a loaded machine may still be writing the first).
         wait_for(lambda: max(logged_steps(output), default=0) > before and checkpoints.list_checkpoints(output),
                  process)
@@ -108,7 +107,7 @@ def test_sigkill_at_random_moments_always_resumes_from_a_complete_checkpoint(ass
         else:
             time.sleep(rng.uniform(0.0, 0.4))
         kill_tree(process)
-        out = process.communicate()[0]
+        out = process.output(timeout=60)
         killed_mid_save += any(output.glob("checkpoint-*.tmp"))
         assert "Traceback" not in out, out[-3000:]
         if attempt:

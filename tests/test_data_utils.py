@@ -13,6 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 import data_utils
+from pretrain import demo_corpus
 from data_utils import DataArguments, DataError
 from conftest import ROOT
 
@@ -83,7 +84,7 @@ def test_cache_hit_and_invalidation(assets, tokenizer, tmp_path):
     assert not changed_block.stats["cache_hit"]
 
     other_dir = tmp_path / "tok2"
-    data_utils.train_demo_tokenizer(assets["small"], other_dir, vocab_size=300)
+    demo_corpus.train_demo_tokenizer(assets["small"], other_dir, vocab_size=300)
     changed_tokenizer = data_utils.prepare_data(args_for([corpus], cache), AutoTokenizer.from_pretrained(other_dir))
     assert not changed_tokenizer.stats["cache_hit"]
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, cosine_lr, free_port, kill_tree, launch, launch_command, launch_env, read_metrics, \
+from conftest import ROOT, LoggedProcess, cosine_lr, free_port, kill_tree, launch, launch_command, launch_env, read_metrics, \
     run_in_process, tiny_flags
 
 STEPS = 12
@@ -181,15 +181,15 @@ def test_sigterm_under_zero2_saves_on_every_rank_and_resumes(assets, runs, tmp_p
     argv = flags(assets, output, runs / "cache", 2, 2, "--max_steps", 400, "--save_steps", 1000,
                  "--lr_scheduler_type", "constant")
     env = launch_env()
-    process = subprocess.Popen(launch_command("zero2.yaml", 2, argv, ("--main_process_port", env["MASTER_PORT"])),
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = LoggedProcess(launch_command("zero2.yaml", 2, argv, ("--main_process_port", env["MASTER_PORT"])),
+                            tmp_path / "launch.log", env=env)
     metrics = output / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        assert process.poll() is None and time.time() < deadline, process.stdout.read()[-3000:]
+        assert process.poll() is None and time.time() < deadline, process.output()[-3000:]
         time.sleep(0.02)
     kill_tree(process, sig=15)  # as a scheduler's preemption does: every process gets SIGTERM
-    out = process.communicate(timeout=120)[0]
+    out = process.output(timeout=120)
     assert "stopped by SIGTERM" in out, out[-3000:]
     checkpoints = sorted(output.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and len(list(checkpoints[0].rglob("*optim_states.pt"))) == 2

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, cosine_lr, launch_command, launch_env, read_metrics, run_in_process, tiny_flags
+from conftest import ROOT, LoggedProcess, cosine_lr, launch_command, launch_env, read_metrics, run_in_process, tiny_flags
 
 from pretrain.output_lock import LOCK_FILE
 
@@ -51,11 +51,10 @@ def test_a_second_run_in_the_same_output_dir_is_refused_and_the_first_is_unharme
     output = tmp_path / "run"
     argv = [sys.executable, str(ROOT / "train_loop.py"),
             *map(str, tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 100000, "--save_steps", 5))]
-    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    first = LoggedProcess(argv, tmp_path / "first.log", env=dict(os.environ, PYTHONUNBUFFERED="1"))
     deadline = time.time() + 120
     while not (output / "metrics.jsonl").exists():
-        assert first.poll() is None and time.time() < deadline, first.stdout.read()[-3000:]
+        assert first.poll() is None and time.time() < deadline, first.output()[-3000:]
         time.sleep(0.05)
     second = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert first.poll() is None, "the first run ended before the second was refused: make it longer"
@@ -64,7 +63,7 @@ def test_a_second_run_in_the_same_output_dir_is_refused_and_the_first_is_unharme
                         rf"[\d-]+ [\d:]+\); wait for it to end, or choose another --output_dir",
                         second.stderr.strip().splitlines()[-1]), second.stderr[-2000:]
     first.send_signal(signal.SIGTERM)  # it has run well past the second's start: stop it, as a user would
-    assert first.wait(timeout=300) == 0, first.stdout.read()[-3000:]
+    assert first.wait(timeout=300) == 0, first.output()[-3000:]
     train, _ = read_metrics(output)
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     steps = [record["step"] for record in records if "loss" in record]
@@ -103,18 +102,17 @@ def test_a_stop_under_the_launcher_saves_and_shows_no_traceback_of_ours(assets, 
     output = tmp_path / "run"
     env = launch_env()
     argv = tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 400, "--save_steps", 1000)
-    process = subprocess.Popen(launch_command("zero2.yaml", 2, argv, ("--main_process_port", env["MASTER_PORT"])),
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    process = LoggedProcess(launch_command("zero2.yaml", 2, argv, ("--main_process_port", env["MASTER_PORT"])),
+                            tmp_path / "launch.log", env=env, start_new_session=True)
     deadline = time.time() + 300
     while not ((output / "metrics.jsonl").exists() and len((output / "metrics.jsonl").read_text().split()) >= 3):
-        assert process.poll() is None and time.time() < deadline, process.stdout.read()[-3000:]
+        assert process.poll() is None and time.time() < deadline, process.output()[-3000:]
         time.sleep(0.02)
     if how == "ctrl-c":
         os.killpg(process.pid, signal.SIGINT)
     else:
         process.send_signal(signal.SIGTERM)
-    out = process.communicate(timeout=120)[0]
+    out = process.output(timeout=120)
     name = "SIGINT" if how == "ctrl-c" else "SIGTERM"
     stopped = [line for line in out.splitlines() if "stopped by" in line]
     assert len(stopped) == 1 and f"stopped by {name} at step" in stopped[0], out[-3000:]
