@@ -15,4 +15,6 @@ run_control   stop signals, the profiler, non-finite checks
 corpus_files  corpus formats, pieces of files, bad-input lines (used by data_utils)
 corpus_build  the streamed, crash-safe, multi-process build of the data cache (used by data_utils)
 cache_claims  sharing a build folder between processes with claims and error files
+corpus_cache  the data cache's key and its memory-mapped loading (used by data_utils)
+demo_corpus   the built-in demo's generated corpus and tokenizer
 """

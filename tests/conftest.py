@@ -95,6 +95,18 @@ class LoggedProcess(subprocess.Popen):
         return self.log.read_text(errors="replace")
 
 
+def assert_stopped_under_the_launcher(out, launcher, signal_name):
+    """One "stopped by" line for the whole launch, and the launcher's own exit: torch elastic raises
+    SignalException once its workers have ended (exit code 1, as the README says a scheduler sees it)."""
+    import signal
+
+    stopped = [line for line in out.splitlines() if "stopped by" in line]
+    assert len(stopped) == 1 and f"stopped by {signal_name} at step" in stopped[0], out[-3000:]
+    assert launcher.returncode == 1
+    assert out.count("Traceback (most recent call last)") == 1 and out.rstrip().endswith(
+        f"SignalException: Process {launcher.pid} got signal: {signal.Signals[signal_name].value}"), out[-3000:]
+
+
 def read_metrics(output_dir):
     """Training records by step (the last one written wins, as after a resume) and eval records."""
     train, evals = {}, []

@@ -57,7 +57,7 @@ def test_resume_after_sigkill_is_bit_exact_across_an_epoch_boundary(assets, tmp_
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     finish(flags(assets, straight, tmp_path / "cache", *SLOW))
     argv = flags(assets, resumed, tmp_path / "cache", *SLOW, "--save_steps", 6)
-    process = start(argv)
+    process = start(argv, tmp_path / "run.log")
     wait_for(lambda: (resumed / "checkpoint-6").is_dir(), process)
     kill_tree(process)
     process.wait()

@@ -132,7 +132,10 @@ def test_two_concurrent_builders_of_one_cache(assets, tmp_path):
     command, env = cli(assets, tmp_path / "cache", 1, PRETRAIN_LOOP_TEST_BUILD_DELAY="0.3")
     processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(2)]
-    results = [stats_of(subprocess.CompletedProcess(p.args, p.wait(120), *p.communicate())) for p in processes]
+    results = []
+    for process in processes:  # communicate, not wait: a builder blocked on a full pipe would never end
+        out, err = process.communicate(timeout=120)
+        results.append(stats_of(subprocess.CompletedProcess(process.args, process.returncode, out, err)))
     assert {r["cache_dir"] for r in results} == {str(tmp_path / "cache" / Path(reference["cache_dir"]).name)}
     assert sum(r["cache_hit"] for r in results) <= 1
     train = Path(results[0]["cache_dir"], "train.npy").read_bytes()

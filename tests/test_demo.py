@@ -1,4 +1,5 @@
-"""The README's demo command on a fresh machine: no flags, ZeRO-2 with 2 processes, in under 3 minutes."""
+"""The README's demo command on a fresh machine (no flags, ZeRO-2 with 2 processes, in under 3 minutes), then the
+README's debugging lines in the same checkout."""
 
 import json
 import os
@@ -11,7 +12,8 @@ import time
 
 from conftest import ROOT, free_port, read_metrics, run_in_process, tiny_flags
 
-PROJECT_FILES = ["train_loop.py", "data_utils.py", "pretrain", "ds_config_zero2.json", "accelerate_configs"]
+PROJECT_FILES = ["train_loop.py", "data_utils.py", "pretrain", "ds_config_zero2.json", "accelerate_configs",
+                 "README.md"]
 
 
 def test_demo_command_from_a_fresh_checkout(tmp_path):
@@ -38,6 +40,17 @@ def test_demo_command_from_a_fresh_checkout(tmp_path):
     assert len(list((output / "swanlog").glob("run-*"))) == 1  # one SwanLab run, not one per rank
     train, evals = read_metrics(output)
     assert evals and evals[-1]["eval_loss"] < 2.0
+
+    # The debugging section right after it: output/demo now holds a 2-process ZeRO-2 checkpoint, which the
+    # one-process debug run must not trip on.
+    assert list(output.glob("checkpoint-*"))
+    readme = (checkout / "README.md").read_text()
+    command = re.search(r"^(python -m pdb train_loop\.py [^#\n]*?)\s+#", readme, re.M).group(1).split()
+    pdb_lines = [line.strip() for line in re.findall(r"^\(Pdb\) ([^#\n]*)", readme, re.M)] + ["q"]
+    debug = subprocess.run([sys.executable, *command[1:]], cwd=checkout, env=env, text=True, timeout=300,
+                           input="\n".join(pdb_lines) + "\n", capture_output=True)
+    assert "torch.Size([8, 128])" in debug.stdout, debug.stdout[-2000:] + debug.stderr[-2000:]
+    assert "error:" not in debug.stderr and "NameError" not in debug.stdout
 
 
 def test_swanlab_run_id_survives_a_resume(assets, tmp_path):
