@@ -133,9 +133,13 @@ def _no_usable_text(flag: str, files: list[Path], documents: int, skipped: int) 
 
 
 def _at_least_one_block(tokens: int, block_size: int, flag: str) -> None:
-    if tokens < block_size:
-        raise DataError(f"{flag}: the corpus has {tokens} tokens, fewer than one block of --block_size {block_size};"
-                        f" add text or lower --block_size")
+    if tokens >= block_size:
+        return
+    if flag == "--validation_split_percentage":
+        raise DataError(f"{flag}: the held-out validation documents have {tokens} tokens, fewer than one block of "
+                        f"--block_size {block_size}; raise {flag}, pass --validation_files, or lower --block_size")
+    raise DataError(f"{flag}: the corpus has {tokens} tokens, fewer than one block of --block_size {block_size}; "
+                    f"add text or lower --block_size")
 
 
 def _stats_of(parts: dict[str, list[Path]], plan: dict[str, Any], counts: list[dict[str, Any]],
@@ -201,8 +205,8 @@ def _prepare_data(args: DataArguments, tokenizer: Any, seed: int, show_progress:
                                        args.block_size, args.text_column, tokenizer, seed)
     cached = load_cache(directory)
     if cached is not None:
-        cached.stats.update(cache_hit=True, seconds=round(time.perf_counter() - start, 3), tokens_per_s=None,
-                            peak_rss_gb=corpus_build.peak_rss_gb(0))
+        cached.stats.update(cache_hit=True, seconds=round(time.perf_counter() - start, 3), shards_reused=None,
+                            tokens_per_s=None, peak_rss_gb=corpus_build.peak_rss_gb(0))
         return cached
     problem = unwritable(cache_root)  # checked before hours of tokenizing, not after
     if problem:
@@ -226,7 +230,7 @@ def _prepare_data(args: DataArguments, tokenizer: Any, seed: int, show_progress:
         raise RuntimeError(f"the data cache {directory} was removed while this process built it; rerun")
     seconds = time.perf_counter() - start
     packed.stats.update(cache_hit=False, seconds=round(seconds, 3), shards_reused=built["reused"],
-                        tokens_per_s=round(packed.stats["tokens"] / seconds),
+                        tokens_per_s=round(built["tokens_built"] / seconds),  # not the reused pieces' tokens
                         peak_rss_gb=corpus_build.peak_rss_gb(workers))
     return packed
 

@@ -198,7 +198,8 @@ class _Progress:
                         desc=f"tokenizing ({workers} worker{'s' if workers > 1 else ''})", disable=not terminal,
                         mininterval=1.0, smoothing=0.1)
         if enabled and not terminal:
-            logger.info(f"tokenizing {total_bytes / 1e9:.2f} GB with {workers} worker processes"
+            logger.info(f"tokenizing {total_bytes / 1e9:.2f} GB with {workers} worker "
+                        f"process{'es' if workers > 1 else ''}"
                         + (f" ({done_bytes / 1e9:.2f} GB done before)" if done_bytes else ""))
 
     def update(self, input_bytes: int, tokens: int) -> None:
@@ -210,9 +211,10 @@ class _Progress:
         if self.enabled and self.bar.disable and time.perf_counter() - self.last_log > 30:
             self.last_log = time.perf_counter()
             bytes_per_s = max(self.done - self.initial, 1) / elapsed
+            left = (self.total - self.done) / bytes_per_s
             logger.info(f"tokenizing: {self.done / max(self.total, 1):.1%} of {self.total / 1e9:.2f} GB, "
                         f"{self.tokens / elapsed / 1e6:.2f}M tokens/s, about "
-                        f"{(self.total - self.done) / bytes_per_s / 60:.0f} min left")
+                        + (f"{left / 60:.0f} min left" if left >= 90 else f"{left:.0f} s left"))
 
     def close(self) -> None:
         self.bar.close()
@@ -246,7 +248,8 @@ def _done_counts(folder: Path, seen: dict[int, dict[str, Any]]) -> None:
 def build(folder: Path, final_dir: Path, plan: dict[str, Any], tokenizer_json: str, workers: int,
           show_progress: bool) -> dict[str, Any]:
     """Take part in building `final_dir` (done by this process, its workers and any other process on the same
-    folder); returns the pieces' counts, in piece order, once every piece is done."""
+    folder); once every piece is done, returns the pieces' counts in piece order, how many were done before this
+    call, and the tokens of those done during it."""
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "plan.json").exists():
         atomic_write(folder / "tokenizer.json", tokenizer_json)
@@ -296,7 +299,7 @@ def build(folder: Path, final_dir: Path, plan: dict[str, Any], tokenizer_json: s
     finally:
         _stop(running)
         progress.close()
-    return {"pieces": [seen.get(i) for i in range(len(pieces))], "reused": reused}
+    return {"pieces": [seen.get(i) for i in range(len(pieces))], "reused": reused, "tokens_built": progress.tokens}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -293,6 +293,13 @@ def test_corpus_shorter_than_a_block(tokenizer, tmp_path):
     assert f"has {n_tokens} tokens" in message
 
 
+def test_a_held_out_share_shorter_than_a_block_names_the_split(assets, tokenizer, tmp_path):
+    message = error_of(tokenizer, [assets["tiny"]], tmp_path, block_size=64, validation_split_percentage=0.5)
+    assert message.startswith("--validation_split_percentage: the held-out validation documents have ")
+    assert message.endswith("fewer than one block of --block_size 64; raise --validation_split_percentage, pass "
+                            "--validation_files, or lower --block_size")
+
+
 def test_tokenizer_without_eos(assets, tokenizer, tmp_path):
     from transformers import PreTrainedTokenizerFast
 
