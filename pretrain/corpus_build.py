@@ -45,6 +45,7 @@ CHARACTERS_PER_BATCH = 4_000_000
 COPY_BYTES = 2**26  # the assembly copies this much at a time
 EXIT_DATA_ERROR = 3
 POLL_S = 0.2
+FAILED_BUILD_KEPT_S = 30.0  # how long a failed build's error file stays for every rank of its launch to read
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -245,11 +246,28 @@ def _done_counts(folder: Path, seen: dict[int, dict[str, Any]]) -> None:
                 pass
 
 
+def remove_failed_builds(cache_root: Path, keep: Path) -> None:
+    """Remove the build folders that stopped at a bad-input error (their input has been fixed since, which changed
+    their key; a rerun of unchanged input keeps its own folder), once every rank of that launch has read the error.
+    They hold up to the corpus's tokens."""
+    for folder in cache_root.glob("*.build"):
+        try:
+            errors = [path.stat().st_mtime for path in folder.glob("*.error")]
+            if folder == keep or not errors or time.time() - max(errors) < FAILED_BUILD_KEPT_S \
+                    or any(is_claimed(claim) for claim in folder.glob("*.claim")):
+                continue
+        except FileNotFoundError:
+            continue  # removed by another process meanwhile
+        shutil.rmtree(folder, ignore_errors=True)
+        logger.warning(f"removed {folder}: the pieces of a build that stopped at a bad-input error")
+
+
 def build(folder: Path, final_dir: Path, plan: dict[str, Any], tokenizer_json: str, workers: int,
           show_progress: bool) -> dict[str, Any]:
     """Take part in building `final_dir` (done by this process, its workers and any other process on the same
     folder); once every piece is done, returns the pieces' counts in piece order, how many were done before this
     call, and the tokens of those done during it."""
+    remove_failed_builds(folder.parent, keep=folder)
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "plan.json").exists():
         atomic_write(folder / "tokenizer.json", tokenizer_json)
@@ -275,7 +293,9 @@ def build(folder: Path, final_dir: Path, plan: dict[str, Any], tokenizer_json: s
             try:
                 _done_counts(folder, seen)
             except FileNotFoundError:
-                continue  # finished elsewhere: the final folder is there
+                if (final_dir / "meta.json").exists():
+                    continue  # finished elsewhere
+                raise RuntimeError(f"the build folder {folder} was removed while this process built it; rerun")
             for index in set(seen) - before:
                 progress.update(seen[index]["input_bytes"], seen[index]["tokens"])
                 restarts_without_progress = 0

@@ -90,6 +90,16 @@ def test_malformed_line_inside_a_workers_range_names_file_and_line(assets, token
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=f"{path}:614: no 'text' field"):
         build([path], tmp_path / "cache", tokenizer, 2)
+    # Fixed: the two failed builds' pieces (each under its own key) are removed once their launches have had time
+    # to read the error; only the finished cache is left.
+    lines[613] = '{"text": "fixed"}'
+    path.write_text("\n".join(lines) + "\n")
+    failed = sorted((tmp_path / "cache").glob("*.build"))
+    assert len(failed) == 2
+    for error in (tmp_path / "cache").glob("*.build/*.error"):
+        os.utime(error, (time.time() - 60, time.time() - 60))
+    packed = build([path], tmp_path / "cache", tokenizer, 2)
+    assert os.listdir(tmp_path / "cache") == [Path(packed.stats["cache_dir"]).name]
 
 
 def cli(assets, cache, workers=1, **env):
