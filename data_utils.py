@@ -33,7 +33,7 @@ import torch
 from pretrain import corpus_build
 from pretrain.cache_claims import main_reports_first
 from pretrain.corpus_cache import PackedData, cache_key, load_cache
-from pretrain.corpus_files import SUPPORTED_FORMATS, DataError, iter_documents, plan_pieces, resolve_files  # noqa
+from pretrain.corpus_files import DataError, iter_documents, plan_pieces, resolve_files
 from pretrain.errors import cannot_load
 
 DEFAULT_CACHE_ROOT = Path(os.environ.get("PRETRAIN_LOOP_CACHE", Path.home() / ".cache" / "pretrain_loop"))

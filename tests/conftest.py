@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,13 @@ def launch_env():
     return env
 
 
+def launch_in_background(config, num_processes, argv, log, **popen):
+    """`accelerate launch` left running, its output in the file `log`."""
+    env = launch_env()
+    return LoggedProcess(launch_command(config, num_processes, argv, ("--main_process_port", env["MASTER_PORT"])),
+                         log, env=env, **popen)
+
+
 def launch(config, num_processes, argv, timeout=300, extra_launch=(), cwd=ROOT):
     """`accelerate launch` (from the repository root unless told), as a user would; fails with the output's tail."""
     env = launch_env()
@@ -94,12 +103,24 @@ class LoggedProcess(subprocess.Popen):
             self.wait(timeout)
         return self.log.read_text(errors="replace")
 
+    def wait_until(self, predicate, timeout=300, poll_s=0.02):
+        """Return once `predicate()` holds; fail, with the output's tail, if the process ends or time runs out."""
+        deadline = time.time() + timeout
+        while not predicate():
+            assert self.poll() is None, self.output()[-3000:]
+            assert time.time() < deadline, "timed out:\n" + self.output()[-3000:]
+            time.sleep(poll_s)
+
+
+def logged_steps(output_dir):
+    """The steps of the training records in metrics.jsonl so far."""
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
 
 def assert_stopped_under_the_launcher(out, launcher, signal_name):
     """One "stopped by" line for the whole launch, and the launcher's own exit: torch elastic raises
     SignalException once its workers have ended (exit code 1, as the README says a scheduler sees it)."""
-    import signal
-
     stopped = [line for line in out.splitlines() if "stopped by" in line]
     assert len(stopped) == 1 and f"stopped by {signal_name} at step" in stopped[0], out[-3000:]
     assert launcher.returncode == 1

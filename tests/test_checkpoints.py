@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, LoggedProcess, kill_tree, read_metrics, run_in_process, tiny_flags
+from conftest import ROOT, LoggedProcess, kill_tree, logged_steps, read_metrics, run_in_process, tiny_flags
 
 import train_loop
 from pretrain import checkpoints
@@ -38,19 +38,6 @@ def finish(argv, timeout=300):
     return result.stderr
 
 
-def wait_for(predicate, process, timeout=120):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert process.poll() is None, process.output()[-3000:]
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.005)
-
-
-def logged_steps(output):
-    path = output / "metrics.jsonl"
-    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def test_resume_after_sigkill_is_bit_exact_across_an_epoch_boundary(assets, tmp_path):
     """12 steps straight against 6 steps, SIGKILL, the same command again: steps 7-12 identical to the bit.
     The tiny corpus holds 10 steps per epoch, so the resumed run starts mid-epoch and crosses into epoch 2."""
@@ -58,7 +45,7 @@ def test_resume_after_sigkill_is_bit_exact_across_an_epoch_boundary(assets, tmp_
     finish(flags(assets, straight, tmp_path / "cache", *SLOW))
     argv = flags(assets, resumed, tmp_path / "cache", *SLOW, "--save_steps", 6)
     process = start(argv, tmp_path / "run.log")
-    wait_for(lambda: (resumed / "checkpoint-6").is_dir(), process)
+    process.wait_until(lambda: (resumed / "checkpoint-6").is_dir(), timeout=120, poll_s=0.005)
     kill_tree(process)
     process.wait()
     assert not (resumed / "model.safetensors").exists(), "the run ended before the kill"
@@ -76,7 +63,7 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_continues(assets, tmp_path):
     output = tmp_path / "run"
     argv = flags(assets, output, tmp_path / "cache", *SLOW, "--max_steps", 60, "--save_steps", 1000)
     process = start(argv, tmp_path / "run.log")
-    wait_for(lambda: len(logged_steps(output)) >= 3, process)
+    process.wait_until(lambda: len(logged_steps(output)) >= 3, timeout=120, poll_s=0.005)
     process.send_signal(signal.SIGTERM)
     out = process.output(timeout=60)
     assert process.returncode == 0, out[-3000:]
@@ -100,10 +87,10 @@ def test_sigkill_at_random_moments_always_resumes_from_a_complete_checkpoint(ass
         before = max(logged_steps(output), default=0)
         process = start(argv, tmp_path / f"attempt{attempt}.log")
         # A new step, and a complete checkpoint to fall back on (a loaded machine may still be writing the first).
-        wait_for(lambda: max(logged_steps(output), default=0) > before and checkpoints.list_checkpoints(output),
-                 process)
+        process.wait_until(lambda: max(logged_steps(output), default=0) > before
+                           and checkpoints.list_checkpoints(output), timeout=120, poll_s=0.005)
         if attempt % 2:  # odd attempts: the moment a save is under way
-            wait_for(lambda: any(output.glob("checkpoint-*.tmp")), process)
+            process.wait_until(lambda: any(output.glob("checkpoint-*.tmp")), timeout=120, poll_s=0.005)
         else:
             time.sleep(rng.uniform(0.0, 0.4))
         kill_tree(process)

@@ -9,13 +9,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import torch
 
-from conftest import ROOT, LoggedProcess, assert_stopped_under_the_launcher, cosine_lr, free_port, kill_tree, launch, \
-    launch_command, launch_env, read_metrics, run_in_process, tiny_flags
+from conftest import ROOT, assert_stopped_under_the_launcher, cosine_lr, free_port, kill_tree, launch, launch_command, \
+    launch_env, launch_in_background, logged_steps, read_metrics, run_in_process, tiny_flags
 
 STEPS = 12
 
@@ -134,12 +133,8 @@ def test_zero2_resume_after_sigkill_matches_straight_run(assets, runs, tmp_path)
     epoch boundary at step 10)."""
     output = tmp_path / "resumed"
     argv = flags(assets, output, runs / "cache", 2, 2, "--save_steps", 6)
-    env = launch_env()
-    process = subprocess.Popen(launch_command("zero2.yaml", 2, argv, ("--main_process_port", env["MASTER_PORT"])),
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (output / "checkpoint-6").is_dir() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    process = launch_in_background("zero2.yaml", 2, argv, tmp_path / "launch.log")
+    process.wait_until(lambda: (output / "checkpoint-6").is_dir())
     kill_tree(process)
     process.wait()
     assert (output / "checkpoint-6").is_dir() and not (output / "model.safetensors").exists()
@@ -169,14 +164,8 @@ def test_sigterm_under_zero2_saves_on_every_rank_and_resumes(assets, runs, tmp_p
     output = tmp_path / "preempted"
     argv = flags(assets, output, runs / "cache", 2, 2, "--max_steps", 400, "--save_steps", 1000,
                  "--lr_scheduler_type", "constant")
-    env = launch_env()
-    process = LoggedProcess(launch_command("zero2.yaml", 2, argv, ("--main_process_port", env["MASTER_PORT"])),
-                            tmp_path / "launch.log", env=env)
-    metrics = output / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        assert process.poll() is None and time.time() < deadline, process.output()[-3000:]
-        time.sleep(0.02)
+    process = launch_in_background("zero2.yaml", 2, argv, tmp_path / "launch.log")
+    process.wait_until(lambda: len(logged_steps(output)) >= 3)
     process.send_signal(signal.SIGTERM)  # to the launcher alone, as Kubernetes does: it forwards it to the workers
     out = process.output(timeout=120)
     assert_stopped_under_the_launcher(out, process, "SIGTERM")

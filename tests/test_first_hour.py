@@ -8,11 +8,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import ROOT, LoggedProcess, assert_stopped_under_the_launcher, cosine_lr, launch_command, launch_env, \
-    read_metrics, run_in_process, tiny_flags
+    launch_in_background, logged_steps, read_metrics, run_in_process, tiny_flags
 
 from pretrain.output_lock import LOCK_FILE
 
@@ -54,10 +53,7 @@ def test_a_second_run_in_the_same_output_dir_is_refused_and_the_first_is_unharme
     argv = [sys.executable, str(ROOT / "train_loop.py"),
             *map(str, tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 100000, "--save_steps", 5))]
     first = LoggedProcess(argv, tmp_path / "first.log", env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    deadline = time.time() + 120
-    while not (output / "metrics.jsonl").exists():
-        assert first.poll() is None and time.time() < deadline, first.output()[-3000:]
-        time.sleep(0.05)
+    first.wait_until(lambda: (output / "metrics.jsonl").exists(), timeout=120)
     second = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert first.poll() is None, "the first run ended before the second was refused: make it longer"
     assert second.returncode == 1 and "Traceback" not in second.stderr
@@ -101,14 +97,9 @@ def test_ctrl_c_under_the_launcher_saves_and_shows_no_traceback_of_ours(assets, 
     SIGINT must not be taken for a user's second Ctrl-C. (A SIGTERM to the launcher alone, as Kubernetes sends it,
     is tests/test_distributed.py's preemption test.)"""
     output = tmp_path / "run"
-    env = launch_env()
     argv = tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 400, "--save_steps", 1000)
-    process = LoggedProcess(launch_command("zero2.yaml", 2, argv, ("--main_process_port", env["MASTER_PORT"])),
-                            tmp_path / "launch.log", env=env, start_new_session=True)
-    deadline = time.time() + 300
-    while not ((output / "metrics.jsonl").exists() and len((output / "metrics.jsonl").read_text().split()) >= 3):
-        assert process.poll() is None and time.time() < deadline, process.output()[-3000:]
-        time.sleep(0.02)
+    process = launch_in_background("zero2.yaml", 2, argv, tmp_path / "launch.log", start_new_session=True)
+    process.wait_until(lambda: len(logged_steps(output)) >= 3)  # mid-run, a few steps in
     os.killpg(process.pid, signal.SIGINT)
     out = process.output(timeout=120)
     assert_stopped_under_the_launcher(out, process, "SIGINT")
