@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,42 +30,15 @@ import numpy as np
 import torch
 
 from pretrain import corpus_build
+from pretrain.arguments import DEFAULT_CACHE_ROOT, DEFAULT_SPLIT_SEED, DataArguments, ModelArguments, \
+    argument_parser
 from pretrain.cache_claims import main_reports_first
-from pretrain.corpus_cache import PackedData, cache_key, load_cache
-from pretrain.corpus_files import DataError, iter_documents, plan_pieces, resolve_files
-from pretrain.errors import cannot_load
-
-DEFAULT_CACHE_ROOT = Path(os.environ.get("PRETRAIN_LOOP_CACHE", Path.home() / ".cache" / "pretrain_loop"))
+from pretrain.corpus_cache import PackedData, cache_description, cache_key, load_cache, near_miss
+from pretrain.corpus_files import iter_documents, plan_pieces, resolve_files
+from pretrain.errors import DataError, UsageError, unwritable
+from pretrain.loading import load_config, load_tokenizer
 
 logger = logging.getLogger("data_utils")
-
-
-@dataclass
-class DataArguments:
-    train_files: list[str] | None = field(
-        default=None,
-        metadata={"help": "Training corpus: paths or glob patterns (.jsonl/.json/.txt, optionally .gz, or .parquet). "
-                          "Empty: the built-in demo corpus.", "nargs": "+"},
-    )
-    validation_files: list[str] | None = field(
-        default=None, metadata={"help": "Validation corpus, same formats. Default: held out from the training files.",
-                                "nargs": "+"},
-    )
-    validation_split_percentage: float = field(
-        default=5.0, metadata={"help": "Percent of training documents held out for validation when "
-                                       "--validation_files is not given (0 disables evaluation)."},
-    )
-    text_column: str = field(default="text", metadata={"help": "Field holding the document text in JSON and Parquet."})
-    block_size: int | None = field(default=None, metadata={
-        "help": "Tokens per training block (sequence length). Training default: min(2048, the model's "
-                "max_position_embeddings); required by `python data_utils.py`."})
-    preprocessing_num_workers: int | None = field(
-        default=None, metadata={"help": "Tokenizing processes, each single-threaded (default: the cores, divided "
-                                       "among the processes of a launch on this machine)."},
-    )
-    data_cache_dir: str | None = field(
-        default=None, metadata={"help": f"Where packed datasets are cached (default: {DEFAULT_CACHE_ROOT}/data)."},
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -109,16 +81,6 @@ def check_tokenizer_encodes(tokenizer: Any, files: list[Path], text_column: str,
                         f"tokenizer")
 
 
-def unwritable(folder: Path) -> str | None:
-    """Why files cannot be written in `folder` (created if missing), or None when they can."""
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as error:
-        return error.strerror or str(error)
-    return None
-
-
 def default_workers() -> int:
     """The cores this process may use, divided among the processes that a launch started on this machine."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -128,7 +90,8 @@ def default_workers() -> int:
 def _no_usable_text(flag: str, files: list[Path], documents: int, skipped: int) -> None:
     if documents == 0:
         found = f"{skipped} empty, null or non-string" if skipped else "no"
-        raise DataError(f"{flag}: {', '.join(map(str, files))} hold {found} documents and no usable text; "
+        raise DataError(f"{flag}: {', '.join(map(str, files))} hold{'s' if len(files) == 1 else ''} {found} "
+                        f"documents and no usable text; "
                         f"check the files and --text_column")
 
 
@@ -201,8 +164,9 @@ def _prepare_data(args: DataArguments, tokenizer: Any, seed: int, show_progress:
     validation_files = resolve_files(args.validation_files, "--validation_files") if args.validation_files else None
 
     cache_root = Path(args.data_cache_dir or DEFAULT_CACHE_ROOT / "data").expanduser().absolute()  # workers: cwd ROOT
-    directory = cache_root / cache_key(train_files, validation_files, args.validation_split_percentage,
-                                       args.block_size, args.text_column, tokenizer, seed)
+    description = cache_description(train_files, validation_files, args.validation_split_percentage,
+                                    args.block_size, args.text_column, tokenizer, seed)
+    directory = cache_root / cache_key(description)
     cached = load_cache(directory)
     if cached is not None:
         cached.stats.update(cache_hit=True, seconds=round(time.perf_counter() - start, 3), shards_reused=None,
@@ -214,11 +178,14 @@ def _prepare_data(args: DataArguments, tokenizer: Any, seed: int, show_progress:
                         f"--data_cache_dir")
 
     check_tokenizer_encodes(tokenizer, train_files, args.text_column)
+    changed = near_miss(cache_root, description)
+    if changed and show_progress:
+        logger.warning(f"building a new data cache: the cache of these files differs only in {changed}")
     parts = {"train": train_files, **({"validation": validation_files} if validation_files else {})}
     plan = {"pieces": [piece.to_dict() for piece in plan_pieces(parts)], "dtype": str(token_dtype(len(tokenizer))),
             "eos": eos, "seed": seed, "text_column": args.text_column, "block_size": args.block_size,
             "validation_percentage": 0.0 if validation_files else args.validation_split_percentage,
-            "final_dir": str(directory)}
+            "final_dir": str(directory), "key": description}
     folder = directory.with_name(directory.name + ".build")
     workers = args.preprocessing_num_workers or default_workers()
     built = corpus_build.build(folder, directory, plan, tokenizer.backend_tokenizer.to_str(), workers, show_progress)
@@ -317,15 +284,16 @@ def build_eval_dataloader(blocks: np.ndarray, batch_size: int, num_workers: int 
 @dataclass
 class PreprocessArguments:
     tokenizer_name: str = field(metadata={"help": "Tokenizer name on the Hub or local path."})
+    config_name: str | None = field(default=None, metadata={
+        "help": "The model's config (Hub name, folder or config.json), when the tokenizer's folder has none: the "
+                "tokenizer then loads as the class the model uses, as in training (same cache)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom tokenizer code from the Hub."})
-    seed: int = field(default=42, metadata={"help": "Seed of the validation split (use the training run's seed)."})
+    data_seed: int = field(default=DEFAULT_SPLIT_SEED, metadata={
+        "help": "Seed of the validation split: the training run's --data_seed if it passes one (its --seed does not "
+                "matter).", "aliases": ["--seed"]})
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
-    from pretrain.arguments import argument_parser
-
     def error(message: str) -> None:
         sys.exit(f"error: {message}")
 
@@ -341,12 +309,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if data_args.block_size is None:
         error("--block_size is required: the tokens per training block; pass the training run's value, e.g. "
               "--block_size 2048")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(preprocess_args.tokenizer_name,
-                                                  trust_remote_code=preprocess_args.trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise DataError(cannot_load("--tokenizer_name", preprocess_args.tokenizer_name, error)) from None
-    packed = prepare_data(data_args, tokenizer, seed=preprocess_args.seed)
+    model_args = ModelArguments(tokenizer_name=preprocess_args.tokenizer_name, config_name=preprocess_args.config_name,
+                                trust_remote_code=preprocess_args.trust_remote_code)
+    tokenizer = load_tokenizer(model_args, data_args, load_config(model_args))
+    packed = prepare_data(data_args, tokenizer, seed=preprocess_args.data_seed)
     print(json.dumps(packed.stats))
     return packed.stats
 
@@ -354,5 +320,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 if __name__ == "__main__":
     try:
         main()
-    except DataError as error:
+    except (DataError, UsageError) as error:
         sys.exit(f"error: {error}")

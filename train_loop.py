@@ -20,19 +20,21 @@ from typing import Any
 import torch
 
 import data_utils
-from data_utils import DataArguments, DataError
-from pretrain.arguments import ModelArguments, TrainArguments, is_demo, parse_args
-from pretrain.checkpoints import TrainState, choose_checkpoint, launch_state, resume, save_checkpoint, \
-    save_final_model
+from pretrain.arguments import DataArguments, ModelArguments, TrainArguments, is_demo, order_seed, parse_args, \
+    split_seed
+from pretrain.checkpoints import choose_checkpoint, launch_state, resume, save_checkpoint, save_final_model
 from pretrain.chunked_loss import block_losses_in_chunks, compute_loss_in_chunks
-from pretrain.errors import SEEN_BY_EVERY_RANK, CheckpointError, NonFiniteLoss, UsageError, exit_with, first_line
+from pretrain.errors import SEEN_BY_EVERY_RANK, CheckpointError, DataError, NonFiniteLoss, UsageError, exit_with, \
+    first_line
 from pretrain.launch import build_accelerator, create_output_dirs, deepspeed_config, fill_deepspeed_config, \
-    zero_stage_of
-from pretrain.loading import build_config, load_tokenizer, load_weights, resolve_block_size
-from pretrain.metrics import MetricsLogger, StepTimer, device_peak_tflops, flops_per_token, numel, throughput
+    warn_if_precision_is_emulated, zero_stage_of
+from pretrain.loading import build_config, load_config, load_tokenizer, load_weights, resolve_block_size
+from pretrain.metrics import LogWindow, MetricsLogger, device_peak_tflops, flops_per_token, numel, throughput
 from pretrain.output_lock import hold_output_dir
 from pretrain.run_control import RunControl, ensure_finite, ensure_savable
 from pretrain.speedups import apply_liger_kernel, compile_layers
+from pretrain.state import TrainState
+from pretrain.tracking import check_tracker
 
 logger = logging.getLogger("train_loop")
 
@@ -51,37 +53,40 @@ class Prepared:
 class RunPlan:
     """The run's constants, fixed before the first step."""
     total_steps: int
-    global_batch_blocks: int  # blocks per optimizer step, over all processes and micro-steps
-    block_size: int
+    steps_per_epoch: int
+    tokens_per_step: int  # over all processes and micro-steps
     flops_per_token: int
+    peak_tflops: float | None  # of one device, for MFU
 
 
 def main(argv: list[str] | None = None) -> str:
+    # Parse: every flag and folder is checked before any work.
     model_args, data_args, args = parse_args(argv)
+    check_tracker(args)
     create_output_dirs(args)
     demo = is_demo(model_args, data_args)  # before load_data, which points the demo at its corpus
+
+    # Accelerator: this process joins the launch (DeepSpeed plugin, process group, logging).
     accelerator = build_accelerator(args)
     with hold_output_dir(accelerator, args.output_dir):  # one run per folder: a second one is refused
         torch.manual_seed(args.seed)
 
+        # Data, model, optimizer and schedule, all prepared for the launch's layout.
         tokenizer, config, data = load_data(accelerator, model_args, data_args, args)
         train_loader, eval_loader, global_batch_blocks = build_loaders(accelerator, data, data_args, args)
-        total_steps = count_steps(len(data.train), global_batch_blocks, args)
-
         model = build_model(model_args, config, tokenizer, args)
-        logger.info(f"model: {sum(map(numel, model.parameters())) / 1e6:.2f}M parameters; {total_steps} steps "
-                    f"of {global_batch_blocks} blocks ({len(data.train) // global_batch_blocks} per epoch)")
-        plan = RunPlan(total_steps, global_batch_blocks, data_args.block_size,
-                       flops_per_token(model, data_args.block_size))
+        plan = plan_run(model, len(data.train), global_batch_blocks, data_args.block_size, args)
         optimizer = build_optimizer(model, args, accelerator)
-        run = prepare(accelerator, model, optimizer, train_loader, eval_loader, args, total_steps)
+        run = prepare(accelerator, model, optimizer, train_loader, eval_loader, args, plan.total_steps)
 
-        state = launch_state(accelerator, global_batch_blocks, len(data.train), schedule_of(args, total_steps))
+        # Resume from the newest complete checkpoint, if any.
+        state = launch_state(accelerator, global_batch_blocks, len(data.train), schedule_of(args, plan.total_steps))
         state = resume(accelerator, choose_checkpoint(accelerator, args), state, args, run.scheduler)
 
+        # The loop.
         run_config = {"model": asdict(model_args), "data": asdict(data_args), "train": asdict(args),
-                      "num_processes": accelerator.num_processes, "total_steps": total_steps}
-        with MetricsLogger(accelerator, args, total_steps, state, run_config) as metrics, \
+                      "num_processes": accelerator.num_processes, "total_steps": plan.total_steps}
+        with MetricsLogger(accelerator, args, plan.total_steps, state, run_config) as metrics, \
                 RunControl(accelerator.num_processes, args.profile_dir, accelerator.process_index) as control:
             ended = train(accelerator, run, plan, state, args, metrics, control)
         if ended != "done":
@@ -90,6 +95,7 @@ def main(argv: list[str] | None = None) -> str:
                                f"rerun the same command to resume")
             return ended
 
+        # Save the final Hugging Face model.
         save_final_model(accelerator, run.model, tokenizer, args)
         if demo:
             print_sample(run.model, tokenizer, accelerator)
@@ -103,10 +109,12 @@ def main(argv: list[str] | None = None) -> str:
 
 def load_data(accelerator, model_args: ModelArguments, data_args: DataArguments, args: TrainArguments):
     """Tokenizer, config and packed blocks (every rank helps build them, waiting on files, not in a collective)."""
-    tokenizer = load_tokenizer(model_args, data_args)
-    config = build_config(model_args, tokenizer)
+    config = load_config(model_args)
+    tokenizer = load_tokenizer(model_args, data_args, config)
+    config = build_config(model_args, tokenizer, config)
     resolve_block_size(data_args, config)
-    data = data_utils.prepare_data(data_args, tokenizer, seed=args.seed, show_progress=accelerator.is_main_process)
+    data = data_utils.prepare_data(data_args, tokenizer, seed=split_seed(args),
+                                   show_progress=accelerator.is_main_process)
     logger.info(f"data: {json.dumps(data.stats)}")
     return tokenizer, config, data
 
@@ -117,27 +125,55 @@ def build_loaders(accelerator, data, data_args: DataArguments, args: TrainArgume
         args.gradient_accumulation_steps
     pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
     train_loader = data_utils.build_train_dataloader(data.train, args.per_device_train_batch_size, global_batch_blocks,
-                                                     args.seed, args.dataloader_num_workers, pin_memory)
+                                                     order_seed(args), args.dataloader_num_workers, pin_memory)
     eval_loader = None
     if data.validation is not None and args.eval_strategy != "no":
-        eval_loader = data_utils.build_eval_dataloader(data.validation[: args.max_eval_samples],
-                                                       args.per_device_eval_batch_size,
+        blocks = eval_blocks(args, len(data.validation), global_batch_blocks, len(data.train) // global_batch_blocks,
+                             accelerator.num_processes)
+        eval_loader = data_utils.build_eval_dataloader(data.validation[:blocks], args.per_device_eval_batch_size,
                                                        args.dataloader_num_workers, pin_memory)
     return train_loader, eval_loader, global_batch_blocks
 
 
-def count_steps(num_blocks: int, global_batch_blocks: int, args: TrainArguments) -> int:
-    steps_per_epoch = num_blocks // global_batch_blocks
-    return args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+# A forward costs about a third of a training step (forward and backward), so evaluating 0.3 times the blocks that
+# training reads between two evaluations takes about a tenth of the training time.
+EVAL_SHARE_OF_TRAINED_BLOCKS = 0.3
+MIN_EVAL_BLOCKS = 32  # fewer gives a noisy eval_loss
+
+
+def eval_blocks(args: TrainArguments, available: int, global_batch_blocks: int, steps_per_epoch: int,
+                num_processes: int) -> int:
+    """How many held-out blocks each evaluation reads: --max_eval_samples, or by default about a tenth of the
+    training time at the evaluation cadence. The same first blocks every time, so eval_loss compares across a run."""
+    if args.max_eval_samples:
+        blocks, why = min(args.max_eval_samples, available), "--max_eval_samples"
+    else:
+        every = steps_per_epoch if args.eval_strategy == "epoch" else args.eval_steps or args.save_steps
+        budget = int(EVAL_SHARE_OF_TRAINED_BLOCKS * every * global_batch_blocks)
+        blocks = min(available, max(budget, MIN_EVAL_BLOCKS, args.per_device_eval_batch_size * num_processes))
+        why = "the default, about a tenth of the training time; --max_eval_samples sets it"
+    logger.info(f"evaluation: {blocks} of {available} held-out blocks each time ({why})")
+    return blocks
+
+
+def plan_run(model, train_blocks: int, global_batch_blocks: int, block_size: int, args: TrainArguments) -> RunPlan:
+    """The run's length and what its throughput is measured against."""
+    steps_per_epoch = train_blocks // global_batch_blocks
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    logger.info(f"model: {sum(map(numel, model.parameters())) / 1e6:.2f}M parameters; {total_steps} steps of "
+                f"{global_batch_blocks} blocks ({steps_per_epoch} per epoch)")
+    return RunPlan(total_steps, steps_per_epoch, tokens_per_step=global_batch_blocks * block_size,
+                   flops_per_token=flops_per_token(model, block_size), peak_tflops=device_peak_tflops(args))
 
 
 def build_model(model_args: ModelArguments, config, tokenizer, args: TrainArguments):
     """The weights (loaded or initialised), then what training changes about the model."""
+    warn_if_precision_is_emulated(args, config)
     model = load_weights(model_args, config, tokenizer, args.seed)
     if args.use_liger_kernel:
         apply_liger_kernel(model, args)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
         model.config.use_cache = False
     if args.loss_chunk_size:
         compute_loss_in_chunks(model, args.loss_chunk_size)
@@ -224,109 +260,141 @@ def prepare(accelerator, model, optimizer, train_loader, eval_loader, args: Trai
 
 def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: TrainArguments,
           metrics: MetricsLogger, control: RunControl) -> str:
-    """Run optimizer steps until plan.total_steps; returns why it ended: 'done' or the signal name."""
+    """Optimizer steps until plan.total_steps; returns why the loop ended: 'done' or the stop signal's name."""
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
-    steps_per_epoch = len(run.train_loader) // args.gradient_accumulation_steps
-    tokens_per_step = plan.global_batch_blocks * plan.block_size
-    peak_tflops = device_peak_tflops(args)
-    uses_deepspeed = accelerator.state.deepspeed_plugin is not None
-    eval_every = args.eval_steps or args.save_steps
-    timer = StepTimer()
-    loss_sum = torch.zeros((), device=accelerator.device)
-    micro_steps = 0
-    grad_norm = None
+    window = LogWindow(accelerator.device)
     model.train()
-    if state.step >= plan.total_steps:
-        logger.info(f"the checkpoint is at step {state.step} of {plan.total_steps}: nothing left to train")
-    while state.step < plan.total_steps:
-        run.train_loader.set_epoch(state.epoch)
-        skip = state.step_in_epoch * args.gradient_accumulation_steps
-        # Skipping works on batch indices only: the skipped blocks are never read.
-        loader = accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
-        iterator = iter(loader)
-        steps_before = state.step
-        while state.step < plan.total_steps and (batch := timer.timed_next(iterator)) is not None:
+    for micro_batches in optimizer_steps(accelerator, run.train_loader, state, plan, window):
+        # Forward and backward on each micro-batch; at the last one the gradients are reduced and clipped.
+        for batch in micro_batches:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    grad_norm = grad_norm_of(accelerator, model, args.max_grad_norm)
+                    clip_norm = clip_gradients(accelerator, model, args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            micro_steps += 1
-            if not accelerator.sync_gradients:
-                continue
-            if not accelerator.optimizer_step_was_skipped:  # an fp16 overflow skips the step: the schedule waits
-                scheduler.step()
-            if uses_deepspeed:
-                grad_norm = model.get_global_grad_norm()
-            state.step += 1
-            state.tokens_seen += tokens_per_step
-            state.step_in_epoch += 1
-            epoch = state.epoch + state.step_in_epoch / steps_per_epoch
-            epoch_done = state.step_in_epoch == steps_per_epoch
-            if epoch_done:  # roll over before any save, so that a checkpoint never points past its epoch's end
-                state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            timer.steps += 1
-            metrics.advance()
-            control.profiler.step()
-            last = state.step == plan.total_steps
-            if should(args.logging_strategy, args.logging_steps, state.step, epoch_done) or last:
-                mean_loss = accelerator.reduce(loss_sum / micro_steps, reduction="mean").item()
-                ensure_finite(mean_loss, state.step, args)
-                state.elapsed_s += time.perf_counter() - timer.start
-                metrics.log({"step": state.step, "epoch": round(epoch, 4), "loss": mean_loss,
-                             "lr": scheduler.get_last_lr()[0],
-                             "grad_norm": None if grad_norm is None else float(grad_norm),
-                             "tokens_seen": state.tokens_seen, "elapsed_s": round(state.elapsed_s, 3),
-                             **throughput(timer, tokens_per_step, accelerator.num_processes, plan.flops_per_token,
-                                          peak_tflops)})
-                loss_sum.zero_()
-                micro_steps = 0
-                timer.reset()
-            stopping = control.stop.agreed()  # then only the save: the launcher kills workers 30 s after a signal
-            if run.eval_loader is not None and not stopping and \
-                    (should(args.eval_strategy, eval_every, state.step, epoch_done) or last):
+            window.add_loss(loss)
+
+        # Schedule and bookkeeping: an fp16 overflow skips the optimizer step, and the schedule waits with it.
+        if not accelerator.optimizer_step_was_skipped:
+            scheduler.step()
+        epoch_done = state.advance(plan.tokens_per_step, plan.steps_per_epoch)
+        window.steps += 1
+        metrics.advance()
+        control.step_done(state.step)
+        last = state.step == plan.total_steps
+
+        # Log: the mean loss over the window's micro-batches and processes, throughput, memory.
+        if is_due(args.logging_strategy, args.logging_steps, state, epoch_done) or last:
+            record = log_window(accelerator, window, plan, state, args, metrics, lr=scheduler.get_last_lr()[0],
+                                grad_norm=grad_norm_after_step(accelerator, model, clip_norm))
+            control.warn_if_a_stop_cannot_save(record["step_time_s"])
+
+        # Once any rank was asked to stop, only the save is left: the launcher kills workers 30 s after a signal.
+        stopping = control.stop.agreed()
+
+        # Evaluate on the held-out blocks.
+        if run.eval_loader is not None and not stopping and \
+                (is_due(args.eval_strategy, args.eval_steps or args.save_steps, state, epoch_done) or last):
+            with window.set_aside("eval_s"):
                 metrics.log({"step": state.step,
                              **evaluate(accelerator, model, run.eval_loader, args.loss_chunk_size)})
-            # The last step is saved too, so that rerunning a finished command (or raising --max_steps) resumes
-            # from the end rather than redoing the tail after the last save_steps checkpoint.
-            final_save = last and args.save_strategy != "no"
-            if should(args.save_strategy, args.save_steps, state.step, epoch_done) or stopping or final_save:
-                ensure_savable(accelerator, model, loss_sum, state.step, args)
+
+        # Save. The last step is saved too, so that rerunning a finished command (or raising --max_steps) resumes
+        # from the end rather than redoing the tail after the last save_steps checkpoint.
+        if is_due(args.save_strategy, args.save_steps, state, epoch_done) or stopping or \
+                (last and args.save_strategy != "no"):
+            with window.set_aside("save_s"):
+                ensure_savable(accelerator, model, window.loss_sum, state.step, args)
                 state.lr = scheduler.get_last_lr()[0]
                 save_checkpoint(accelerator, state, args)
-            if stopping:
-                return control.stop.signal_name or "signal on another rank"
-            if epoch_done:
-                break
-        if state.step == steps_before:
-            raise RuntimeError(f"epoch {state.epoch} gave no optimizer step (skipped {skip} batches of "
-                               f"{len(run.train_loader)}): the data position is inconsistent")
+        if stopping:
+            return control.stop.signal_name or "signal on another rank"
     return "done"
 
 
-def grad_norm_of(accelerator, model, max_grad_norm: float):
-    """Clip (plain/DDP) or read DeepSpeed's norm; returns a tensor or float that is read only when logged."""
+def optimizer_steps(accelerator, train_loader, state: TrainState, plan: RunPlan, window: LogWindow):
+    """The micro-batches of each optimizer step still to take, from the state's place in its epoch onwards.
+
+    Each epoch sets the sampler's epoch and skips the batches a checkpoint had already read (by index: the skipped
+    blocks are never loaded). The loop advances `state` between steps, and an epoch's roll-over shows here.
+    """
+    accumulation = accelerator.gradient_accumulation_steps
+    if state.step >= plan.total_steps:
+        logger.info(f"the checkpoint is at step {state.step} of {plan.total_steps}: nothing left to train")
+    while state.step < plan.total_steps:
+        train_loader.set_epoch(state.epoch)
+        skip = state.step_in_epoch * accumulation
+        batches = iter(accelerator.skip_first_batches(train_loader, skip) if skip else train_loader)
+        steps_left = min(plan.steps_per_epoch - state.step_in_epoch, plan.total_steps - state.step)
+        for _ in range(steps_left):
+            yield step_batches(batches, accumulation, window, state)
+
+
+def step_batches(batches, accumulation: int, window: LogWindow, state: TrainState):
+    """One optimizer step's micro-batches, read one at a time as the forward asks for them."""
+    for _ in range(accumulation):
+        batch = window.timed_next(batches)
+        if batch is None:
+            raise RuntimeError(f"the data loader ended inside step {state.step + 1} (epoch {state.epoch}, step "
+                               f"{state.step_in_epoch} of it): the data position is inconsistent")
+        yield batch
+
+
+def clip_gradients(accelerator, model, max_grad_norm: float):
+    """Clip the reduced gradients (plain/DDP) and return their norm before clipping, a tensor read only when logged.
+    None under DeepSpeed, which clips inside its optimizer step (gradient_clipping in its config)."""
     if accelerator.state.deepspeed_plugin is not None:
-        return None  # DeepSpeed clips inside its step; the norm is read after it
+        return None
     return accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
 
 
-def should(strategy: str, every: int, step: int, epoch_done: bool) -> bool:
-    return (strategy == "steps" and step % every == 0) or (strategy == "epoch" and epoch_done)
+def grad_norm_after_step(accelerator, model, clip_norm) -> float | None:
+    if accelerator.state.deepspeed_plugin is not None:
+        clip_norm = model.get_global_grad_norm()
+    return None if clip_norm is None else float(clip_norm)
+
+
+def is_due(strategy: str, every: int, state: TrainState, epoch_done: bool) -> bool:
+    """Whether a 'steps' or 'epoch' strategy (--logging/eval/save_strategy) acts after this step."""
+    return (strategy == "steps" and state.step % every == 0) or (strategy == "epoch" and epoch_done)
+
+
+def log_window(accelerator, window: LogWindow, plan: RunPlan, state: TrainState, args: TrainArguments,
+               metrics: MetricsLogger, lr: float, grad_norm: float | None) -> dict[str, Any]:
+    """The log record of the steps since the last one (the loss is reduced across processes: one sync)."""
+    mean_loss = accelerator.reduce(window.loss_sum / window.micro_steps, reduction="mean").item()
+    ensure_finite(mean_loss, state.step, args)
+    state.elapsed_s += window.wall_seconds()
+    record = {"step": state.step, "epoch": round(state.epochs_done(plan.steps_per_epoch), 4), "loss": mean_loss,
+              "lr": lr, "grad_norm": grad_norm, "tokens_seen": state.tokens_seen,
+              "elapsed_s": round(state.elapsed_s, 3),
+              **throughput(window, plan.tokens_per_step, accelerator.num_processes, plan.flops_per_token,
+                           plan.peak_tflops)}
+    metrics.log(record)
+    window.reset()
+    return record
+
+
+EVAL_PROGRESS_AFTER_S = 5.0  # an evaluation that lasts longer says how far it is, every so many seconds
 
 
 def evaluate(accelerator, model, eval_loader, chunk_size: int) -> dict[str, float]:
-    """Mean token loss and perplexity over all validation blocks, gathered across processes."""
+    """Mean token loss and perplexity over the evaluation blocks, gathered across processes."""
     model.eval()
     block_losses = []
+    start = shown = time.perf_counter()
     with torch.no_grad():
-        for batch in eval_loader:
+        for index, batch in enumerate(eval_loader, 1):
             losses = eval_block_losses(accelerator, model, batch["input_ids"], chunk_size)
             block_losses.append(accelerator.gather_for_metrics(losses))
+            if time.perf_counter() - shown >= EVAL_PROGRESS_AFTER_S and accelerator.is_main_process:
+                shown = time.perf_counter()
+                logger.info(f"evaluating: batch {index} of {len(eval_loader)}, {shown - start:.0f} s")
     model.train()
+    if time.perf_counter() - start >= EVAL_PROGRESS_AFTER_S and accelerator.is_main_process:
+        logger.info(f"evaluated {len(eval_loader)} batches in {time.perf_counter() - start:.0f} s")
     loss = torch.cat(block_losses).mean().item()
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 

@@ -4,29 +4,37 @@
 #    torch.compile of the decoder layers): the zero2/single_gpu ratio and the best single-GPU MFU.
 #  - Qwen2.5-1.5B's shape (the chapter's model) with the chapter's settings (block 2048, bf16, gradient
 #    checkpointing, micro-batch 16) through zero2.yaml with one process: eager, compiled, Liger-Kernel, compiled +
-#    Liger, and single_gpu with compiled + Liger; beside them transformers.Trainer with the chapter's DeepSpeed JSON
-#    (bench/trainer_chapter.py) on the same blocks: tokens/s, MFU, peak memory and loss after the same steps.
+#    Liger, compiled + FP8 (--fp8, torchao), and single_gpu with compiled + Liger; beside them transformers.Trainer
+#    with the chapter's DeepSpeed JSON (bench/trainer_chapter.py) on the same blocks: tokens/s, MFU, peak memory and
+#    loss after the same steps.
 # Random init and the demo corpus: the data is not what is measured. Compiled rows print the graphs dynamo made.
+# Without a CUDA GPU it dry-runs every row with tiny shapes in fp32 (a check of the script, not a measurement; the
+# FP8 rows are then refused in one line, as they should be).
 #
 #   pip install -r requirements-gpu.txt && bash bench/gpu_mfu.sh     # STEPS=12 MICRO_BATCH=16 WORK=/tmp/gpu_mfu
 #   ONLY="1.5b:zero2 1.5b:trainer" bash bench/gpu_mfu.sh              # some rows; PROFILE="<row>" adds its top ops
 #   FULL=1 bash bench/gpu_mfu.sh                                       # also eager and Liger-only rows, and ckpt=off
+#   ONLY="1.5b:loss-bf16 1.5b:loss-fp8" LOSS_STEPS=200 bash bench/gpu_mfu.sh   # FP8's loss against bf16's
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/gpu_mfu}
-STEPS=${STEPS:-12}
-MICRO_BATCH=${MICRO_BATCH:-16}
+if python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then DRY=0; else DRY=1; fi
+STEPS=${STEPS:-$([ $DRY = 1 ] && echo 3 || echo 12)}
+MICRO_BATCH=${MICRO_BATCH:-$([ $DRY = 1 ] && echo 2 || echo 16)}
+BLOCK=$([ $DRY = 1 ] && echo 128 || echo 2048)
+PRECISION=$([ $DRY = 1 ] && echo "" || echo "--bf16")  # bf16 on a CPU without native support is ~100x slower
+LOSS_STEPS=${LOSS_STEPS:-200}
 mkdir -p "$WORK"
 
-python3 - "$WORK" <<'PY'
+python3 - "$WORK" "$DRY" <<'PY'
 import json, sys
 from pathlib import Path
 sys.path.insert(0, ".")
-import data_utils
-work = Path(sys.argv[1])
-corpus, tokenizer = data_utils.ensure_demo_assets(work / "demo")
+from pretrain import demo_corpus
+work, dry = Path(sys.argv[1]), sys.argv[2] == "1"
+corpus, tokenizer = demo_corpus.ensure_demo_assets(work / "demo")
 if not (work / "corpus.jsonl").exists():
-    data_utils.write_demo_corpus(work / "corpus.jsonl", documents=30000, seed=5)
+    demo_corpus.write_demo_corpus(work / "corpus.jsonl", documents=3000 if dry else 30000, seed=5)
 common = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=151936, max_position_embeddings=32768,
               rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu", eos_token_id=0,
               bos_token_id=0)
@@ -34,7 +42,9 @@ shapes = {"0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layer
                        num_key_value_heads=2),  # 494M parameters with the tied embedding
           "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                        num_key_value_heads=2)}  # 1.54B
+tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 for name, shape in shapes.items():
+    shape = tiny if dry else shape
     (work / name).mkdir(exist_ok=True)
     (work / name / "config.json").write_text(json.dumps({**common, **shape}))
 PY
@@ -48,10 +58,11 @@ row() {  # shape, name, accelerate config, extra flags...
   accelerate launch --config_file "accelerate_configs/$config" --num_processes 1 train_loop.py \
     --config_name "$WORK/$shape" --tokenizer_name "$WORK/demo/tokenizer" \
     --train_files "$WORK/corpus.jsonl" --data_cache_dir "$WORK/cache" --validation_split_percentage 0 \
-    --block_size 2048 --bf16 --attn_implementation sdpa --per_device_train_batch_size "$MICRO_BATCH" \
-    --max_steps "$STEPS" --logging_steps 4 --save_strategy no --eval_strategy no --report_to none \
+    --block_size "$BLOCK" $PRECISION --attn_implementation sdpa --per_device_train_batch_size "$MICRO_BATCH" \
+    --max_steps "$STEPS" --logging_steps "$(( STEPS < 4 ? STEPS : 4 ))" --save_strategy no --eval_strategy no --report_to none \
     --output_dir "$WORK/out_${shape}_$name" --overwrite_output_dir "$@" > "$log" 2>&1 \
-    || { echo "| $key failed: tail of $log |"; tail -5 "$log"; return 0; }
+    || { echo "| $key failed: $(grep -m1 '^error:' "$log" || echo "tail of $log") |"; grep -q '^error:' "$log" \
+         || tail -5 "$log"; return 0; }
   show "$key" "$WORK/out_${shape}_$name/metrics.jsonl"
 }
 
@@ -69,6 +80,7 @@ PY
 
 trainer_row() {  # the chapter's Trainer + DeepSpeed run on the 1.5B shape, same blocks as the rows above
   if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" 1.5b:trainer "* ]]; then return 0; fi
+  if [ $DRY = 1 ]; then echo "| 1.5b:trainer: skipped without a GPU |"; return 0; fi
   local blocks; blocks=$(ls "$WORK"/cache/*/train.npy 2>/dev/null | head -1)
   if [ -z "$blocks" ]; then echo "| 1.5b:trainer: no cache (run a 1.5b row first) |"; return 0; fi
   rm -f "$WORK/trainer.jsonl"
@@ -86,7 +98,8 @@ PY
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
-echo "steps $STEPS (the table shows the last 4), micro-batch $MICRO_BATCH, block 2048, bf16"
+[ $DRY = 1 ] && echo "no CUDA GPU: a dry run with tiny shapes in fp32 (checks the script; measures nothing)"
+echo "steps $STEPS (the table shows the last 4), micro-batch $MICRO_BATCH, block $BLOCK, ${PRECISION:-fp32}"
 echo "| row                          |   tokens/s |  step s |   MFU | mem GB | loss  | graphs |"
 echo "|------------------------------|-----------:|--------:|------:|-------:|-------|-------:|"
 row 0.5b single_gpu+compile single_gpu.yaml --torch_compile
@@ -96,8 +109,13 @@ row 1.5b zero2 zero2.yaml "${CHAPTER[@]}"
 row 1.5b zero2+compile zero2.yaml "${CHAPTER[@]}" --torch_compile
 row 1.5b zero2+liger zero2.yaml "${CHAPTER[@]}" --use_liger_kernel
 row 1.5b zero2+compile+liger zero2.yaml "${CHAPTER[@]}" --torch_compile --use_liger_kernel
+row 1.5b zero2+compile+fp8 zero2.yaml "${CHAPTER[@]}" --torch_compile --fp8
 row 1.5b single_gpu+compile+liger single_gpu.yaml "${CHAPTER[@]}" --torch_compile --use_liger_kernel
 trainer_row
+if [ -n "${ONLY:-}" ]; then  # FP8's loss against bf16's after LOSS_STEPS steps on the same blocks: only when asked
+  STEPS=$LOSS_STEPS row 1.5b loss-bf16 zero2.yaml "${CHAPTER[@]}" --torch_compile
+  STEPS=$LOSS_STEPS row 1.5b loss-fp8 zero2.yaml "${CHAPTER[@]}" --torch_compile --fp8
+fi
 if [ "${FULL:-0}" = 1 ]; then
   row 0.5b single_gpu single_gpu.yaml
   row 0.5b zero2 zero2.yaml

@@ -1,20 +1,29 @@
-"""What supports train_loop.py, one concern per module; train_loop.py imports these, never the other way round.
+"""What supports train_loop.py and data_utils.py, one concern per module.
 
-errors        the one-line errors a user can fix
-arguments     flags and argument files, the demo's defaults, validation
+Imports go one way, down this list, and never in a cycle (not even under TYPE_CHECKING); no module here imports
+the scripts above it (train_loop.py, data_utils.py, bench/, tests/). tests/test_layout.py checks both.
+
+The base, importing nothing from the project but the modules before it:
+errors        the one-line errors a user can fix, and the check that a folder is writable
+arguments     flags and argument files (model, data, training), the demo's defaults, validation
+state         the run state a checkpoint carries, and how one optimizer step advances it
+
+The concerns, each importing the base and the concerns it names:
+corpus_files  corpus formats, pieces of files, bad-input lines
+cache_claims  sharing a build folder between processes with claims and error files
+corpus_build  the streamed, crash-safe, multi-process build of the data cache (corpus_files, cache_claims)
+corpus_cache  the data cache's key and its memory-mapped loading
+demo_corpus   the built-in demo's generated corpus and tokenizer
 launch        the Accelerator and DeepSpeed set-up of a process
-loading       tokenizer, config and weights from the Hub or a folder
+loading       tokenizer, config and weights from the Hub or a folder (demo_corpus)
 chunked_loss  the output projection and cross-entropy a chunk of tokens at a time
 speedups      regional torch.compile and Liger-Kernel, applied to the built model
-checkpoints   the run state, atomic saves, choosing and loading a resume, the final model
 universal     a ZeRO checkpoint resumed on another world size, through DeepSpeed's universal format
+checkpoints   atomic saves, choosing and loading a resume, the final model (launch, universal)
 output_lock   one run per output_dir
-metrics       timing, tokens/s, FLOPs and MFU, compiled graphs, metrics.jsonl and the console
 tracking      SwanLab's mode and start
+metrics       timing, tokens/s, FLOPs and MFU, compiled graphs, metrics.jsonl and the console (tracking)
 run_control   stop signals, the profiler, non-finite checks
-corpus_files  corpus formats, pieces of files, bad-input lines (used by data_utils)
-corpus_build  the streamed, crash-safe, multi-process build of the data cache (used by data_utils)
-cache_claims  sharing a build folder between processes with claims and error files
-corpus_cache  the data cache's key and its memory-mapped loading (used by data_utils)
-demo_corpus   the built-in demo's generated corpus and tokenizer
 """
+
+BASE = ("errors", "arguments", "state")  # in order: each imports only those before it

@@ -2,12 +2,14 @@
 defaults, and validation with one-line `UsageError`s, all before any work is done.
 
 It owns what the flags mean and which combinations are refused; it must not load models, data or an Accelerator.
+Part of the package's base: it imports nothing from the project but `pretrain.errors`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,10 +17,10 @@ from typing import Any, Callable
 
 import torch
 
-from data_utils import DataArguments
 from pretrain.errors import UsageError, first_line
-from pretrain.tracking import has_swanlab_api_key
 
+DEFAULT_SPLIT_SEED = 42  # the validation split's seed unless --data_seed is given: the cache outlives --seed
+DEFAULT_CACHE_ROOT = Path(os.environ.get("PRETRAIN_LOOP_CACHE", Path.home() / ".cache" / "pretrain_loop"))
 
 SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"]
@@ -41,6 +43,34 @@ def argument_parser(dataclass_types: tuple, error: Callable[[str], Any]):
     parser = HfArgumentParser(dataclass_types, allow_abbrev=False, formatter_class=HelpFormatter)
     parser.error = error  # one line, no usage dump
     return parser
+
+
+@dataclass
+class DataArguments:
+    train_files: list[str] | None = field(
+        default=None,
+        metadata={"help": "Training corpus: paths or glob patterns (.jsonl/.json/.txt, optionally .gz, or .parquet). "
+                          "Empty: the built-in demo corpus.", "nargs": "+"},
+    )
+    validation_files: list[str] | None = field(
+        default=None, metadata={"help": "Validation corpus, same formats. Default: held out from the training files.",
+                                "nargs": "+"},
+    )
+    validation_split_percentage: float = field(
+        default=5.0, metadata={"help": "Percent of training documents held out for validation when "
+                                       "--validation_files is not given (0 disables evaluation)."},
+    )
+    text_column: str = field(default="text", metadata={"help": "Field holding the document text in JSON and Parquet."})
+    block_size: int | None = field(default=None, metadata={
+        "help": "Tokens per training block (sequence length). Training default: min(2048, the model's "
+                "max_position_embeddings); required by `python data_utils.py`."})
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Tokenizing processes, each single-threaded (default: the cores, divided "
+                                       "among the processes of a launch on this machine)."},
+    )
+    data_cache_dir: str | None = field(
+        default=None, metadata={"help": f"Where packed datasets are cached (default: {DEFAULT_CACHE_ROOT}/data)."},
+    )
 
 
 @dataclass
@@ -91,9 +121,17 @@ class TrainArguments:
     save_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints."})
     resume_from_checkpoint: str | None = field(default=None, metadata={
         "help": "A checkpoint folder or 'latest'. Default: resume from output_dir's newest complete checkpoint."})
-    seed: int = field(default=42, metadata={"help": "Seed of initialisation, data order and validation split."})
+    seed: int = field(default=42, metadata={"help": "Seed of initialisation and data order."})
+    data_seed: int | None = field(default=None, metadata={
+        "help": f"Seed of the validation split, and of the data order when given (default: the split uses "
+                f"{DEFAULT_SPLIT_SEED} whatever --seed is, so a cache built beforehand by `python data_utils.py` is "
+                f"reused)."})
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision."})
     fp16: bool = field(default=False, metadata={"help": "fp16 mixed precision with loss scaling (CUDA only)."})
+    fp8: bool = field(default=False, metadata={
+        "help": "FP8 matmuls in the Linear layers (torchao's float8 through Accelerate's mixed_precision='fp8'), bf16 "
+                "elsewhere; NVIDIA GPUs with FP8 tensor cores (compute capability 8.9+: Ada, Hopper and newer); "
+                "pip install -r requirements-gpu.txt. Pair it with --torch_compile, which fuses the casts."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
     torch_compile: bool = field(default=False, metadata={
         "help": "torch.compile each decoder layer in place (regional compilation), under DeepSpeed too."})
@@ -161,6 +199,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         argv = args_file_to_argv(Path(argv[0]))
     model_args, data_args, train_args, unknown = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True, look_for_args_file=False)
+    if any(flag.split("=")[0] in ("--dataset_name", "--dataset_config_name") for flag in unknown):
+        raise UsageError("--dataset_name: datasets by name are not read yet; download the dataset's files (e.g. "
+                         "`huggingface-cli download --repo-type dataset ORG/NAME`) and pass them with --train_files "
+                         "(.jsonl, .json, .txt, optionally .gz, or .parquet)")
     if unknown:
         raise UsageError(f"unknown argument(s): {' '.join(unknown)}; see python train_loop.py --help")
     if is_demo(model_args, data_args):
@@ -194,6 +236,16 @@ def args_file_to_argv(path: Path) -> list[str]:
     return argv
 
 
+def split_seed(args: TrainArguments) -> int:
+    """The validation split's seed: part of the data cache's key."""
+    return DEFAULT_SPLIT_SEED if args.data_seed is None else args.data_seed
+
+
+def order_seed(args: TrainArguments) -> int:
+    """The seed of the epochs' block order."""
+    return args.seed if args.data_seed is None else args.data_seed
+
+
 def is_demo(model_args: ModelArguments, data_args: DataArguments) -> bool:
     return not (model_args.model_name_or_path or model_args.config_name or data_args.train_files)
 
@@ -201,10 +253,13 @@ def is_demo(model_args: ModelArguments, data_args: DataArguments) -> bool:
 def validate_args(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments) -> None:
     checks = [
         (args.bf16 and args.fp16, "--bf16 and --fp16: choose one"),
+        (args.fp8 and args.fp16, "--fp8 and --fp16: choose one (--fp8 keeps bf16 outside the FP8 matmuls)"),
         (args.fp16 and model_args.torch_dtype == "float16",
          "--torch_dtype float16 with --fp16: fp16 weights cannot be loss-scaled; load float32 weights (the default) "
          "and let --fp16 cast"),
         (args.fp16 and not torch.cuda.is_available(), "--fp16 needs a CUDA GPU; use --bf16 on CPU"),
+        (args.fp8 and not has_fp8_tensor_cores(), f"--fp8 needs an NVIDIA GPU with FP8 tensor cores (compute "
+         f"capability 8.9+: Ada, Hopper or newer), and this machine has {describe_gpu()}; drop --fp8 (use --bf16)"),
         (model_args.model_name_or_path and model_args.config_name,
          "--model_name_or_path and --config_name: give one (weights to continue, or a config to start from)"),
         (data_args.train_files is None and not is_demo(model_args, data_args),
@@ -226,22 +281,37 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, args: Tr
         (args.loss_chunk_size < 0, "--loss_chunk_size must be >= 0 (0 turns chunking off)"),
         (not 0 <= args.adam_beta1 < 1 or not 0 <= args.adam_beta2 < 1, "--adam_beta1/--adam_beta2 must be in [0, 1)"),
         (data_args.block_size is not None and data_args.block_size < 2, "--block_size must be at least 2"),
-        (args.report_to == "swanlab" and args.swanlab_mode == "online" and not has_swanlab_api_key(),
-         "--swanlab_mode online: no SwanLab API key; set SWANLAB_API_KEY or run `swanlab login`, or use "
-         "--swanlab_mode local or offline"),
     ]
     for failed, message in checks:
         if failed:
             raise UsageError(message)
+    if args.fp8:
+        import importlib.util
+
+        if importlib.util.find_spec("torchao") is None:
+            raise UsageError("--fp8: torchao is not installed; pip install -r requirements-gpu.txt")
     if args.deepspeed is not None:
         read_json_object("--deepspeed", args.deepspeed)
     if args.lr_scheduler_kwargs:
         try:
-            assert isinstance(json.loads(args.lr_scheduler_kwargs), dict)
-        except (ValueError, AssertionError):
-            raise UsageError("--lr_scheduler_kwargs must be a JSON object, e.g. '{\"min_lr_rate\": 0.1}'") from None
+            kwargs = json.loads(args.lr_scheduler_kwargs)
+        except ValueError:
+            kwargs = None
+        if not isinstance(kwargs, dict):
+            raise UsageError("--lr_scheduler_kwargs must be a JSON object, e.g. '{\"min_lr_rate\": 0.1}'")
     if model_args.config_overrides:
         parse_config_overrides(model_args.config_overrides)
+
+
+def has_fp8_tensor_cores() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+def describe_gpu() -> str:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    major, minor = torch.cuda.get_device_capability()
+    return f"a {torch.cuda.get_device_name()} (compute capability {major}.{minor})"
 
 
 def read_json_object(flag: str, path: str) -> dict[str, Any]:

@@ -12,13 +12,14 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from pretrain.arguments import TrainArguments
 from pretrain.errors import CheckpointError, UsageError, first_line
 from pretrain.launch import zero_stage_of
+from pretrain.state import TrainState
 from pretrain.universal import load_universal, universal_copy
 
 logger = logging.getLogger("train_loop")
@@ -28,24 +29,6 @@ RUN_FILES = {"metrics.jsonl", "run_config.json", "swanlog", "logs", "run.lock"}
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
-
-
-@dataclass
-class TrainState:
-    """Everything besides model/optimizer/schedule/RNG that a resumed run needs."""
-    step: int = 0
-    epoch: int = 0
-    step_in_epoch: int = 0
-    tokens_seen: int = 0
-    elapsed_s: float = 0.0
-    swanlab_run_id: str | None = None
-    num_processes: int = 1
-    distributed_type: str = "NO"
-    global_batch_blocks: int = 0
-    train_blocks: int = 0
-    zero_stage: int | None = None
-    schedule: dict[str, Any] | None = None  # what shapes the learning rate: compared on resume
-    lr: float = 0.0  # the learning rate of the last step taken
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -243,10 +226,15 @@ def carry_data_position(saved: TrainState, current: TrainState) -> None:
 
 
 def save_final_model(accelerator, model, tokenizer, args: TrainArguments) -> None:
-    """A complete Hugging Face model (safetensors) under ZeRO-2/3 too: the state dict is gathered on every rank."""
+    """A complete Hugging Face model (safetensors) under ZeRO-2/3 too: the state dict is gathered on every rank.
+
+    Stored as `save_pretrained` stores it: a tied weight once (the gathered state dict holds a separate copy under
+    each name, which save_pretrained would write twice), tied back by `from_pretrained`."""
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
+        for tied_copy in getattr(unwrapped, "all_tied_weights_keys", None) or {}:
+            state_dict.pop(tied_copy, None)
         unwrapped.config.use_cache = True
         unwrapped.save_pretrained(args.output_dir, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(args.output_dir)

@@ -186,6 +186,13 @@ def peak_rss_gb(workers: int) -> float:
     return round((own + workers * child) / 2**20, 3)
 
 
+def machine_workers(workers: int) -> str:
+    """The tokenizing processes on this machine: each rank of a launch starts `workers` of its own."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    total = workers * ranks
+    return f"{total} worker process{'es' if total > 1 else ''}" + (f" from {ranks} ranks" if ranks > 1 else "")
+
+
 class _Progress:
     """A bar over the input's bytes with ETA and tokens/s: tqdm on a terminal, else a log line every 30 s."""
 
@@ -196,11 +203,10 @@ class _Progress:
         self.total, self.done, self.initial = total_bytes, done_bytes, done_bytes
         terminal = enabled and sys.stderr.isatty()
         self.bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                        desc=f"tokenizing ({workers} worker{'s' if workers > 1 else ''})", disable=not terminal,
+                        desc=f"tokenizing ({machine_workers(workers)})", disable=not terminal,
                         mininterval=1.0, smoothing=0.1)
         if enabled and not terminal:
-            logger.info(f"tokenizing {total_bytes / 1e9:.2f} GB with {workers} worker "
-                        f"process{'es' if workers > 1 else ''}"
+            logger.info(f"tokenizing {total_bytes / 1e9:.2f} GB with {machine_workers(workers)}"
                         + (f" ({done_bytes / 1e9:.2f} GB done before)" if done_bytes else ""))
 
     def update(self, input_bytes: int, tokens: int) -> None:
@@ -355,6 +361,7 @@ def assemble(folder: Path, final_dir: Path, counts: list[dict[str, Any]], plan: 
     temporary.mkdir(parents=True)
     for name, blocks in shapes.items():
         _write_npy(temporary / f"{name}.npy", folder, counts, name, dtype, (blocks, block_size))
+    (temporary / "key.json").write_text(json.dumps(plan["key"], indent=1))  # what a near miss is compared with
     (temporary / "meta.json").write_text(json.dumps(stats, indent=1))
     try:
         os.rename(temporary, final_dir)

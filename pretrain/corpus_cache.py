@@ -32,10 +32,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(content.encode("utf-8")).hexdigest()
 
 
-def cache_key(train: list[Path], validation: list[Path] | None, split_percentage: float, block_size: int,
-              text_column: str, tokenizer: Any, seed: int) -> str:
-    """A hash of everything that changes the packed result (and nothing else: not the number of workers)."""
-    description = {
+def cache_description(train: list[Path], validation: list[Path] | None, split_percentage: float, block_size: int,
+                      text_column: str, tokenizer: Any, seed: int) -> dict[str, Any]:
+    """Everything that changes the packed result (and nothing else: not the number of workers)."""
+    return {
         "version": CACHE_FORMAT_VERSION,
         "train": [file_fingerprint(p) for p in train],
         "validation": [file_fingerprint(p) for p in validation] if validation else None,
@@ -45,7 +45,34 @@ def cache_key(train: list[Path], validation: list[Path] | None, split_percentage
         "text_column": text_column,
         "eos_policy": "append-eos-after-every-document",
     }
+
+
+def cache_key(description: dict[str, Any]) -> str:
+    """The cache folder's name: a hash of its description (which the build saves beside it as key.json)."""
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
+
+
+KEY_FIELD_MEANING = {"split": "the validation split (--validation_split_percentage, --data_seed)",
+                     "tokenizer": "the tokenizer (its vocabulary, normalizer or special tokens)",
+                     "block_size": "--block_size", "text_column": "--text_column",
+                     "validation": "--validation_files", "version": "the cache format (a newer version of this code)"}
+
+
+def near_miss(cache_root: Path, description: dict[str, Any]) -> str | None:
+    """When no cache matches, but one for the same training files differs in a single field: which, in words."""
+    for key_file in sorted(cache_root.glob("*/key.json")):
+        try:
+            other = json.loads(key_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if other.get("train") != description["train"]:
+            continue
+        differ = [name for name in description if other.get(name) != description[name]]
+        if len(differ) == 1:
+            name = differ[0]
+            change = "" if name == "tokenizer" else f": {other.get(name)} -> {description[name]}"
+            return f"{KEY_FIELD_MEANING.get(name, name)}{change} (the existing cache is {key_file.parent})"
+    return None
 
 
 @dataclass

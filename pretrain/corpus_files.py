@@ -17,14 +17,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from pretrain.errors import DataError
+
 SUPPORTED_FORMATS = ".jsonl, .json, .txt (each optionally .gz) and .parquet"
 PARQUET_BATCH = 2048
 MIN_PIECE_BYTES = 16 * 2**10  # a piece is about 1/256 of the input, within these bounds
 MAX_PIECE_BYTES = 64 * 2**20
-
-
-class DataError(ValueError):
-    """Bad input data: the message is one line that names the file or flag and says what to do."""
 
 
 def resolve_files(patterns: Iterable[str], flag: str = "--train_files") -> list[Path]:
@@ -69,7 +67,15 @@ def text_of(record: Any, text_column: str, where: str) -> Any:
 
 
 def malformed(path: Path, line_number: int, error: json.JSONDecodeError) -> DataError:
-    return DataError(f"{path}:{line_number}: malformed JSON ({error.msg}); fix or remove that line")
+    return DataError(f"{path}:{line_number}: malformed JSON ({json_reason(error)}); fix or remove that line")
+
+
+def json_reason(error: json.JSONDecodeError) -> str:
+    """The decoder's reason with its column ("Invalid control character at" alone says nothing of where)."""
+    line_start = error.doc.rfind("\n", 0, error.pos) + 1
+    line_end = len(error.doc[line_start:].split("\n", 1)[0].rstrip("\r"))
+    where = "the end of the line" if error.pos - line_start >= line_end else f"column {error.pos - line_start + 1}"
+    return f"{error.msg.removesuffix(' at')} at {where}"
 
 
 def _iter_jsonl(path: Path, text_column: str) -> Iterator[Any]:
@@ -93,7 +99,7 @@ def _iter_json(path: Path, text_column: str) -> Iterator[Any]:
         if error.msg == "Extra data":  # several JSON values: JSON Lines stored under a .json name
             yield from _iter_jsonl(path, text_column)
             return
-        raise DataError(f"{path}:{error.lineno}: malformed JSON ({error.msg}); fix the file") from None
+        raise DataError(f"{path}:{error.lineno}: malformed JSON ({json_reason(error)}); fix the file") from None
     if isinstance(data, dict):
         lists = [value for value in data.values() if isinstance(value, list)]
         if text_column in data or len(lists) != 1:

@@ -1,15 +1,22 @@
 """The errors a user can fix: each carries one line naming the flag or file and what to do.
 
-`train_loop.cli` turns them (and `data_utils.DataError`) into `error: <line>` and exit status 1 with `exit_with`.
-This module owns the kinds of error and how their line reaches the screen; it raises none of them itself.
+`train_loop.cli` and `data_utils` turn them into `error: <line>` and exit status 1 with `exit_with`.
+This module owns the kinds of error and how their line reaches the screen; it raises none of them itself. It is the
+base of the package: it imports nothing from the project (and not torch: tokenizing workers import it).
 """
+
+from __future__ import annotations
 
 import json
 import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-from pretrain.corpus_files import DataError
+
+class DataError(ValueError):
+    """Bad input data: the message is one line that names the file or flag and says what to do."""
 
 
 class UsageError(ValueError):
@@ -33,6 +40,34 @@ def first_line(error: BaseException) -> str:
 def cannot_load(flag: str, name: str, error: BaseException) -> str:
     """The one-line message for a tokenizer, config or model that a Hub name or path did not give."""
     return f"{flag} {name}: cannot be loaded ({first_line(error)}); check the name, the path or the network"
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why files cannot be written in `folder` (created if missing), or None when they can."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
+
+
+def private_api(owner: object, name: str, package: str, tested: str, what: str) -> object:
+    """`owner.name`, a private API we depend on, or one line naming the installed version when it has moved."""
+    if hasattr(owner, name):
+        return getattr(owner, name)
+    raise UsageError(moved_api(package, tested, what))
+
+
+def moved_api(package: str, tested: str, what: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version(package)
+    except PackageNotFoundError:
+        installed = "(not installed)"
+    return (f"{what} needs a private API of {package} that {package} {installed} does not have (tested with "
+            f"{tested}); pip install {package}=={tested}")
 
 
 # Errors from the flags, the files and the main process's broadcast decisions, and the all-reduced loss.

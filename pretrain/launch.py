@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import data_utils
 from pretrain.arguments import TrainArguments, read_json_object
-from pretrain.errors import UsageError
+from pretrain.errors import UsageError, unwritable
+from pretrain.run_control import stop_with_the_launcher
 
 logger = logging.getLogger("train_loop")
 REPOSITORY = Path(__file__).resolve().parents[1]  # where accelerate_configs/ and ds_config_*.json are
 
 def build_accelerator(args: TrainArguments):
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+    from accelerate.utils import AORecipeKwargs, DeepSpeedPlugin, InitProcessGroupKwargs
 
     plugin = None
     launched_with = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
@@ -50,9 +52,11 @@ def build_accelerator(args: TrainArguments):
     timeout = timedelta(seconds=args.ddp_timeout)
     backend = "gloo" if not torch.cuda.is_available() and launched else "nccl"  # gloo: DeepSpeed/DDP on a CPU
     handlers = [InitProcessGroupKwargs(backend=backend, timeout=timeout)]
+    if args.fp8:  # torchao's float8 Linear layers, swapped in by prepare() before DeepSpeed wraps the model
+        handlers.append(AORecipeKwargs())
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "no",
+        mixed_precision="fp8" if args.fp8 else "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
         deepspeed_plugin=plugin,
         kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimizer step itself
@@ -67,10 +71,42 @@ def build_accelerator(args: TrainArguments):
         raise UsageError(f"{accelerator.num_processes} processes but no distributed backend: they would train "
                          f"independently; check the accelerate config's distributed_type")
     configure_logging(accelerator.is_main_process)
+    stop_with_the_launcher()
     if not torch.cuda.is_available() and accelerator.is_main_process:
         logger.warning(f"no CUDA GPU is visible: training runs on the CPU ({accelerator.num_processes} process"
                        f"{'es' if accelerator.num_processes > 1 else ''})")
     return accelerator
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); without it oneDNN emulates bf16 slowly."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def warn_if_precision_is_emulated(args: TrainArguments, config) -> None:
+    """--bf16 on a CPU that emulates bf16: say before the first step how much slower, from a short probe."""
+    if not args.bf16 or torch.cuda.is_available() or cpu_has_native_bf16():
+        return
+    width = min(getattr(config, "hidden_size", 512), 512)
+    depth = min(getattr(config, "intermediate_size", 4 * width), 1024)
+    inputs, weight = torch.randn(16, width), torch.randn(width, depth)
+    slowdown = best_time(inputs.bfloat16(), weight.bfloat16()) / best_time(inputs, weight, repeats=10)
+    if slowdown < 2:
+        return  # emulated, but not slow enough to matter
+    logger.warning(f"--bf16: this CPU has no native bf16 (AVX-512 BF16 or AMX), and a matmul of the model's width runs "
+                   f"{slowdown:.0f}x slower in bf16 than in fp32; drop --bf16 (and --torch_dtype bfloat16) for runs "
+                   f"on this CPU")
+
+
+def best_time(inputs: torch.Tensor, weight: torch.Tensor, repeats: int = 3) -> float:
+    import time
+
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        inputs @ weight
+        times.append(time.perf_counter() - start)
+    return max(min(times), 1e-9)
 
 
 def create_output_dirs(args: TrainArguments) -> None:
@@ -79,7 +115,7 @@ def create_output_dirs(args: TrainArguments) -> None:
     if args.report_to == "swanlab" and args.logging_dir:
         folders.append(("--logging_dir", args.logging_dir))
     for flag, folder in folders:
-        problem = data_utils.unwritable(Path(folder))
+        problem = unwritable(Path(folder))
         if problem:
             raise UsageError(f"{flag} {folder}: cannot write there ({problem}); choose a writable folder")
 
@@ -98,6 +134,11 @@ def configure_logging(is_main_process: bool) -> None:
     import transformers
     transformers.utils.logging.set_verbosity_warning() if is_main_process else \
         transformers.utils.logging.set_verbosity_error()
+    # DeepSpeed 0.19.8's ZeRO calls torch's deprecated all_gather_into_tensor on every step: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
+    if not sys.stderr.isatty():  # a log file gets lines, not a bar redrawn with carriage returns
+        transformers.utils.logging.disable_progress_bar()
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     logging.getLogger("accelerate.utils.other").addFilter(not_the_tied_head_note)
 
@@ -105,7 +146,7 @@ def configure_logging(is_main_process: bool) -> None:
 def not_the_tied_head_note(record: logging.LogRecord) -> bool:
     """Drop Accelerate's note on every save that the tied output projection is stored once: transformers ties it
     back on load, as the final model's reload test shows."""
-    return not record.getMessage().startswith("Removed shared tensor {'lm_head.weight'}")
+    return "Removed shared tensor {'lm_head.weight'}" not in record.getMessage()
 
 
 def deepspeed_config(accelerator) -> dict[str, Any] | None:

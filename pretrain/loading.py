@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from data_utils import DEFAULT_CACHE_ROOT, DataArguments
-from pretrain.arguments import DEMO_MODEL, ModelArguments, is_demo, parse_config_overrides
+from pretrain.arguments import DEFAULT_CACHE_ROOT, DEMO_MODEL, DataArguments, ModelArguments, is_demo, \
+    parse_config_overrides
 from pretrain.demo_corpus import ensure_demo_assets
 from pretrain.errors import UsageError, cannot_load, first_line
 
@@ -21,7 +21,21 @@ def from_hub(flag: str, name: str, loader, **kwargs):
         raise UsageError(cannot_load(flag, name, error)) from None
 
 
-def load_tokenizer(model_args: ModelArguments, data_args: DataArguments):
+def load_config(model_args: ModelArguments):
+    """The config of --model_name_or_path or --config_name; None for the demo, whose config follows its tokenizer."""
+    from transformers import AutoConfig
+
+    if not (model_args.model_name_or_path or model_args.config_name):
+        return None
+    flag = "--model_name_or_path" if model_args.model_name_or_path else "--config_name"
+    return from_hub(flag, model_args.model_name_or_path or model_args.config_name, AutoConfig.from_pretrained,
+                    trust_remote_code=model_args.trust_remote_code)
+
+
+def load_tokenizer(model_args: ModelArguments, data_args: DataArguments, config=None):
+    """The tokenizer, as the class that the model's type selects: the class `AutoTokenizer` gives whoever loads the
+    saved model, so the tokenizer saved beside it is the one it was trained with (a Qwen2 model reloads its tokenizer
+    as Qwen2Tokenizer, which adds an NFC normalizer that a tokenizer.json alone may not have)."""
     from transformers import AutoTokenizer
 
     if is_demo(model_args, data_args):
@@ -31,17 +45,15 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments):
     flag, name = next((f, n) for f, n in (("--tokenizer_name", model_args.tokenizer_name),
                                           ("--model_name_or_path", model_args.model_name_or_path),
                                           ("--config_name", model_args.config_name)) if n)
-    return from_hub(flag, name, AutoTokenizer.from_pretrained, trust_remote_code=model_args.trust_remote_code)
+    return from_hub(flag, name, AutoTokenizer.from_pretrained, config=config,
+                    trust_remote_code=model_args.trust_remote_code)
 
 
-def build_config(model_args: ModelArguments, tokenizer):
-    from transformers import AutoConfig, Qwen2Config
+def build_config(model_args: ModelArguments, tokenizer, config=None):
+    """The loaded config (or the demo's, sized to its tokenizer) with --config_overrides applied and checked."""
+    from transformers import Qwen2Config
 
-    if model_args.model_name_or_path or model_args.config_name:
-        flag = "--model_name_or_path" if model_args.model_name_or_path else "--config_name"
-        config = from_hub(flag, model_args.model_name_or_path or model_args.config_name, AutoConfig.from_pretrained,
-                          trust_remote_code=model_args.trust_remote_code)
-    else:
+    if config is None:
         config = Qwen2Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                              bos_token_id=tokenizer.eos_token_id, **DEMO_MODEL)
     for key, value in parse_config_overrides(model_args.config_overrides or "").items():

@@ -6,20 +6,24 @@ It owns what a logged record holds; it must not change training (it never synchr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import resource
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from pretrain.arguments import TrainArguments
-from pretrain.checkpoints import TrainState
+from pretrain.errors import UsageError, moved_api
+from pretrain.state import TrainState
 from pretrain.tracking import start_swanlab
 
 logger = logging.getLogger("train_loop")
+TORCH_TESTED = "2.13.0"
 
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s (not the 2:4-sparsity figures), matched against the device name.
 PEAK_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0), ("A100", 312.0),
@@ -79,7 +83,8 @@ class MetricsLogger:
         (self.path.parent / "run_config.json").write_text(json.dumps(run_config, indent=1, default=str))
         if state.step == 0 and self.path.exists():
             self.path.unlink()  # a fresh start: old metrics belong to a run that made no checkpoint
-        self.progress = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+        self.progress = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+                             disable=not sys.stderr.isatty())  # a log file gets the record lines, not redrawn bars
         if args.report_to == "swanlab":
             self.swanlab = start_swanlab(args, state, run_config)
 
@@ -132,39 +137,70 @@ class MetricsLogger:
 
 
 def compiled_graphs() -> int:
-    """Graphs dynamo has compiled in this process (a recompile adds one)."""
-    from torch._dynamo.utils import counters
-
+    """Graphs dynamo has compiled in this process (a recompile adds one): a private counter of torch's."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        raise UsageError(moved_api("torch", TORCH_TESTED, "--torch_compile's graph count")) from None
     return counters["stats"]["unique_graphs"]
 
 
-class StepTimer:
-    """Wall time and data-wait time between two logging steps, without synchronising the device."""
+class LogWindow:
+    """What one log line sums up: this process's micro-batch losses and the optimizer steps since the last line, their
+    time and the part of it spent waiting for data. Evaluations and checkpoint saves are timed apart (`eval_s`,
+    `save_s`) and never charged to the steps. It never synchronises the device."""
 
-    def __init__(self):
+    def __init__(self, device):
+        self.loss_sum = torch.zeros((), device=device)
         self.reset()
 
     def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.micro_steps = 0
+        self.steps = 0
         self.start = time.perf_counter()
         self.data_wait = 0.0
-        self.steps = 0
+        self.aside = {"eval_s": 0.0, "save_s": 0.0}
+
+    @contextlib.contextmanager
+    def set_aside(self, name: str) -> Iterator[None]:
+        """Time the block as `name` ('eval_s' or 'save_s'), outside the training steps' time."""
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.aside[name] += time.perf_counter() - begin
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss.detach()
+        self.micro_steps += 1
 
     def timed_next(self, iterator):
+        """The iterator's next item (None at its end), its wait counted as data time."""
         begin = time.perf_counter()
-        batch = next(iterator, None)
+        item = next(iterator, None)
         self.data_wait += time.perf_counter() - begin
-        return batch
+        return item
+
+    def wall_seconds(self) -> float:
+        """Since the last line, evaluations and saves included."""
+        return time.perf_counter() - self.start
+
+    def seconds(self) -> float:
+        """Since the last line, in training steps only."""
+        return max(self.wall_seconds() - sum(self.aside.values()), 1e-9)
 
 
-def throughput(timer: StepTimer, tokens_per_step: int, num_devices: int, flops_token: int,
+def throughput(window: LogWindow, tokens_per_step: int, num_devices: int, flops_token: int,
                peak_tflops: float | None) -> dict[str, Any]:
-    seconds = max(time.perf_counter() - timer.start, 1e-9)
-    tokens_per_s = timer.steps * tokens_per_step / seconds
+    seconds = window.seconds()
+    tokens_per_s = window.steps * tokens_per_step / seconds
     return {
         "tokens_per_s": tokens_per_s,
         "tokens_per_s_per_device": tokens_per_s / num_devices,
-        "step_time_s": seconds / max(timer.steps, 1),
-        "data_wait_share": timer.data_wait / seconds,
+        "step_time_s": seconds / max(window.steps, 1),
+        "data_wait_share": window.data_wait / seconds,
         "peak_mem_gb": peak_memory_gb(),
         "mfu": flops_token * tokens_per_s / (num_devices * peak_tflops * 1e12) if peak_tflops else None,
+        **{name: round(seconds, 3) for name, seconds in window.aside.items()},
     }

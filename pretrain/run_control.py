@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -28,10 +30,12 @@ class StopRequest:
     # Ctrl-C under `accelerate launch` reaches a worker twice: from the terminal, and forwarded by the launcher.
     FORWARDED_WITHIN_S = 3.0
 
-    def __init__(self, num_processes: int):
+    def __init__(self, num_processes: int, is_main_process: bool):
         import torch.distributed as dist
 
         self.signal_name: str | None = None
+        self.is_main_process = is_main_process
+        self.last_step = 0  # the last optimizer step finished, for the acknowledgement
         self.group = dist.new_group(backend="gloo") if num_processes > 1 else None
         self.previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGTERM, signal.SIGINT)}
 
@@ -43,6 +47,9 @@ class StopRequest:
         now = time.monotonic()
         if self.signal_name is None:
             self.signal_name, self.first_at = signal.Signals(signum).name, now
+            if self.is_main_process:  # at once: a long step would otherwise leave the request unanswered
+                logger.warning(f"{self.signal_name}: stopping after step {self.last_step + 1}; saving a checkpoint "
+                               f"then")
         elif signum == signal.SIGINT and now - self.first_at > self.FORWARDED_WITHIN_S:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
 
@@ -117,13 +124,52 @@ def ensure_savable(accelerator, model, loss_sum: torch.Tensor, step: int, args: 
         raise non_finite("loss or weights", step, args)
 
 
+def launcher_grace_s() -> float | None:
+    """Seconds torch elastic lets workers run after forwarding a signal before it SIGKILLs them (None when not
+    launched by it)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    return float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
+
+
+def stop_with_the_launcher() -> None:
+    """Ask Linux for SIGTERM when the launcher dies. torch elastic puts each worker in a session of its own, so a
+    launcher killed by SIGKILL (the OOM killer, kill -9) would leave the workers training headless, holding the
+    GPUs and the output folder; with this they take the ordinary stop path instead: save, then exit."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() == 1:  # the launcher died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class RunControl:
     """The stop request and the profiler of one launch, as a context: on exit the signal handlers are restored and
     the profile is written (or its absence explained), however the loop ended."""
 
     def __init__(self, num_processes: int, profile_dir: str | None, rank: int):
-        self.stop = StopRequest(num_processes)
+        self.stop = StopRequest(num_processes, is_main_process=rank == 0)
         self.profiler = StepProfiler(profile_dir, rank)
+        self.grace_s = launcher_grace_s()
+        self.grace_checked = False
+
+    def step_done(self, step: int) -> None:
+        self.stop.last_step = step
+        self.profiler.step()
+
+    def warn_if_a_stop_cannot_save(self, step_time_s: float) -> None:
+        """Once, at the first logged step: a step longer than the launcher's grace period cannot end in a save."""
+        if self.grace_checked or self.grace_s is None:
+            return
+        self.grace_checked = True
+        if step_time_s > self.grace_s and self.stop.is_main_process:
+            logger.warning(f"a step takes {step_time_s:.0f} s, longer than the {self.grace_s:.0f} s the launcher "
+                           f"gives workers after a signal: a preemption or Ctrl-C would be killed before saving; "
+                           f"launch with TORCH_ELASTIC_SHUTDOWN_TIMEOUT={int(4 * step_time_s)} (or make steps "
+                           f"shorter)")
 
     def __enter__(self) -> RunControl:
         return self

@@ -13,9 +13,10 @@ import logging
 import torch
 
 from pretrain.arguments import TrainArguments
-from pretrain.errors import UsageError
+from pretrain.errors import UsageError, private_api
 
 logger = logging.getLogger("train_loop")
+LIGER_TESTED = "0.8.5"  # requirements-gpu.txt
 LIGER_CPU_CHUNK = 4096  # the chunked loss that stands in for Liger's fused linear + cross-entropy without CUDA
 
 
@@ -43,8 +44,9 @@ def apply_liger_kernel(model, args: TrainArguments) -> None:
         args.loss_chunk_size = LIGER_CPU_CHUNK
         return
     try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        import liger_kernel.transformers as liger
     except ImportError as error:
         raise UsageError(f"--use_liger_kernel: Liger-Kernel cannot be imported ({error}); "
                          f"pip install -r requirements-gpu.txt") from None
-    _apply_liger_kernel_to_instance(model=model)
+    private_api(liger, "_apply_liger_kernel_to_instance", "liger-kernel", LIGER_TESTED, "--use_liger_kernel")
+    liger._apply_liger_kernel_to_instance(model=model)

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from pretrain.arguments import TrainArguments
 from pretrain.errors import UsageError, first_line
-
-if TYPE_CHECKING:
-    from pretrain.arguments import TrainArguments
-    from pretrain.checkpoints import TrainState
+from pretrain.state import TrainState
 
 
 def swanlab_mode(args: TrainArguments) -> str:
@@ -28,6 +26,13 @@ def swanlab_mode(args: TrainArguments) -> str:
         return "local"
     except ImportError:
         return "offline"
+
+
+def check_tracker(args: TrainArguments) -> None:
+    """Refuse, before any work, a tracker set-up that could only fail or prompt later."""
+    if args.report_to == "swanlab" and args.swanlab_mode == "online" and not has_swanlab_api_key():
+        raise UsageError("--swanlab_mode online: no SwanLab API key; set SWANLAB_API_KEY or run `swanlab login`, or "
+                         "use --swanlab_mode local or offline")
 
 
 def has_swanlab_api_key() -> bool:

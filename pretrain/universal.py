@@ -23,9 +23,10 @@ from types import SimpleNamespace
 
 import torch
 
-from pretrain.errors import UsageError, first_line
+from pretrain.errors import UsageError, first_line, moved_api, private_api
 
 logger = logging.getLogger("train_loop")
+DEEPSPEED_TESTED = "0.19.8"  # the private parts below are checked against this release
 UNIVERSAL = "universal"
 FAILED = "universal.failed"  # the main process's one-line error, for the waiting ranks
 
@@ -83,13 +84,19 @@ def convert(checkpoint: Path, target: Path) -> None:
 def load_universal(accelerator, universal: Path) -> None:
     """accelerator.load_state on the conversion, with DeepSpeed told to read the universal layout."""
     engine = accelerator.deepspeed_engine_wrapped.engine
+    what = "resuming on another process count"
+    private_api(engine._config, "load_universal_checkpoint", "deepspeed", DEEPSPEED_TESTED, what)
     engine._config.load_universal_checkpoint = True  # read once, at load_checkpoint
     try:
         accelerator.load_state(str(universal))
     finally:
         engine._config.load_universal_checkpoint = False  # this run's own checkpoints are ordinary ones
     if engine.zero_optimization_stage() == 3:
-        _repair_zero3_groups(engine.optimizer.optimizer, universal / "pytorch_model" / "zero" / "optimizer_state.pt")
+        saved_state = universal / "pytorch_model" / "zero" / "optimizer_state.pt"
+        inner = getattr(engine.optimizer, "optimizer", None)
+        if not saved_state.is_file() or not hasattr(inner, "param_groups"):
+            raise UsageError(moved_api("deepspeed", DEEPSPEED_TESTED, f"{what} under ZeRO-3"))
+        _repair_zero3_groups(inner, saved_state)
 
 
 def _repair_zero3_groups(optimizer: torch.optim.Optimizer, saved_state: Path) -> None:

@@ -140,6 +140,11 @@ def read_metrics(output_dir):
     return train, evals
 
 
+def data_stats(stderr):
+    """The stats of the data line a run logs ("data: {...}")."""
+    return json.loads(next(line for line in stderr.splitlines() if " data: {" in line).split(" data: ", 1)[1])
+
+
 def cosine_lr(step, peak, warmup, total):
     """The learning rate after `step` optimizer steps: linear warmup, then half a cosine down to zero."""
     import math

@@ -38,6 +38,7 @@ def finish(argv, timeout=300):
     return result.stderr
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_exact_across_an_epoch_boundary(assets, tmp_path):
     """12 steps straight against 6 steps, SIGKILL, the same command again: steps 7-12 identical to the bit.
     The tiny corpus holds 10 steps per epoch, so the resumed run starts mid-epoch and crosses into epoch 2."""
@@ -59,6 +60,7 @@ def test_resume_after_sigkill_is_bit_exact_across_an_epoch_boundary(assets, tmp_
         assert got[step]["lr"] == expected[step]["lr"] and got[step]["tokens_seen"] == expected[step]["tokens_seen"]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_a_rerun_continues(assets, tmp_path):
     output = tmp_path / "run"
     argv = flags(assets, output, tmp_path / "cache", *SLOW, "--max_steps", 60, "--save_steps", 1000)
@@ -76,6 +78,7 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_continues(assets, tmp_path):
     assert sorted(train) == list(range(1, 61)) and (output / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_always_resumes_from_a_complete_checkpoint(assets, tmp_path):
     output = tmp_path / "run"
     argv = flags(assets, output, tmp_path / "cache", *SLOW, "--max_steps", 40, "--save_steps", 1,
@@ -283,6 +286,7 @@ def rewrite_trainer_state(checkpoint, **changes):
     manifest.write_text(json.dumps({**sizes, "trainer_state.json": state_path.stat().st_size}))
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_layout_is_refused_in_one_line(assets, tmp_path):
     """A plain checkpoint under DeepSpeed, and a ZeRO-3 one under ZeRO-2 (both would fail deep inside the load)."""
     output = tmp_path / "run"
@@ -302,6 +306,7 @@ def test_checkpoint_of_another_layout_is_refused_in_one_line(assets, tmp_path):
         rewrite_trainer_state(output / "checkpoint-2", distributed_type="DEEPSPEED", zero_stage=3)
 
 
+@pytest.mark.slow
 def test_a_zero_checkpoint_that_cannot_be_converted_is_one_line(assets, tmp_path):
     """A checkpoint that claims 8 ZeRO processes but holds no shards: the conversion for another world size fails
     in one line, and the checkpoint is left as it was."""

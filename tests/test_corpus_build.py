@@ -85,7 +85,7 @@ def test_malformed_line_inside_a_workers_range_names_file_and_line(assets, token
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError) as raised:
         build([path], tmp_path / "cache", tokenizer, 3)
-    assert str(raised.value) == f"{path}:614: malformed JSON (Expecting value); fix or remove that line"
+    assert str(raised.value) == f"{path}:614: malformed JSON (Expecting value at column 10); fix or remove that line"
     lines[613] = '{"content": "no text field"}'
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=f"{path}:614: no 'text' field"):
@@ -113,6 +113,7 @@ def stats_of(result):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_rerun_after_sigkill_redoes_only_unfinished_pieces_and_gives_the_same_bytes(assets, tmp_path):
     reference = stats_of(subprocess.run(cli(assets, tmp_path / "straight", 2)[0], capture_output=True, text=True,
                                         timeout=120))
@@ -137,6 +138,7 @@ def test_rerun_after_sigkill_redoes_only_unfinished_pieces_and_gives_the_same_by
     assert sorted(os.listdir(tmp_path / "cache")) == [Path(rerun["cache_dir"]).name]  # build folder removed
 
 
+@pytest.mark.slow
 def test_two_concurrent_builders_of_one_cache(assets, tmp_path):
     reference = stats_of(subprocess.run(cli(assets, tmp_path / "straight", 2)[0], capture_output=True, text=True,
                                         timeout=120))
@@ -170,6 +172,7 @@ def test_a_claim_whose_owner_died_is_taken_over(tmp_path):
     assert cache_claims.try_claim(other_host)
 
 
+@pytest.mark.slow
 def test_cli_reports_throughput_and_peak_memory(assets, tmp_path):
     stats = stats_of(subprocess.run(cli(assets, tmp_path, 2)[0], capture_output=True, text=True, timeout=120))
     assert stats["tokens_per_s"] > 0 and 0 < stats["peak_rss_gb"] < 4

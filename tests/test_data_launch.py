@@ -4,10 +4,13 @@ than --ddp_timeout still completes and trains, with the blocks of a one-process 
 from pathlib import Path
 
 import numpy as np
+import pytest
 from transformers import AutoTokenizer
 
 import data_utils
 from conftest import launch, read_metrics, tiny_flags
+
+pytestmark = pytest.mark.slow  # every test here launches training processes
 
 
 def test_zero2_build_slower_than_the_ddp_timeout_completes_and_trains(assets, tmp_path, monkeypatch):

@@ -67,7 +67,8 @@ def test_dtype_is_the_narrowest_that_fits(assets, tokenizer, tmp_path):
     assert data_utils.token_dtype(151_936) == np.int32
     packed = data_utils.prepare_data(args_for([assets["small"]], tmp_path), tokenizer)
     assert packed.train.dtype == np.uint16 and packed.stats["dtype"] == "uint16"
-    assert sorted(os.listdir(packed.stats["cache_dir"])) == ["meta.json", "train.npy"]  # no mask, no labels
+    # No mask, no labels: the blocks, their stats, and the key they were built for.
+    assert sorted(os.listdir(packed.stats["cache_dir"])) == ["key.json", "meta.json", "train.npy"]
 
 
 def test_cache_hit_and_invalidation(assets, tokenizer, tmp_path):
@@ -323,3 +324,24 @@ def test_cli_tokenizer_that_cannot_load_is_one_line(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: --tokenizer_name {tmp_path / 'no_tokenizer'}: cannot be loaded (")
+
+
+def test_a_cache_built_beforehand_is_reused_whatever_the_training_seed(assets, tmp_path, capfd):
+    """`python data_utils.py` without a seed, then the chapter's --seed 12: one build. --data_seed is what moves the
+    split, and a cache that differs from an existing one in that alone says so before building."""
+    from conftest import data_stats, run_in_process, tiny_flags
+
+    cache = tmp_path / "cache"
+    built = subprocess.run([sys.executable, str(ROOT / "data_utils.py"), "--train_files", str(assets["small"]),
+                            "--tokenizer_name", str(assets["tokenizer"]), "--block_size", "64",
+                            "--data_cache_dir", str(cache)], capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr[-2000:]
+    capfd.readouterr()
+    run_in_process(tiny_flags(assets, tmp_path / "run", cache, "--seed", 12, "--max_steps", 1))
+    assert data_stats(capfd.readouterr().err)["cache_hit"] is True
+    run_in_process(tiny_flags(assets, tmp_path / "other_split", cache, "--data_seed", 7, "--max_steps", 1))
+    err = capfd.readouterr().err
+    assert data_stats(err)["cache_hit"] is False
+    assert ("building a new data cache: the cache of these files differs only in the validation split "
+            "(--validation_split_percentage, --data_seed): {'percentage': 5.0, 'seed': 42} -> {'percentage': 5.0, "
+            "'seed': 7} (the existing cache is ") in err

@@ -9,13 +9,14 @@ import subprocess
 import sys
 import time
 
-
+import pytest
 from conftest import ROOT, free_port, read_metrics, run_in_process, tiny_flags
 
 PROJECT_FILES = ["train_loop.py", "data_utils.py", "pretrain", "ds_config_zero2.json", "accelerate_configs",
                  "README.md"]
 
 
+@pytest.mark.slow
 def test_demo_command_from_a_fresh_checkout(tmp_path):
     checkout = tmp_path / "checkout"
     checkout.mkdir()
@@ -45,10 +46,10 @@ def test_demo_command_from_a_fresh_checkout(tmp_path):
     # one-process debug run must not trip on.
     assert list(output.glob("checkpoint-*"))
     readme = (checkout / "README.md").read_text()
-    command = re.search(r"^(python -m pdb train_loop\.py [^#\n]*?)\s+#", readme, re.M).group(1).split()
+    command = re.search(r"^python( -m pdb .*? train_loop\.py [^#\n]*?)\s+#", readme, re.M).group(1)
     pdb_lines = [line.strip() for line in re.findall(r"^\(Pdb\) ([^#\n]*)", readme, re.M)] + ["q"]
-    debug = subprocess.run([sys.executable, *command[1:]], cwd=checkout, env=env, text=True, timeout=300,
-                           input="\n".join(pdb_lines) + "\n", capture_output=True)
+    debug = subprocess.run(["bash", "-c", f"'{sys.executable}' {command}"], cwd=checkout, env=env, text=True,
+                           timeout=300, input="\n".join(pdb_lines) + "\n", capture_output=True)
     assert "torch.Size([8, 128])" in debug.stdout, debug.stdout[-2000:] + debug.stderr[-2000:]
     assert "error:" not in debug.stderr and "NameError" not in debug.stdout
 

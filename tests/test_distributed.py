@@ -16,6 +16,8 @@ import torch
 from conftest import ROOT, assert_stopped_under_the_launcher, cosine_lr, free_port, kill_tree, launch, launch_command, \
     launch_env, launch_in_background, logged_steps, read_metrics, run_in_process, tiny_flags
 
+pytestmark = pytest.mark.slow  # every test here launches training processes
+
 STEPS = 12
 
 
@@ -79,6 +81,10 @@ def final_model_matches_checkpoint(output, checkpoint):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from safetensors import safe_open
+
+    with safe_open(output / "model.safetensors", "pt") as tensors:
+        assert "lm_head.weight" not in tensors.keys()  # tied: stored once, as save_pretrained stores it
     reloaded = AutoModelForCausalLM.from_pretrained(output).eval()
     trained = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(output)).eval()
     missing, unexpected = trained.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint)),
@@ -177,6 +183,36 @@ def test_sigterm_under_zero2_saves_on_every_rank_and_resumes(assets, runs, tmp_p
     assert max(train) == stopped_at + 3
 
 
+def test_workers_save_and_exit_when_their_launcher_is_killed(assets, runs, tmp_path):
+    """SIGKILL of the launcher alone (the OOM killer, kill -9): torch elastic put each worker in a session of its
+    own, so nothing forwards a signal; the workers learn of it from Linux and take the ordinary stop path."""
+    import psutil
+
+    from pretrain.checkpoints import checkpoint_damage, list_checkpoints
+    from pretrain.output_lock import LOCK_FILE
+
+    output = tmp_path / "orphaned"
+    argv = flags(assets, output, runs / "cache", 2, 2, "--max_steps", 400, "--save_steps", 1000)
+    launcher = launch_in_background("zero2.yaml", 2, argv, tmp_path / "launch.log")
+    launcher.wait_until(lambda: len(logged_steps(output)) >= 3)
+    workers = psutil.Process(launcher.pid).children()
+    assert len(workers) == 2
+    try:
+        launcher.kill()
+        launcher.wait()
+        _, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, launcher.output()[-3000:]
+    finally:
+        for worker in workers:
+            if worker.is_running():
+                worker.kill()
+    checkpoints = list_checkpoints(output)
+    assert len(checkpoints) == 1 and checkpoint_damage(checkpoints[0]) is None, launcher.output()[-3000:]
+    assert len(list(checkpoints[0].rglob("*optim_states.pt"))) == 2
+    assert not (output / LOCK_FILE).exists()  # the folder is free for the rerun
+    assert "SIGTERM: stopping after step" in launcher.output()
+
+
 def test_bad_data_stops_every_rank_with_the_same_line(assets, tmp_path):
     """The main process finds the bad line; the other rank says the same instead of dying on a closed connection."""
     corpus = tmp_path / "bad.jsonl"
@@ -188,7 +224,7 @@ def test_bad_data_stops_every_rank_with_the_same_line(assets, tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {corpus}:2: malformed JSON (Expecting value); fix or remove that line"]  # once
+    assert errors == [f"error: {corpus}:2: malformed JSON (Expecting value at the end of the line); fix or remove that line"]
     assert "[rank1]: Traceback" not in result.stderr and "[rank0]: Traceback" not in result.stderr
 
 

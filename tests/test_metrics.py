@@ -1,9 +1,11 @@
 """Throughput and MFU fields on a CPU run, the FLOPs count against a hand count, and --profile_dir."""
 
 import json
+import re
+import statistics
 
 import pytest
-from conftest import read_metrics, run_in_process, tiny_flags
+from conftest import ROOT, read_metrics, run_in_process, tiny_flags
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pretrain.metrics import PEAK_TFLOPS, flops_per_token
@@ -98,3 +100,109 @@ def test_flops_per_token_matches_a_flop_counter_and_leaves_out_the_recompute(ass
         counted[checkpointing] = counter.get_total_flops() / input_ids.numel()
     assert counted[True] > 1.2 * counted[False]  # the recomputed forward is real work...
     assert flops_per_token(model, seq) == pytest.approx(counted[False], rel=0.02)  # ...left out of MFU
+
+
+@pytest.mark.slow
+def test_evaluations_and_saves_are_not_charged_to_the_training_windows(assets, tmp_path):
+    """tokens/s of the window after an evaluation and a save is that of the windows around it; the time set aside
+    shows as eval_s and save_s, and the steps' time plus what was set aside adds up to the wall clock."""
+    output = tmp_path / "run"
+    run_in_process(tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 80, "--logging_steps", 10,
+                              "--eval_steps", 20, "--save_steps", 20, "--validation_split_percentage", 30,
+                              "--max_eval_samples", 200, "--per_device_eval_batch_size", 1,
+                              "--per_device_train_batch_size", 8))
+    train, evals = read_metrics(output)
+    assert [e["step"] for e in evals] == [20, 40, 60, 80]
+    after_aside = [train[step] for step in (30, 50, 70)]  # each follows an evaluation and a save
+    others = [train[step] for step in (20, 40, 60, 80)]  # nothing set aside in them
+    assert all(record["eval_s"] > 0 and record["save_s"] > 0 for record in after_aside)
+    assert all(record["eval_s"] == 0 and record["save_s"] == 0 for record in others)
+    steps_time = statistics.median(10 * r["step_time_s"] for r in after_aside)
+    assert statistics.median(r["eval_s"] for r in after_aside) > steps_time, "the evaluation must outlast the " \
+        "window's steps, or this test shows nothing"
+    ratio = statistics.median(r["tokens_per_s"] for r in after_aside) / statistics.median(
+        r["tokens_per_s"] for r in others)
+    assert 0.8 < ratio < 1.25, ratio
+    accounted = sum(10 * r["step_time_s"] + r["eval_s"] + r["save_s"] for r in train.values() if r["step"] % 10 == 0)
+    assert accounted == pytest.approx(train[80]["elapsed_s"], rel=0.02)  # and the wall clock is all accounted for
+
+
+def test_the_default_evaluation_is_a_tenth_of_training_and_long_ones_show_progress(assets, tmp_path, monkeypatch,
+                                                                                   capfd):
+    import train_loop
+    from pretrain.arguments import TrainArguments
+
+    # 0.3 x the 10 x 16 blocks trained between two evaluations: 48 of the 1000.
+    assert train_loop.eval_blocks(TrainArguments(eval_steps=10), 1000, 16, 100, 2) == 48
+    assert train_loop.eval_blocks(TrainArguments(eval_steps=1), 1000, 16, 100, 2) == 32  # never fewer than 32
+    assert train_loop.eval_blocks(TrainArguments(eval_steps=10, max_eval_samples=7), 1000, 16, 100, 2) == 7
+    assert train_loop.eval_blocks(TrainArguments(eval_strategy="epoch"), 1000, 16, 100, 2) == 480
+    assert train_loop.eval_blocks(TrainArguments(save_steps=500), 278, 16, 100, 2) == 278  # all there is
+    monkeypatch.setattr(train_loop, "EVAL_PROGRESS_AFTER_S", 0.0)
+    capfd.readouterr()
+    run_in_process(tiny_flags(assets, tmp_path / "run", tmp_path / "cache", "--max_steps", 2, "--eval_steps", 2,
+                              "--validation_split_percentage", 30))
+    err = capfd.readouterr().err
+    assert re.search(r"evaluation: 32 of \d+ held-out blocks each time \(the default", err), err[-2000:]
+    assert "evaluating: batch 1 of 4" in err and "evaluated 4 batches in" in err
+
+
+def test_bf16_on_a_cpu_that_emulates_it_is_warned_with_the_measured_slowdown():
+    """oneDNN capped at AVX2 has no native bf16, as on the CPUs that lack AVX-512 BF16 and AMX."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("from transformers import Qwen2Config; from pretrain.arguments import TrainArguments; "
+             "from pretrain.launch import configure_logging, warn_if_precision_is_emulated; configure_logging(True); "
+             "warn_if_precision_is_emulated(TrainArguments(bf16=True), "
+             "Qwen2Config(hidden_size=1536, intermediate_size=8960))")  # Qwen2.5-1.5B's widths
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2"), cwd=ROOT)
+    found = re.search(r"--bf16: this CPU has no native bf16 \(AVX-512 BF16 or AMX\), and a matmul of the model's "
+                      r"width runs (\d+)x slower in bf16 than in fp32; drop --bf16", result.stderr)
+    assert found and int(found.group(1)) >= 2, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+
+
+def test_bf16_on_a_cpu_with_native_bf16_is_not_warned_about(monkeypatch, caplog):
+    from transformers import Qwen2Config
+
+    from pretrain import launch
+    from pretrain.arguments import TrainArguments
+
+    monkeypatch.setattr(launch, "cpu_has_native_bf16", lambda: True)
+    with caplog.at_level("WARNING"):
+        launch.warn_if_precision_is_emulated(TrainArguments(bf16=True), Qwen2Config())
+    assert "--bf16" not in caplog.text
+
+
+def test_a_stop_request_is_acknowledged_at_once(caplog):
+    import os
+    import signal
+
+    from pretrain.run_control import StopRequest
+
+    stop = StopRequest(1, is_main_process=True)
+    try:
+        stop.last_step = 6
+        with caplog.at_level("WARNING"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert "SIGTERM: stopping after step 7; saving a checkpoint then" in caplog.text
+        assert stop.agreed()
+    finally:
+        stop.restore()
+
+
+def test_a_step_longer_than_the_launchers_grace_is_warned_about_once(monkeypatch, caplog):
+    from pretrain.run_control import RunControl
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")
+    with caplog.at_level("WARNING"), RunControl(1, None, 0) as control:
+        control.warn_if_a_stop_cannot_save(82.0)
+        control.warn_if_a_stop_cannot_save(90.0)
+    assert caplog.text.count("a step takes 82 s, longer than the 30 s the launcher gives workers after a signal") == 1
+    assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=328" in caplog.text
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    with RunControl(1, None, 0) as control:
+        assert control.grace_s is None  # python train_loop.py: no launcher, no grace period

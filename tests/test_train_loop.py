@@ -4,11 +4,12 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, cosine_lr, read_metrics, run_in_process, tiny_flags
+from conftest import ROOT, cosine_lr, data_stats, read_metrics, run_in_process, tiny_flags
 
 from pretrain.arguments import parse_args
 from pretrain.errors import UsageError
@@ -53,11 +54,13 @@ def test_final_model_reloads_and_matches_last_eval(tiny_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import data_utils
+    import train_loop
 
     config = json.loads((tiny_run / "run_config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(tiny_run)
     data_args = data_utils.DataArguments(**config["data"])
     validation = np.asarray(data_utils.prepare_data(data_args, tokenizer, seed=42).validation)
+    validation = validation[:train_loop.MIN_EVAL_BLOCKS]  # evaluated every 20 steps of 2 blocks: the default floor
     model = AutoModelForCausalLM.from_pretrained(tiny_run).eval()
     with torch.no_grad():
         ids = torch.from_numpy(validation.astype(np.int64))
@@ -67,6 +70,19 @@ def test_final_model_reloads_and_matches_last_eval(tiny_run):
     assert loss == pytest.approx(evals[-1]["eval_loss"], abs=1e-4)
     generated = model.generate(ids[:1, :8], max_new_tokens=5, do_sample=False)
     assert generated.shape == (1, 13)
+
+
+def test_the_final_model_stores_a_tied_weight_once_like_save_pretrained(tiny_run, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    stored = tiny_run / "model.safetensors"
+    with safe_open(stored, "pt") as tensors:
+        assert "lm_head.weight" not in tensors.keys() and "model.embed_tokens.weight" in tensors.keys()
+    model = AutoModelForCausalLM.from_pretrained(tiny_run)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied back on load
+    model.save_pretrained(tmp_path / "plain")
+    assert stored.stat().st_size <= (tmp_path / "plain" / "model.safetensors").stat().st_size
 
 
 def test_continued_pretraining_starts_from_the_saved_weights(assets, tiny_run, tmp_path):
@@ -97,6 +113,7 @@ def test_gradient_accumulation_is_equivalent(assets, tmp_path):
     assert len(losses[2]) == 6
 
 
+@pytest.mark.slow
 def test_chapter_pretrain_sh_flags_parse_and_run(assets, tmp_path):
     """pretrain.sh's flags with tiny local paths and sizes, its DeepSpeed config (AdamW + WarmupLR) included."""
     ds_config = tmp_path / "chapter_ds_config.json"
@@ -164,6 +181,8 @@ def test_arguments_from_a_yaml_file(assets, tmp_path):
 
 BAD_ARGUMENTS = [
     (["--no_such_flag", "1"], "unknown argument(s): --no_such_flag"),
+    (["--dataset_name", "org/corpus"], "--dataset_name: datasets by name are not read yet; download"),
+    (["--lr_scheduler_kwargs", "[1]"], "--lr_scheduler_kwargs must be a JSON object"),
     (["--bf16", "--fp16"], "--bf16 and --fp16"),
     (["--model_name_or_path", "x", "--config_name", "y"], "--model_name_or_path and --config_name"),
     (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size"),
@@ -274,6 +293,7 @@ def test_command_line_error_is_one_line_without_traceback(assets, tmp_path):
     assert len(lines) == 1 and "--train_files" in lines[0] and "matches no file" in lines[0]
 
 
+@pytest.mark.slow
 def test_loss_chunks_under_zero3_are_refused(assets, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "train_loop.py"),
                              *tiny_flags(assets, tmp_path / "out", tmp_path / "cache", "--max_steps", 1,
@@ -299,7 +319,61 @@ def test_bad_data_is_reported_before_training(assets, tmp_path):
 
 
 def test_readme_debugger_breakpoint_is_on_the_forward():
+    """The README's pdb line finds the forward by its text (no line number to go stale): exactly one line."""
     import re
 
-    line = int(re.search(r"\(Pdb\) b train_loop\.py:(\d+)", (ROOT / "README.md").read_text()).group(1))
-    assert "model(**batch)" in (ROOT / "train_loop.py").read_text().splitlines()[line - 1]
+    finder = re.search(r'-c "b \$\((grep .*)\)" train_loop\.py', (ROOT / "README.md").read_text()).group(1)
+    found = subprocess.run(["bash", "-c", finder], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    assert len(found) == 1, found
+    assert "model(**batch)" in (ROOT / "train_loop.py").read_text().splitlines()[int(found[0]) - 1]
+
+
+def test_the_saved_tokenizer_is_the_trained_one_and_continuing_reuses_the_cache(assets, tmp_path, capfd):
+    """A tokenizer.json without a normalizer (as many are) under a Qwen2 model: loaded plainly it would be one
+    tokenizer, and the saved model's folder would reload another (Qwen2Tokenizer adds NFC), encoding decomposed
+    accents differently and missing the data cache on continued pretraining."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pretrain.corpus_cache import tokenizer_fingerprint
+
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    backend = json.loads((assets["tokenizer"] / "tokenizer.json").read_text())
+    backend["normalizer"] = None
+    (folder / "tokenizer.json").write_text(json.dumps(backend))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    output = tmp_path / "run"
+    capfd.readouterr()
+    run_in_process(tiny_flags(assets, output, tmp_path / "cache", "--tokenizer_name", folder, "--max_steps", 2))
+    used = data_stats(capfd.readouterr().err)
+    saved = AutoTokenizer.from_pretrained(output)
+    # The cache's key records the fingerprint of the tokenizer the run encoded its data with.
+    assert json.loads((Path(used["cache_dir"]) / "key.json").read_text())["tokenizer"] == \
+        tokenizer_fingerprint(saved)
+    trained = AutoTokenizer.from_pretrained(folder, config=AutoConfig.from_pretrained(assets["config"]))
+    text = "cafe\u0301 na\u0131\u0308ve 你好"
+    assert saved(text)["input_ids"] == trained(text)["input_ids"]
+    continued = tiny_flags(assets, tmp_path / "continued", tmp_path / "cache", "--max_steps", 1)
+    continued[:4] = ["--model_name_or_path", str(output)]  # instead of --config_name and --tokenizer_name
+    run_in_process(continued)
+    assert data_stats(capfd.readouterr().err)["cache_hit"] is True
+
+
+
+def test_fp8_is_refused_in_one_line_where_it_cannot_run(assets, tmp_path, monkeypatch):
+    import importlib.util
+
+    from pretrain import arguments
+
+    argv = tiny_flags(assets, tmp_path / "out", tmp_path / "cache", "--fp8", "--max_steps", 1)
+    if not arguments.has_fp8_tensor_cores():
+        with pytest.raises(UsageError, match=r"^--fp8 needs an NVIDIA GPU with FP8 tensor cores \(compute capability "
+                                             r"8\.9\+: Ada, Hopper or newer\), and this machine has (no CUDA GPU|a )"):
+            run_in_process(argv)
+    monkeypatch.setattr(arguments, "has_fp8_tensor_cores", lambda: True)  # as on an H100
+    with pytest.raises(UsageError, match="^--fp8 and --fp16: choose one"):
+        parse_args(argv + ["--fp16"])
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else find_spec(name, *a))
+    with pytest.raises(UsageError, match=r"^--fp8: torchao is not installed; pip install -r requirements-gpu.txt$"):
+        parse_args(argv)
