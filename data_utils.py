@@ -35,7 +35,9 @@ from pretrain.arguments import DEFAULT_CACHE_ROOT, DEFAULT_SPLIT_SEED, DataArgum
 from pretrain.cache_claims import main_reports_first
 from pretrain.corpus_cache import PackedData, cache_description, cache_key, load_cache, near_miss
 from pretrain.corpus_files import iter_documents, plan_pieces, resolve_files
+from pretrain.document_mask import BlockCollator
 from pretrain.errors import DataError, UsageError, unwritable
+from pretrain.hub_datasets import dataset_files
 from pretrain.loading import load_config, load_tokenizer
 
 logger = logging.getLogger("data_utils")
@@ -79,6 +81,12 @@ def check_tokenizer_encodes(tokenizer: Any, files: list[Path], text_column: str,
         raise DataError(f"--tokenizer_name: {where} encodes the first {len(texts)} documents of {files[0]} to "
                         f"{tokens} tokens (at most one per document); pass --tokenizer_name with the model's "
                         f"tokenizer")
+
+
+def special_strings(tokenizer: Any) -> list[str]:
+    """The text of the tokenizer's special tokens (EOS, <|im_start|>, ...): the strings a document may contain."""
+    return sorted({token.content for token in tokenizer.backend_tokenizer.get_added_tokens_decoder().values()
+                   if token.special})
 
 
 def default_workers() -> int:
@@ -132,6 +140,7 @@ def _stats_of(parts: dict[str, list[Path]], plan: dict[str, Any], counts: list[d
         "validation_blocks": shapes.get("validation", 0),
         "dropped_tokens": train_tokens % block_size + (validation_tokens % block_size if len(shapes) > 1 else 0),
         "skipped_documents": total("train", "skipped"),
+        "documents_with_special_text": total("train", "with_special_text"),
         "dtype": plan["dtype"],
         "block_size": block_size,
         "cache_dir": str(directory),
@@ -159,13 +168,16 @@ def _prepare_data(args: DataArguments, tokenizer: Any, seed: int, show_progress:
         raise DataError(f"--validation_split_percentage {args.validation_split_percentage}: must be in [0, 100)")
     eos = eos_token_id(tokenizer)
     train_files = resolve_files(args.train_files or [], "--train_files")
+    if args.dataset_name:  # after --train_files: for now one stream of both
+        train_files += dataset_files(args.dataset_name, args.dataset_config_name, args.dataset_split,
+                                     args.dataset_revision)
     if not train_files:
         raise DataError("--train_files: no training files given")
     validation_files = resolve_files(args.validation_files, "--validation_files") if args.validation_files else None
 
     cache_root = Path(args.data_cache_dir or DEFAULT_CACHE_ROOT / "data").expanduser().absolute()  # workers: cwd ROOT
     description = cache_description(train_files, validation_files, args.validation_split_percentage,
-                                    args.block_size, args.text_column, tokenizer, seed)
+                                    args.block_size, args.text_column, tokenizer, seed, args.parse_special_tokens)
     directory = cache_root / cache_key(description)
     cached = load_cache(directory)
     if cached is not None:
@@ -185,7 +197,8 @@ def _prepare_data(args: DataArguments, tokenizer: Any, seed: int, show_progress:
     plan = {"pieces": [piece.to_dict() for piece in plan_pieces(parts)], "dtype": str(token_dtype(len(tokenizer))),
             "eos": eos, "seed": seed, "text_column": args.text_column, "block_size": args.block_size,
             "validation_percentage": 0.0 if validation_files else args.validation_split_percentage,
-            "final_dir": str(directory), "key": description}
+            "final_dir": str(directory), "key": description, "parse_special_tokens": args.parse_special_tokens,
+            "special_strings": special_strings(tokenizer)}
     folder = directory.with_name(directory.name + ".build")
     workers = args.preprocessing_num_workers or default_workers()
     built = corpus_build.build(folder, directory, plan, tokenizer.backend_tokenizer.to_str(), workers, show_progress)
@@ -222,10 +235,7 @@ class PackedBlockDataset(torch.utils.data.Dataset):
         return torch.from_numpy(self.blocks[np.asarray(indices)].astype(np.int64))
 
 
-def collate_blocks(batch: torch.Tensor | list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model shifts labels itself, so labels are the input ids (the same tensor, no copy)."""
-    input_ids = batch if isinstance(batch, torch.Tensor) else torch.stack(batch)
-    return {"input_ids": input_ids, "labels": input_ids}
+collate_blocks = BlockCollator()  # plain causal blocks: labels are the input ids (the model shifts them)
 
 
 class EpochShuffledSampler(torch.utils.data.Sampler[int]):
@@ -255,7 +265,8 @@ class EpochShuffledSampler(torch.utils.data.Sampler[int]):
 
 
 def build_train_dataloader(blocks: np.ndarray, micro_batch_size: int, global_batch_blocks: int, seed: int,
-                           num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+                           num_workers: int = 0, pin_memory: bool = False,
+                           collate: BlockCollator = collate_blocks) -> torch.utils.data.DataLoader:
     if global_batch_blocks > len(blocks):
         raise DataError(f"--train_files: {len(blocks)} blocks are fewer than one global batch of {global_batch_blocks}"
                         f" (per-device batch x processes x accumulation); add data or lower the batch size")
@@ -264,17 +275,17 @@ def build_train_dataloader(blocks: np.ndarray, micro_batch_size: int, global_bat
         batch_size=micro_batch_size,
         sampler=EpochShuffledSampler(len(blocks), global_batch_blocks, seed),
         drop_last=True,
-        collate_fn=collate_blocks,
+        collate_fn=collate,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
     )
 
 
-def build_eval_dataloader(blocks: np.ndarray, batch_size: int, num_workers: int = 0,
-                          pin_memory: bool = False) -> torch.utils.data.DataLoader:
+def build_eval_dataloader(blocks: np.ndarray, batch_size: int, num_workers: int = 0, pin_memory: bool = False,
+                          collate: BlockCollator = collate_blocks) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(PackedBlockDataset(blocks), batch_size=batch_size, shuffle=False,
-                                       collate_fn=collate_blocks, num_workers=num_workers, pin_memory=pin_memory)
+                                       collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

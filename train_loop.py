@@ -23,7 +23,8 @@ import data_utils
 from pretrain.arguments import DataArguments, ModelArguments, TrainArguments, is_demo, order_seed, parse_args, \
     split_seed
 from pretrain.checkpoints import choose_checkpoint, launch_state, resume, save_checkpoint, save_final_model
-from pretrain.chunked_loss import block_losses_in_chunks, compute_loss_in_chunks
+from pretrain.chunked_loss import block_loss, block_losses_in_chunks, compute_loss_in_chunks
+from pretrain.document_mask import BlockCollator, use_document_mask
 from pretrain.errors import SEEN_BY_EVERY_RANK, CheckpointError, DataError, NonFiniteLoss, UsageError, exit_with, \
     first_line
 from pretrain.launch import build_accelerator, create_output_dirs, deepspeed_config, fill_deepspeed_config, \
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> str:
 
         # Data, model, optimizer and schedule, all prepared for the launch's layout.
         tokenizer, config, data = load_data(accelerator, model_args, data_args, args)
-        train_loader, eval_loader, global_batch_blocks = build_loaders(accelerator, data, data_args, args)
+        train_loader, eval_loader, global_batch_blocks = build_loaders(accelerator, data, tokenizer, model_args, args)
         model = build_model(model_args, config, tokenizer, args)
         plan = plan_run(model, len(data.train), global_batch_blocks, data_args.block_size, args)
         optimizer = build_optimizer(model, args, accelerator)
@@ -119,19 +120,23 @@ def load_data(accelerator, model_args: ModelArguments, data_args: DataArguments,
     return tokenizer, config, data
 
 
-def build_loaders(accelerator, data, data_args: DataArguments, args: TrainArguments):
-    """The train loader (global batches of whole blocks) and the optional eval loader, not yet prepared."""
+def build_loaders(accelerator, data, tokenizer, model_args: ModelArguments, args: TrainArguments):
+    """The train loader (global batches of whole blocks) and the optional eval loader, not yet prepared; with
+    --attn_mask_type block_causal their batches carry positions that restart at each document."""
     global_batch_blocks = args.per_device_train_batch_size * accelerator.num_processes * \
         args.gradient_accumulation_steps
     pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
+    block_causal = model_args.attn_mask_type == "block_causal"
+    collate = BlockCollator(data_utils.eos_token_id(tokenizer) if block_causal else None,
+                            model_args.keep_boundary_targets)
     train_loader = data_utils.build_train_dataloader(data.train, args.per_device_train_batch_size, global_batch_blocks,
-                                                     order_seed(args), args.dataloader_num_workers, pin_memory)
+                                                     order_seed(args), args.dataloader_num_workers, pin_memory, collate)
     eval_loader = None
     if data.validation is not None and args.eval_strategy != "no":
         blocks = eval_blocks(args, len(data.validation), global_batch_blocks, len(data.train) // global_batch_blocks,
                              accelerator.num_processes)
         eval_loader = data_utils.build_eval_dataloader(data.validation[:blocks], args.per_device_eval_batch_size,
-                                                       args.dataloader_num_workers, pin_memory)
+                                                       args.dataloader_num_workers, pin_memory, collate)
     return train_loader, eval_loader, global_batch_blocks
 
 
@@ -170,6 +175,8 @@ def build_model(model_args: ModelArguments, config, tokenizer, args: TrainArgume
     """The weights (loaded or initialised), then what training changes about the model."""
     warn_if_precision_is_emulated(args, config)
     model = load_weights(model_args, config, tokenizer, args.seed)
+    if model_args.attn_mask_type == "block_causal":
+        use_document_mask(model)
     if args.use_liger_kernel:
         apply_liger_kernel(model, args)
     if args.gradient_checkpointing:
@@ -387,7 +394,7 @@ def evaluate(accelerator, model, eval_loader, chunk_size: int) -> dict[str, floa
     start = shown = time.perf_counter()
     with torch.no_grad():
         for index, batch in enumerate(eval_loader, 1):
-            losses = eval_block_losses(accelerator, model, batch["input_ids"], chunk_size)
+            losses = eval_block_losses(accelerator, model, batch, chunk_size)
             block_losses.append(accelerator.gather_for_metrics(losses))
             if time.perf_counter() - shown >= EVAL_PROGRESS_AFTER_S and accelerator.is_main_process:
                 shown = time.perf_counter()
@@ -399,14 +406,16 @@ def evaluate(accelerator, model, eval_loader, chunk_size: int) -> dict[str, floa
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def eval_block_losses(accelerator, model, input_ids: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Each block's mean next-token loss, in fp32 and never from a whole batch's fp32 logits (gigabytes at 150k)."""
+def eval_block_losses(accelerator, model, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+    """Each block's mean next-token loss over its counted targets (with the batch's positions and boundary labels),
+    in fp32 and never from a whole batch's fp32 logits (gigabytes at 150k)."""
     if chunk_size:  # not even one batch's logits: the output projection runs on chunks of tokens
         with accelerator.autocast():
-            return block_losses_in_chunks(accelerator.unwrap_model(model), input_ids, chunk_size)
-    logits = model(input_ids=input_ids).logits
-    return torch.stack([torch.nn.functional.cross_entropy(block_logits[:-1].float(), ids[1:])
-                        for block_logits, ids in zip(logits, input_ids)])
+            return block_losses_in_chunks(accelerator.unwrap_model(model), batch, chunk_size)
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    logits = model(**inputs).logits
+    return torch.stack([block_loss(block_logits[:-1].float(), labels[1:])
+                        for block_logits, labels in zip(logits, batch["labels"])])
 
 
 def print_sample(model, tokenizer, accelerator, prompt: str = "alice went to") -> None:

@@ -4,9 +4,10 @@
 #    torch.compile of the decoder layers): the zero2/single_gpu ratio and the best single-GPU MFU.
 #  - Qwen2.5-1.5B's shape (the chapter's model) with the chapter's settings (block 2048, bf16, gradient
 #    checkpointing, micro-batch 16) through zero2.yaml with one process: eager, compiled, Liger-Kernel, compiled +
-#    Liger, compiled + FP8 (--fp8, torchao), and single_gpu with compiled + Liger; beside them transformers.Trainer
-#    with the chapter's DeepSpeed JSON (bench/trainer_chapter.py) on the same blocks: tokens/s, MFU, peak memory and
-#    loss after the same steps.
+#    Liger, compiled + FP8 (--fp8, torchao), compiled with attention within documents (--attn_mask_type
+#    block_causal: sdpa's dense mask, flash-attention's varlen), and single_gpu with compiled + Liger; beside them
+#    transformers.Trainer with the chapter's DeepSpeed JSON (bench/trainer_chapter.py) on the same blocks: tokens/s,
+#    MFU, peak memory and loss after the same steps.
 # Random init and the demo corpus: the data is not what is measured. Compiled rows print the graphs dynamo made.
 # Without a CUDA GPU it dry-runs every row with tiny shapes in fp32 (a check of the script, not a measurement; the
 # FP8 rows are then refused in one line, as they should be).
@@ -110,6 +111,10 @@ row 1.5b zero2+compile zero2.yaml "${CHAPTER[@]}" --torch_compile
 row 1.5b zero2+liger zero2.yaml "${CHAPTER[@]}" --use_liger_kernel
 row 1.5b zero2+compile+liger zero2.yaml "${CHAPTER[@]}" --torch_compile --use_liger_kernel
 row 1.5b zero2+compile+fp8 zero2.yaml "${CHAPTER[@]}" --torch_compile --fp8
+DOCMASK=(--attn_mask_type block_causal)  # attention within documents: dense mask (sdpa) or varlen (flash-attn)
+row 1.5b zero2+compile+docmask-sdpa zero2.yaml "${CHAPTER[@]}" --torch_compile "${DOCMASK[@]}"
+row 1.5b zero2+compile+docmask-fa2 zero2.yaml "${CHAPTER[@]}" --torch_compile "${DOCMASK[@]}" \
+  --attn_implementation flash_attention_2  # needs the flash-attn package
 row 1.5b single_gpu+compile+liger single_gpu.yaml "${CHAPTER[@]}" --torch_compile --use_liger_kernel
 trainer_row
 if [ -n "${ONLY:-}" ]; then  # FP8's loss against bf16's after LOSS_STEPS steps on the same blocks: only when asked

@@ -10,6 +10,7 @@ state         the run state a checkpoint carries, and how one optimizer step adv
 
 The concerns, each importing the base and the concerns it names:
 corpus_files  corpus formats, pieces of files, bad-input lines
+hub_datasets  --dataset_name: a Hub or local dataset resolved to its data files
 cache_claims  sharing a build folder between processes with claims and error files
 corpus_build  the streamed, crash-safe, multi-process build of the data cache (corpus_files, cache_claims)
 corpus_cache  the data cache's key and its memory-mapped loading
@@ -17,6 +18,7 @@ demo_corpus   the built-in demo's generated corpus and tokenizer
 launch        the Accelerator and DeepSpeed set-up of a process
 loading       tokenizer, config and weights from the Hub or a folder (demo_corpus)
 chunked_loss  the output projection and cross-entropy a chunk of tokens at a time
+document_mask  positions restarting at each document, boundary labels, the check that a model honours them
 speedups      regional torch.compile and Liger-Kernel, applied to the built model
 universal     a ZeRO checkpoint resumed on another world size, through DeepSpeed's universal format
 checkpoints   atomic saves, choosing and loading a resume, the final model (launch, universal)

@@ -52,6 +52,14 @@ class DataArguments:
         metadata={"help": "Training corpus: paths or glob patterns (.jsonl/.json/.txt, optionally .gz, or .parquet). "
                           "Empty: the built-in demo corpus.", "nargs": "+"},
     )
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "A dataset on the Hub (org/name), a local dataset folder, or a save_to_disk folder, as "
+                "datasets.load_dataset takes it: its data files go through the same build as --train_files (with "
+                "which it combines)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration."})
+    dataset_split: str = field(default="train", metadata={"help": "The dataset's split to train on."})
+    dataset_revision: str | None = field(default=None, metadata={"help": "The dataset's revision on the Hub (a "
+                                                                         "branch, tag or commit)."})
     validation_files: list[str] | None = field(
         default=None, metadata={"help": "Validation corpus, same formats. Default: held out from the training files.",
                                 "nargs": "+"},
@@ -64,6 +72,11 @@ class DataArguments:
     block_size: int | None = field(default=None, metadata={
         "help": "Tokens per training block (sequence length). Training default: min(2048, the model's "
                 "max_position_embeddings); required by `python data_utils.py`."})
+    parse_special_tokens: bool = field(default=False, metadata={
+        "help": "Encode special-token strings that occur in document text (a literal <|endoftext|> or <|im_start|>) "
+                "as the control tokens themselves, for corpora of deliberately pre-formatted text. By default they are "
+                "encoded as ordinary text, so control tokens come only from the pipeline (the EOS after each "
+                "document)."})
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Tokenizing processes, each single-threaded (default: the cores, divided "
                                        "among the processes of a launch on this machine)."},
@@ -89,6 +102,14 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub."})
     attn_implementation: str | None = field(default=None, metadata={
         "help": "Attention kernel: sdpa, eager, flash_attention_2 (default: the model's)."})
+    attn_mask_type: str = field(default="causal", metadata={
+        "help": "causal: each token attends to everything before it in its block, across the documents packed there. "
+                "block_causal: only within its own document, with positions restarting at each document (torchtitan's "
+                "name; Megatron's --reset-attention-mask --reset-position-ids); evaluation uses the same mask.",
+        "choices": ["causal", "block_causal"]})
+    keep_boundary_targets: bool = field(default=False, metadata={
+        "help": "With block_causal: also train each EOS to predict the next document's first token (left out by "
+                "default: under the mask that prediction sees nothing of the next document)."})
 
 
 @dataclass
@@ -145,9 +166,13 @@ class TrainArguments:
     loss_chunk_size: int = field(default=0, metadata={
         "help": "Compute the output projection and the cross-entropy together, this many tokens at a time, never "
                 "holding the whole batch's logits (tokens x vocabulary); 0: transformers' loss on full logits."})
-    report_to: str = field(default="swanlab", metadata={"help": "swanlab or none.", "choices": ["swanlab", "none"]})
-    run_name: str | None = field(default=None, metadata={"help": "Name of the SwanLab experiment."})
-    swanlab_project: str = field(default="pretrain", metadata={"help": "SwanLab project."})
+    report_to: list[str] = field(default_factory=lambda: ["swanlab"], metadata={
+        "help": "Trackers, through Accelerate's tracker classes: swanlab, tensorboard, wandb, trackio (several, "
+                "space- or comma-separated), all (every one installed) or none.", "nargs": "+"})
+    run_name: str | None = field(default=None, metadata={"help": "Name of the run in every tracker (default: the "
+                                                                 "output_dir's name)."})
+    swanlab_project: str = field(default="pretrain", metadata={"help": "The trackers' project (SwanLab, W&B, "
+                                                                       "Trackio; TensorBoard's subfolder)."})
     swanlab_mode: str | None = field(default=None, metadata={
         "help": "online, local, offline or disabled (default: online with an API key, else local or offline).",
         "choices": ["online", "local", "offline", "disabled"]})
@@ -165,8 +190,9 @@ class TrainArguments:
                                                           "choices": ["no", "steps", "epoch"]})
     logging_strategy: str = field(default="steps", metadata={"help": "no, steps or epoch.",
                                                              "choices": ["no", "steps", "epoch"]})
-    logging_dir: str | None = field(default=None, metadata={"help": "SwanLab's log folder (default: "
-                                                                    "<output_dir>/swanlog)."})
+    logging_dir: str | None = field(default=None, metadata={
+        "help": "The trackers' folder: SwanLab writes in it, TensorBoard in its tensorboard/, W&B in its wandb/ "
+                "(default: <output_dir>/swanlog for SwanLab, <output_dir>/tensorboard and <output_dir>/wandb)."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     dataloader_pin_memory: bool = field(default=True, metadata={"help": "Pin host memory of batches (CUDA only)."})
     ddp_timeout: int = field(default=1800, metadata={
@@ -199,10 +225,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         argv = args_file_to_argv(Path(argv[0]))
     model_args, data_args, train_args, unknown = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True, look_for_args_file=False)
-    if any(flag.split("=")[0] in ("--dataset_name", "--dataset_config_name") for flag in unknown):
-        raise UsageError("--dataset_name: datasets by name are not read yet; download the dataset's files (e.g. "
-                         "`huggingface-cli download --repo-type dataset ORG/NAME`) and pass them with --train_files "
-                         "(.jsonl, .json, .txt, optionally .gz, or .parquet)")
     if unknown:
         raise UsageError(f"unknown argument(s): {' '.join(unknown)}; see python train_loop.py --help")
     if is_demo(model_args, data_args):
@@ -247,7 +269,8 @@ def order_seed(args: TrainArguments) -> int:
 
 
 def is_demo(model_args: ModelArguments, data_args: DataArguments) -> bool:
-    return not (model_args.model_name_or_path or model_args.config_name or data_args.train_files)
+    return not (model_args.model_name_or_path or model_args.config_name or data_args.train_files or
+                data_args.dataset_name)
 
 
 def validate_args(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments) -> None:
@@ -262,8 +285,9 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, args: Tr
          f"capability 8.9+: Ada, Hopper or newer), and this machine has {describe_gpu()}; drop --fp8 (use --bf16)"),
         (model_args.model_name_or_path and model_args.config_name,
          "--model_name_or_path and --config_name: give one (weights to continue, or a config to start from)"),
-        (data_args.train_files is None and not is_demo(model_args, data_args),
-         "--train_files is required with a model (the demo corpus goes only with the demo model)"),
+        (data_args.train_files is None and data_args.dataset_name is None and not is_demo(model_args, data_args),
+         "--train_files or --dataset_name is required with a model (the demo corpus goes only with the demo "
+         "model)"),
         (args.per_device_train_batch_size < 1, "--per_device_train_batch_size must be at least 1"),
         (args.per_device_eval_batch_size < 1, "--per_device_eval_batch_size must be at least 1"),
         (args.max_eval_samples is not None and args.max_eval_samples < 1, "--max_eval_samples must be at least 1"),

@@ -25,7 +25,7 @@ from pretrain.universal import load_universal, universal_copy
 logger = logging.getLogger("train_loop")
 
 # What a run writes before its first checkpoint.
-RUN_FILES = {"metrics.jsonl", "run_config.json", "swanlog", "logs", "run.lock"}
+RUN_FILES = {"metrics.jsonl", "run_config.json", "swanlog", "tensorboard", "wandb", "logs", "run.lock"}
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"

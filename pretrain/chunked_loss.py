@@ -92,13 +92,27 @@ def next_token_pairs(model, input_ids: torch.Tensor, labels: torch.Tensor, **kwa
     return hidden.reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
 
 
-def block_losses_in_chunks(model, input_ids: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Each block's mean next-token loss, with the output projection on `chunk_size` tokens at a time (evaluation:
-    no gradients, so no autograd function is needed). `model` is the unwrapped model."""
+def block_losses_in_chunks(model, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+    """Each block's mean next-token loss over its counted targets, with the output projection on `chunk_size` tokens
+    at a time (evaluation: no gradients, so no autograd function is needed). `model` is the unwrapped model."""
     head = model.get_output_embeddings()
-    hidden, targets = next_token_pairs(model, input_ids, input_ids)
+    inputs = {key: value for key, value in batch.items() if key not in ("input_ids", "labels")}
+    hidden, targets = next_token_pairs(model, batch["input_ids"], batch["labels"], **inputs)
     token_losses = torch.cat([
         torch.nn.functional.cross_entropy(head(hidden[start:start + chunk_size]).float(),
                                           targets[start:start + chunk_size], reduction="none")
         for start in range(0, len(targets), chunk_size)])
-    return token_losses.view(input_ids.shape[0], -1).mean(dim=1)
+    return block_loss_of_tokens(token_losses.view(batch["input_ids"].shape[0], -1), targets.view(
+        batch["input_ids"].shape[0], -1))
+
+
+def block_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """One block's mean loss over its counted targets (those that are not -100)."""
+    return block_loss_of_tokens(torch.nn.functional.cross_entropy(logits, targets, reduction="none"), targets)
+
+
+def block_loss_of_tokens(token_losses: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean of the token losses over the counted targets, along the last dimension (cross_entropy's
+    reduction="none" gives 0 for a target of -100)."""
+    counted = (targets != -100)
+    return (token_losses * counted).sum(dim=-1) / counted.sum(dim=-1).clamp(min=1)

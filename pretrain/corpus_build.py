@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -83,7 +84,9 @@ def tokenize_piece(folder: Path, index: int, piece: Piece, plan: dict[str, Any],
     split = piece.part == "train" and plan["validation_percentage"] > 0
     suffix = f"tmp-{HOST}-{os.getpid()}"
     paths = {name: shard_path(folder, index, f"{name}.{suffix}") for name in ("train", "validation")}
-    counts = {"documents": 0, "skipped": 0, "tokens": 0, "train_tokens": 0, "validation_tokens": 0}
+    counts = {"documents": 0, "skipped": 0, "tokens": 0, "train_tokens": 0, "validation_tokens": 0,
+              "with_special_text": 0}
+    special = re.compile("|".join(map(re.escape, plan["special_strings"]))) if plan["special_strings"] else None
     texts: list[str] = []
     positions: list[int] = []
     characters = 0
@@ -117,6 +120,8 @@ def tokenize_piece(folder: Path, index: int, piece: Piece, plan: dict[str, Any],
             if not isinstance(text, str) or not text:
                 counts["skipped"] += 1
                 continue
+            if special is not None and special.search(text):
+                counts["with_special_text"] += 1
             texts.append(text)
             positions.append(position)
             characters += len(text)
@@ -147,6 +152,8 @@ def worker_main(folder: Path, parent: int) -> int:
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     except FileNotFoundError:
         return 0  # the build finished and its folder was removed
+    # A literal "<|endoftext|>" in a web page is text: encoded as such, every control token comes from the pipeline.
+    tokenizer.encode_special_tokens = not plan["parse_special_tokens"]
     final_meta = Path(plan["final_dir"]) / "meta.json"
     heartbeat = Heartbeat()
     try:

@@ -33,7 +33,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def cache_description(train: list[Path], validation: list[Path] | None, split_percentage: float, block_size: int,
-                      text_column: str, tokenizer: Any, seed: int) -> dict[str, Any]:
+                      text_column: str, tokenizer: Any, seed: int, parse_special_tokens: bool) -> dict[str, Any]:
     """Everything that changes the packed result (and nothing else: not the number of workers)."""
     return {
         "version": CACHE_FORMAT_VERSION,
@@ -44,6 +44,7 @@ def cache_description(train: list[Path], validation: list[Path] | None, split_pe
         "block_size": block_size,
         "text_column": text_column,
         "eos_policy": "append-eos-after-every-document",
+        "special_tokens_in_text": "parsed" if parse_special_tokens else "ordinary-text",
     }
 
 
@@ -55,6 +56,7 @@ def cache_key(description: dict[str, Any]) -> str:
 KEY_FIELD_MEANING = {"split": "the validation split (--validation_split_percentage, --data_seed)",
                      "tokenizer": "the tokenizer (its vocabulary, normalizer or special tokens)",
                      "block_size": "--block_size", "text_column": "--text_column",
+                     "special_tokens_in_text": "--parse_special_tokens",
                      "validation": "--validation_files", "version": "the cache format (a newer version of this code)"}
 
 

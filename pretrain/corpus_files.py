@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator
 
 from pretrain.errors import DataError
 
-SUPPORTED_FORMATS = ".jsonl, .json, .txt (each optionally .gz) and .parquet"
+SUPPORTED_FORMATS = ".jsonl, .json, .txt (each optionally .gz), .parquet and .arrow (a saved datasets folder's)"
 PARQUET_BATCH = 2048
 MIN_PIECE_BYTES = 16 * 2**10  # a piece is about 1/256 of the input, within these bounds
 MAX_PIECE_BYTES = 64 * 2**20
@@ -45,7 +45,7 @@ def file_format(path: Path) -> str:
     name = path.name.lower()
     if name.endswith(".gz"):
         name = name[:-3]
-    for fmt in ("jsonl", "json", "txt", "parquet"):
+    for fmt in ("jsonl", "json", "txt", "parquet", "arrow"):
         if name.endswith("." + fmt):
             return fmt
     raise DataError(f"{path}: unknown format; supported formats are {SUPPORTED_FORMATS}")
@@ -134,7 +134,21 @@ def _iter_parquet(path: Path, text_column: str) -> Iterator[Any]:
         yield from batch.column(0).to_pylist()
 
 
-_READERS = {"jsonl": _iter_jsonl, "json": _iter_json, "txt": _iter_txt, "parquet": _iter_parquet}
+def _iter_arrow(path: Path, text_column: str) -> Iterator[Any]:
+    """An Arrow stream file, as `datasets` writes them (save_to_disk, its cache), memory-mapped batch by batch."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        reader = pa.ipc.open_stream(source)
+        if text_column not in reader.schema.names:
+            raise DataError(f"{path}: no '{text_column}' column (found: {', '.join(reader.schema.names)}); "
+                            f"pass --text_column with one of them")
+        for batch in reader:
+            yield from batch.column(text_column).to_pylist()
+
+
+_READERS = {"jsonl": _iter_jsonl, "json": _iter_json, "txt": _iter_txt, "parquet": _iter_parquet,
+            "arrow": _iter_arrow}
 
 
 def reading_errors(path: Path):
@@ -156,7 +170,8 @@ class _ReadingErrors:
             raise DataError(f"{self.path}: cannot be read ({type(error).__name__}: {error}); check the file") \
                 from None
         if type(error).__module__.startswith("pyarrow"):  # pyarrow raises its own types for corrupt files
-            raise DataError(f"{self.path}: cannot be read as Parquet ({error}); check the file") from None
+            raise DataError(f"{self.path}: cannot be read as {file_format(self.path).capitalize()} ({error}); check "
+                            f"the file") from None
         return False
 
 

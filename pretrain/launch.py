@@ -19,6 +19,7 @@ import torch
 from pretrain.arguments import TrainArguments, read_json_object
 from pretrain.errors import UsageError, unwritable
 from pretrain.run_control import stop_with_the_launcher
+from pretrain.tracking import requested_trackers, tracker_folders
 
 logger = logging.getLogger("train_loop")
 REPOSITORY = Path(__file__).resolve().parents[1]  # where accelerate_configs/ and ds_config_*.json are
@@ -60,6 +61,8 @@ def build_accelerator(args: TrainArguments):
         deepspeed_plugin=plugin,
         kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimizer step itself
+        log_with=requested_trackers(args) or None,
+        project_dir=str(tracker_folders(args)["tensorboard"]),  # TensorBoard's folder; nothing else uses it
         # Without CUDA, Accelerate makes DDP across processes (MULTI_CPU) only when told it runs on the CPU;
         # `cpu=True` would drop a DeepSpeed plugin, so it is set only for runs without DeepSpeed.
         cpu=not torch.cuda.is_available() and launched and not uses_deepspeed,
@@ -110,9 +113,10 @@ def best_time(inputs: torch.Tensor, weight: torch.Tensor, repeats: int = 3) -> f
 
 
 def create_output_dirs(args: TrainArguments) -> None:
-    """Fail before any work, not at the first save, when --output_dir (or SwanLab's --logging_dir) is not writable."""
+    """Fail before any work, not at the first save, when --output_dir (or the trackers' --logging_dir) is not
+    writable."""
     folders = [("--output_dir", args.output_dir)]
-    if args.report_to == "swanlab" and args.logging_dir:
+    if requested_trackers(args) and args.logging_dir:
         folders.append(("--logging_dir", args.logging_dir))
     for flag, folder in folders:
         problem = unwritable(Path(folder))

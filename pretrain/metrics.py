@@ -20,7 +20,7 @@ import torch
 from pretrain.arguments import TrainArguments
 from pretrain.errors import UsageError, moved_api
 from pretrain.state import TrainState
-from pretrain.tracking import start_swanlab
+from pretrain.tracking import start_trackers
 
 logger = logging.getLogger("train_loop")
 TORCH_TESTED = "2.13.0"
@@ -63,13 +63,13 @@ def peak_memory_gb() -> float:
 
 
 class MetricsLogger:
-    """Console/progress bar, <output_dir>/metrics.jsonl and SwanLab, on the main process only."""
+    """Console/progress bar, <output_dir>/metrics.jsonl and the --report_to trackers, on the main process only."""
 
     def __init__(self, accelerator, args: TrainArguments, total_steps: int, state: TrainState,
                  run_config: dict[str, Any]):
         self.enabled = accelerator.is_main_process
+        self.accelerator = accelerator
         self.path = Path(args.output_dir) / "metrics.jsonl"
-        self.swanlab = None
         self.progress = None
         self.losses: list[tuple[int, float]] = []  # (step, loss) of this process's logged steps
         self.compiling = args.torch_compile
@@ -85,8 +85,7 @@ class MetricsLogger:
             self.path.unlink()  # a fresh start: old metrics belong to a run that made no checkpoint
         self.progress = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                              disable=not sys.stderr.isatty())  # a log file gets the record lines, not redrawn bars
-        if args.report_to == "swanlab":
-            self.swanlab = start_swanlab(args, state, run_config)
+        start_trackers(accelerator, args, state, run_config)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -99,8 +98,7 @@ class MetricsLogger:
             handle.write(json.dumps(record) + "\n")
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
         self.progress.write(shown)
-        if self.swanlab is not None:
-            self.swanlab.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+        self.accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
 
     def count_graphs(self, record: dict[str, Any]) -> None:
         """Add the graphs torch.compile has made so far; warn once when recompiles pile up.
@@ -132,8 +130,9 @@ class MetricsLogger:
         if len(self.losses) >= 2:
             (first_step, first), (last_step, last) = self.losses[0], self.losses[-1]
             logger.info(f"loss {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
-        if self.swanlab is not None:
-            self.swanlab.finish()
+        for tracker in self.accelerator.trackers:  # also when the run stops early; end_training then finds none
+            tracker.finish()
+        self.accelerator.trackers.clear()
 
 
 def compiled_graphs() -> int:

@@ -39,12 +39,13 @@ def finish(argv, timeout=300):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_is_bit_exact_across_an_epoch_boundary(assets, tmp_path):
+@pytest.mark.parametrize("mask", ["causal", "block_causal"])
+def test_resume_after_sigkill_is_bit_exact_across_an_epoch_boundary(assets, tmp_path, mask):
     """12 steps straight against 6 steps, SIGKILL, the same command again: steps 7-12 identical to the bit.
     The tiny corpus holds 10 steps per epoch, so the resumed run starts mid-epoch and crosses into epoch 2."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    finish(flags(assets, straight, tmp_path / "cache", *SLOW))
-    argv = flags(assets, resumed, tmp_path / "cache", *SLOW, "--save_steps", 6)
+    finish(flags(assets, straight, tmp_path / "cache", *SLOW, "--attn_mask_type", mask))
+    argv = flags(assets, resumed, tmp_path / "cache", *SLOW, "--save_steps", 6, "--attn_mask_type", mask)
     process = start(argv, tmp_path / "run.log")
     process.wait_until(lambda: (resumed / "checkpoint-6").is_dir(), timeout=120, poll_s=0.005)
     kill_tree(process)

@@ -345,3 +345,30 @@ def test_a_cache_built_beforehand_is_reused_whatever_the_training_seed(assets, t
     assert ("building a new data cache: the cache of these files differs only in the validation split "
             "(--validation_split_percentage, --data_seed): {'percentage': 5.0, 'seed': 42} -> {'percentage': 5.0, "
             "'seed': 7} (the existing cache is ") in err
+
+
+def test_document_text_cannot_forge_control_tokens(assets, tmp_path):
+    """Web text that quotes <|endoftext|>, <|im_start|> or <|im_end|> is encoded as text: the blocks hold one EOS per
+    document (the pipeline's) and no other special id; --parse_special_tokens restores parsing, in another cache."""
+    tokenizer = AutoTokenizer.from_pretrained(assets["tokenizer"])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    texts = []
+    for index in range(90):
+        text = f"document {index} says hello to the reader and counts to {index % 7}."
+        if index % 3 == 1:
+            text += " A page about models: <|endoftext|> ends a text, <|im_start|>user hi<|im_end|> is chat."
+        texts.append(text)
+    corpus = write_jsonl(tmp_path / "quoting.jsonl", texts)
+    packed = data_utils.prepare_data(args_for([corpus], tmp_path / "cache", block_size=32), tokenizer)
+    ids = np.asarray(packed.train).ravel()
+    eos = tokenizer.eos_token_id
+    assert packed.stats["documents_with_special_text"] == 30
+    assert packed.stats["dropped_tokens"] > 0  # the corpus's last EOS lies in the dropped remainder
+    assert int((ids == eos).sum()) == len(texts) - 1
+    others = set(tokenizer.all_special_ids) - {eos}
+    assert len(others) == 2 and not np.isin(ids, list(others)).any()
+    parsed = data_utils.prepare_data(args_for([corpus], tmp_path / "cache", block_size=32, parse_special_tokens=True),
+                                     tokenizer)
+    assert parsed.stats["cache_dir"] != packed.stats["cache_dir"]
+    parsed_ids = np.asarray(parsed.train).ravel()
+    assert int((parsed_ids == eos).sum()) > len(texts) and np.isin(parsed_ids, list(others)).any()

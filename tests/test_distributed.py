@@ -31,13 +31,15 @@ def flags(assets, output, cache, micro, accumulation, *extra):
 @pytest.fixture(scope="module")
 def runs(assets, tmp_path_factory):
     """(a) 1 process mb 2 x GA 4; (b) ddp.yaml 2 x mb 2 x GA 2; (c) zero2.yaml 2 x mb 2 x GA 2 (checkpoints at 6, 12);
-    (d) as (c) with the loss computed in chunks."""
+    (d) as (c) with the loss computed in chunks; (e) as (a) and (f) as (c) with attention masked at documents."""
     root = tmp_path_factory.mktemp("layouts")
     cache = root / "cache"
     run_in_process(flags(assets, root / "single", cache, 2, 4, "--save_steps", 6))
     launch("ddp.yaml", 2, flags(assets, root / "ddp", cache, 2, 2))
     launch("zero2.yaml", 2, flags(assets, root / "zero2", cache, 2, 2, "--save_steps", 6))
     launch("zero2.yaml", 2, flags(assets, root / "zero2_chunked", cache, 2, 2, "--loss_chunk_size", 50))
+    run_in_process(flags(assets, root / "single_masked", cache, 2, 4, "--attn_mask_type", "block_causal"))
+    launch("zero2.yaml", 2, flags(assets, root / "zero2_masked", cache, 2, 2, "--attn_mask_type", "block_causal"))
     return root
 
 
@@ -50,6 +52,16 @@ def test_same_losses_and_lrs_on_every_layout(runs):
             assert other[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-4), (layout, step)
             assert other[step]["lr"] == pytest.approx(single[step]["lr"], rel=1e-4, abs=1e-12), (layout, step)
             assert other[step]["tokens_seen"] == single[step]["tokens_seen"]
+
+
+def test_document_masked_zero2_matches_one_process_and_differs_from_causal(runs):
+    single, single_evals = read_metrics(runs / "single_masked")
+    zero2, zero2_evals = read_metrics(runs / "zero2_masked")
+    causal, _ = read_metrics(runs / "single")
+    for step in range(1, STEPS + 1):
+        assert zero2[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-4), step
+    assert [e["eval_loss"] for e in zero2_evals] == pytest.approx([e["eval_loss"] for e in single_evals], rel=1e-5)
+    assert single[1]["loss"] != pytest.approx(causal[1]["loss"], rel=1e-4)  # the mask changed what was computed
 
 
 def test_eval_gathers_every_validation_block_once(runs):

@@ -181,7 +181,7 @@ def test_arguments_from_a_yaml_file(assets, tmp_path):
 
 BAD_ARGUMENTS = [
     (["--no_such_flag", "1"], "unknown argument(s): --no_such_flag"),
-    (["--dataset_name", "org/corpus"], "--dataset_name: datasets by name are not read yet; download"),
+    (["--report_to", "mlflow"], "--report_to mlflow: not a tracker this loop supports; use swanlab, tensorboard"),
     (["--lr_scheduler_kwargs", "[1]"], "--lr_scheduler_kwargs must be a JSON object"),
     (["--bf16", "--fp16"], "--bf16 and --fp16"),
     (["--model_name_or_path", "x", "--config_name", "y"], "--model_name_or_path and --config_name"),

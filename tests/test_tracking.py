@@ -1,0 +1,92 @@
+"""--report_to through Accelerate's trackers: TensorBoard events under --logging_dir with no step twice after a
+SIGKILL and a resume, W&B offline runs that keep one id across a resume, `all`, and one line for a tracker that is
+not installed. SwanLab's own behaviour is tested where it always was (test_demo, test_train_loop)."""
+
+import importlib.util
+import json
+
+import pytest
+from conftest import ROOT, LoggedProcess, kill_tree, logged_steps, run_in_process, tiny_flags
+
+from pretrain.errors import UsageError
+
+
+def scalars(folder):
+    """{tag: [steps]} of the TensorBoard events under `folder`, as TensorBoard shows them (orphans purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = [path.parent for path in folder.rglob("events.out.tfevents.*")]
+    assert runs, f"no event files under {folder}"
+    steps = {}
+    for run in set(runs):
+        events = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
+        for tag in events.Tags()["scalars"]:
+            steps.setdefault(tag, []).extend(event.step for event in events.Scalars(tag))
+    return steps
+
+
+@pytest.mark.slow
+def test_tensorboard_logs_every_step_once_across_a_sigkill_and_a_resume(assets, tmp_path):
+    import sys
+
+    output, logs = tmp_path / "run", tmp_path / "logs"
+    argv = [sys.executable, str(ROOT / "train_loop.py"),
+            *map(str, tiny_flags(assets, output, tmp_path / "cache", "--report_to", "tensorboard", "--logging_dir",
+                                 logs, "--save_steps", 4, "--eval_steps", 4, "--validation_split_percentage", 10,
+                                 "--max_steps", 100000))]
+    first = LoggedProcess(argv, tmp_path / "first.log", cwd=ROOT)
+    first.wait_until(lambda: (output / "checkpoint-4").is_dir() and max(logged_steps(output), default=0) >= 6)
+    kill_tree(first)  # steps 5 and 6 are logged, and lost with the run: the resume redoes them
+    first.wait()
+    second = LoggedProcess(argv[:-1] + ["8"], tmp_path / "second.log", cwd=ROOT)
+    assert second.wait(timeout=300) == 0, second.output()[-3000:]
+    steps = scalars(logs / "tensorboard")
+    assert sorted(steps["loss"]) == list(range(1, 9)), steps["loss"]
+    assert sorted(steps["lr"]) == list(range(1, 9))
+    assert sorted(steps["eval_loss"]) == [4, 8]
+
+
+def test_wandb_offline_keeps_one_run_id_across_a_resume(assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    output, logs = tmp_path / "run", tmp_path / "logs"
+    argv = tiny_flags(assets, output, tmp_path / "cache", "--report_to", "wandb", "--logging_dir", logs,
+                      "--max_steps", 2, "--save_steps", 2)
+    run_in_process(argv)
+    run_id = json.loads((output / "checkpoint-2" / "trainer_state.json").read_text())["swanlab_run_id"]
+    run_in_process(argv[:-4] + ["--max_steps", "4", "--save_steps", "2"])
+    runs = sorted((logs / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(run.name.endswith(f"-{run_id}") for run in runs), runs
+    assert all(list(run.glob("*.wandb")) for run in runs)  # the records W&B syncs later
+
+
+def test_report_to_all_starts_every_installed_tracker(assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    output = tmp_path / "run"
+    run_in_process(tiny_flags(assets, output, tmp_path / "cache", "--report_to", "all", "--swanlab_mode", "offline",
+                              "--max_steps", 2))
+    installed = {name for name in ("swanlab", "tensorboard", "wandb") if importlib.util.find_spec(name)}
+    assert {"swanlab", "tensorboard"} <= installed  # requirements-dev.txt
+    assert ("swanlab" in installed) == (output / "swanlog").is_dir()
+    assert ("tensorboard" in installed) == bool(list((output / "tensorboard").rglob("events.out.tfevents.*")))
+    assert ("wandb" in installed) == (output / "wandb").is_dir()
+
+
+def test_a_tracker_that_is_not_installed_is_one_line(assets, tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard"
+                        else find_spec(name, *a))
+    with pytest.raises(UsageError, match=r"^--report_to tensorboard: the tensorboard package is not installed; pip "
+                                         r"install tensorboard, or drop it from --report_to$"):
+        run_in_process(tiny_flags(assets, tmp_path / "run", tmp_path / "cache", "--report_to", "swanlab",
+                                  "tensorboard"))
+
+
+def test_wandb_without_a_key_online_is_one_line(assets, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    with pytest.raises(UsageError, match=r"^--report_to wandb: no W&B API key; set WANDB_API_KEY or run `wandb "
+                                         r"login`, or set WANDB_MODE=offline"):
+        run_in_process(tiny_flags(assets, tmp_path / "run", tmp_path / "cache", "--report_to", "wandb"))
