@@ -100,7 +100,7 @@ PY
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
 [ $DRY = 1 ] && echo "no CUDA GPU: a dry run with tiny shapes in fp32 (checks the script; measures nothing)"
-echo "steps $STEPS (the table shows the last 4), micro-batch $MICRO_BATCH, block $BLOCK, ${PRECISION:-fp32}"
+echo "steps $STEPS (the table shows the last logged window), micro-batch $MICRO_BATCH, block $BLOCK, ${PRECISION:-fp32}"
 echo "| row                          |   tokens/s |  step s |   MFU | mem GB | loss  | graphs |"
 echo "|------------------------------|-----------:|--------:|------:|-------:|-------|-------:|"
 row 0.5b single_gpu+compile single_gpu.yaml --torch_compile

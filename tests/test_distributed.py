@@ -64,6 +64,37 @@ def test_document_masked_zero2_matches_one_process_and_differs_from_causal(runs)
     assert single[1]["loss"] != pytest.approx(causal[1]["loss"], rel=1e-4)  # the mask changed what was computed
 
 
+def test_document_masked_eval_under_zero2_is_each_documents_loss_alone(runs):
+    """The last eval_loss of the ZeRO-2 x 2 masked run, recomputed from its final model one document at a time
+    (each on its own, positions from 0, nothing before it): equal within 1e-5."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import data_utils
+    import train_loop
+    from pretrain.arguments import DEFAULT_SPLIT_SEED, DataArguments, TrainArguments
+
+    output = runs / "zero2_masked"
+    data_args = DataArguments(**json.loads((output / "run_config.json").read_text())["data"])
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    eos = tokenizer.eos_token_id
+    validation = np.asarray(data_utils.prepare_data(data_args, tokenizer, seed=DEFAULT_SPLIT_SEED).validation)
+    train_args = TrainArguments(**json.loads((output / "run_config.json").read_text())["train"])
+    count = train_loop.eval_blocks(train_args, len(validation), 8, STEPS, 2)  # as the run chose: 2 x 2 x 2 blocks
+    model = AutoModelForCausalLM.from_pretrained(output).eval()
+    block_means = []
+    with torch.no_grad():
+        for block in torch.from_numpy(validation[:count].astype(np.int64)):
+            ends = (block == eos).nonzero().flatten().tolist()
+            documents = [block[start:end + 1] for start, end in zip([0] + [e + 1 for e in ends], ends + [len(block) - 1])
+                         if end + 1 > start]
+            losses = [torch.nn.functional.cross_entropy(model(input_ids=doc[None]).logits[0, :-1], doc[1:],
+                                                        reduction="sum") for doc in documents if len(doc) > 1]
+            block_means.append(sum(losses) / sum(len(doc) - 1 for doc in documents))
+    _, evals = read_metrics(output)
+    assert float(torch.stack(block_means).mean()) == pytest.approx(evals[-1]["eval_loss"], abs=1e-5)
+
+
 def test_eval_gathers_every_validation_block_once(runs):
     """The mean over all validation blocks is the same whether 1 or 2 processes computed it."""
     _, single = read_metrics(runs / "single")
