@@ -190,8 +190,8 @@ def _prepare_data(args: DataArguments, tokenizer: Any, seed: int, show_progress:
                         f"--data_cache_dir")
 
     check_tokenizer_encodes(tokenizer, train_files, args.text_column)
-    changed = near_miss(cache_root, description)
-    if changed and show_progress:
+    changed = near_miss(cache_root, description) if show_progress else None  # said by the main process only
+    if changed:
         logger.warning(f"building a new data cache: the cache of these files differs only in {changed}")
     parts = {"train": train_files, **({"validation": validation_files} if validation_files else {})}
     plan = {"pieces": [piece.to_dict() for piece in plan_pieces(parts)], "dtype": str(token_dtype(len(tokenizer))),

@@ -102,8 +102,8 @@ def block_losses_in_chunks(model, batch: dict[str, torch.Tensor], chunk_size: in
         torch.nn.functional.cross_entropy(head(hidden[start:start + chunk_size]).float(),
                                           targets[start:start + chunk_size], reduction="none")
         for start in range(0, len(targets), chunk_size)])
-    return block_loss_of_tokens(token_losses.view(batch["input_ids"].shape[0], -1), targets.view(
-        batch["input_ids"].shape[0], -1))
+    blocks = batch["input_ids"].shape[0]
+    return block_loss_of_tokens(token_losses.view(blocks, -1), targets.view(blocks, -1))
 
 
 def block_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

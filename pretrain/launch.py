@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -102,8 +103,6 @@ def warn_if_precision_is_emulated(args: TrainArguments, config) -> None:
 
 
 def best_time(inputs: torch.Tensor, weight: torch.Tensor, repeats: int = 3) -> float:
-    import time
-
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -48,5 +48,6 @@ def apply_liger_kernel(model, args: TrainArguments) -> None:
     except ImportError as error:
         raise UsageError(f"--use_liger_kernel: Liger-Kernel cannot be imported ({error}); "
                          f"pip install -r requirements-gpu.txt") from None
-    private_api(liger, "_apply_liger_kernel_to_instance", "liger-kernel", LIGER_TESTED, "--use_liger_kernel")
-    liger._apply_liger_kernel_to_instance(model=model)
+    apply_to_instance = private_api(liger, "_apply_liger_kernel_to_instance", "liger-kernel", LIGER_TESTED,
+                                    "--use_liger_kernel")
+    apply_to_instance(model=model)
