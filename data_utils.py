@@ -16,6 +16,7 @@ Run on its own to build the cache before a GPU job:
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -31,7 +32,7 @@ import torch
 
 from pretrain import corpus_build
 from pretrain.arguments import DEFAULT_CACHE_ROOT, DEFAULT_SPLIT_SEED, DataArguments, ModelArguments, \
-    argument_parser
+    argument_parser, parse_mixture
 from pretrain.cache_claims import main_reports_first
 from pretrain.corpus_cache import PackedData, cache_description, cache_key, load_cache, near_miss
 from pretrain.corpus_files import iter_documents, plan_pieces, resolve_files
@@ -39,6 +40,7 @@ from pretrain.document_mask import BlockCollator
 from pretrain.errors import DataError, UsageError, unwritable
 from pretrain.hub_datasets import dataset_files
 from pretrain.loading import load_config, load_tokenizer
+from pretrain.mixture import Mixture, MixtureBlocks, MixtureData, MixtureSampler
 
 logger = logging.getLogger("data_utils")
 
@@ -114,24 +116,28 @@ def _at_least_one_block(tokens: int, block_size: int, flag: str) -> None:
 
 
 def _stats_of(parts: dict[str, list[Path]], plan: dict[str, Any], counts: list[dict[str, Any]],
-              args: DataArguments, directory: Path) -> tuple[dict[str, Any], dict[str, int]]:
+              args: DataArguments, directory: Path, flag: str) -> tuple[dict[str, Any], dict[str, int]]:
     """The cache's stats and its arrays' block counts, from the pieces' counts; a DataError for what cannot be
     packed. Every process computes the same from the same files, so every rank raises the same line."""
     def total(part: str, field_name: str) -> int:
         return sum(count[field_name] for piece, count in zip(plan["pieces"], counts) if piece["part"] == part)
 
     block_size = args.block_size
-    _no_usable_text("--train_files", parts["train"], total("train", "documents"), total("train", "skipped"))
+    _no_usable_text(flag, parts["train"], total("train", "documents"), total("train", "skipped"))
     if "validation" in parts:
         _no_usable_text("--validation_files", parts["validation"], total("validation", "documents"),
                         total("validation", "skipped"))
     train_tokens = total("train", "train_tokens")
     validation_tokens = total("train", "validation_tokens") + total("validation", "validation_tokens")
-    _at_least_one_block(train_tokens, block_size, "--train_files")
+    _at_least_one_block(train_tokens, block_size, flag)
     shapes = {"train": train_tokens // block_size}
     if "validation" in parts or plan["validation_percentage"] > 0:
-        flag = "--validation_files" if "validation" in parts else "--validation_split_percentage"
-        _at_least_one_block(validation_tokens, block_size, flag)
+        held_out_flag = "--validation_files" if "validation" in parts else "--validation_split_percentage"
+        if flag != "--train_files" and validation_tokens < block_size:  # a mixture's source
+            raise DataError(f"{flag}: its held-out validation documents have {validation_tokens} tokens, fewer than "
+                            f"one block of --block_size {block_size}; add text to it, raise {held_out_flag} or "
+                            f"lower --block_size")
+        _at_least_one_block(validation_tokens, block_size, held_out_flag)
         shapes["validation"] = validation_tokens // block_size
     stats = {
         "documents": total("train", "documents"),
@@ -149,30 +155,48 @@ def _stats_of(parts: dict[str, list[Path]], plan: dict[str, Any], counts: list[d
     return stats, shapes
 
 
-def prepare_data(args: DataArguments, tokenizer: Any, seed: int = 42, show_progress: bool = True) -> PackedData:
+def prepare_data(args: DataArguments, tokenizer: Any, seed: int = 42, show_progress: bool = True,
+                 flag: str = "--train_files") -> PackedData:
     """Load the packed blocks from the cache, or build them (with any other process building the same cache) and
-    cache them. `show_progress`: the bar over the input's bytes (the main process of a launch). A DataError is
-    raised by every rank of a launch, the machine's first rank no later than the others."""
+    cache them. `show_progress`: the bar over the input's bytes (the main process of a launch); `flag`: what the
+    errors name as the training files. A DataError is raised by every rank of a launch, the machine's first rank no
+    later than the others."""
     try:
-        return _prepare_data(args, tokenizer, seed, show_progress)
+        return _prepare_data(args, tokenizer, seed, show_progress, flag)
     except DataError as error:
         main_reports_first(str(error))
         raise
 
 
-def _prepare_data(args: DataArguments, tokenizer: Any, seed: int, show_progress: bool) -> PackedData:
+def prepare_mixture(args: DataArguments, tokenizer: Any, seed: int, order_seed: int,
+                    show_progress: bool = True) -> MixtureData:
+    """Each --train_mixture source packed and cached on its own (adding a source or changing a weight reuses the
+    others' caches), then blended by weight."""
+    sources = parse_mixture(args.train_mixture)
+    packed = {}
+    for source in sources:
+        source_args = dataclasses.replace(args, train_files=source.files, train_mixture=None, validation_files=None,
+                                          dataset_name=None)
+        packed[source.name] = prepare_data(source_args, tokenizer, seed, show_progress,
+                                           flag=f"--train_mixture source {source.name}")
+    mixture = Mixture(sources, [data.train for data in packed.values()], order_seed, args.epoch_source)
+    validation = {name: data.validation for name, data in packed.items() if data.validation is not None}
+    return MixtureData(mixture, validation, {name: data.stats for name, data in packed.items()})
+
+
+def _prepare_data(args: DataArguments, tokenizer: Any, seed: int, show_progress: bool, flag: str) -> PackedData:
     start = time.perf_counter()
     if args.block_size is None or args.block_size < 2:
         raise DataError(f"--block_size {args.block_size}: must be at least 2")
     if not 0 <= args.validation_split_percentage < 100:
         raise DataError(f"--validation_split_percentage {args.validation_split_percentage}: must be in [0, 100)")
     eos = eos_token_id(tokenizer)
-    train_files = resolve_files(args.train_files or [], "--train_files")
+    train_files = resolve_files(args.train_files or [], flag)
     if args.dataset_name:  # after --train_files: for now one stream of both
         train_files += dataset_files(args.dataset_name, args.dataset_config_name, args.dataset_split,
                                      args.dataset_revision)
     if not train_files:
-        raise DataError("--train_files: no training files given")
+        raise DataError(f"{flag}: no training files given")
     validation_files = resolve_files(args.validation_files, "--validation_files") if args.validation_files else None
 
     cache_root = Path(args.data_cache_dir or DEFAULT_CACHE_ROOT / "data").expanduser().absolute()  # workers: cwd ROOT
@@ -203,7 +227,7 @@ def _prepare_data(args: DataArguments, tokenizer: Any, seed: int, show_progress:
     workers = args.preprocessing_num_workers or default_workers()
     built = corpus_build.build(folder, directory, plan, tokenizer.backend_tokenizer.to_str(), workers, show_progress)
     if not (directory / "meta.json").exists():  # else finished by another process while this one waited
-        stats, shapes = _stats_of(parts, plan, built["pieces"], args, directory)
+        stats, shapes = _stats_of(parts, plan, built["pieces"], args, directory, flag)
         corpus_build.assemble_or_wait(folder, directory, built["pieces"], plan, shapes, stats)
     packed = load_cache(directory)
     if packed is None:
@@ -264,16 +288,24 @@ class EpochShuffledSampler(torch.utils.data.Sampler[int]):
             yield from chunk.tolist()
 
 
-def build_train_dataloader(blocks: np.ndarray, micro_batch_size: int, global_batch_blocks: int, seed: int,
+def build_train_dataloader(blocks: np.ndarray | Mixture, micro_batch_size: int, global_batch_blocks: int, seed: int,
                            num_workers: int = 0, pin_memory: bool = False,
                            collate: BlockCollator = collate_blocks) -> torch.utils.data.DataLoader:
+    """Global batches of whole blocks in a seeded order per epoch: of one corpus's blocks, or of a mixture's
+    positions (whose order its blend and seed set)."""
     if global_batch_blocks > len(blocks):
-        raise DataError(f"--train_files: {len(blocks)} blocks are fewer than one global batch of {global_batch_blocks}"
+        what = f"an epoch of the mixture ({blocks.epoch_source}'s blocks over its weight)" \
+            if isinstance(blocks, Mixture) else "--train_files"
+        raise DataError(f"{what}: {len(blocks)} blocks are fewer than one global batch of {global_batch_blocks}"
                         f" (per-device batch x processes x accumulation); add data or lower the batch size")
+    if isinstance(blocks, Mixture):
+        dataset, sampler = MixtureBlocks(blocks.blocks), MixtureSampler(blocks, global_batch_blocks)
+    else:
+        dataset, sampler = PackedBlockDataset(blocks), EpochShuffledSampler(len(blocks), global_batch_blocks, seed)
     return torch.utils.data.DataLoader(
-        PackedBlockDataset(blocks),
+        dataset,
         batch_size=micro_batch_size,
-        sampler=EpochShuffledSampler(len(blocks), global_batch_blocks, seed),
+        sampler=sampler,
         drop_last=True,
         collate_fn=collate,
         num_workers=num_workers,

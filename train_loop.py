@@ -23,7 +23,7 @@ import data_utils
 from pretrain.arguments import DataArguments, ModelArguments, TrainArguments, is_demo, order_seed, parse_args, \
     split_seed
 from pretrain.checkpoints import choose_checkpoint, launch_state, resume, save_checkpoint, save_final_model
-from pretrain.chunked_loss import block_loss, block_losses_in_chunks, compute_loss_in_chunks
+from pretrain.chunked_loss import block_loss, block_loss_sums, block_losses_in_chunks, compute_loss_in_chunks
 from pretrain.document_mask import BlockCollator, use_document_mask
 from pretrain.errors import SEEN_BY_EVERY_RANK, CheckpointError, DataError, NonFiniteLoss, UsageError, exit_with, \
     first_line
@@ -31,6 +31,7 @@ from pretrain.launch import build_accelerator, create_output_dirs, deepspeed_con
     warn_if_precision_is_emulated, zero_stage_of
 from pretrain.loading import build_config, load_config, load_tokenizer, load_weights, resolve_block_size
 from pretrain.metrics import LogWindow, MetricsLogger, device_peak_tflops, flops_per_token, numel, throughput
+from pretrain.mixture import Mixture
 from pretrain.output_lock import hold_output_dir
 from pretrain.run_control import RunControl, ensure_finite, ensure_savable
 from pretrain.speedups import apply_liger_kernel, compile_layers
@@ -47,7 +48,7 @@ class Prepared:
     optimizer: Any
     scheduler: Any
     train_loader: Any
-    eval_loader: Any | None
+    eval_loaders: dict[str, Any]  # by source name ("" for one corpus); empty without evaluation
 
 
 @dataclass
@@ -58,6 +59,13 @@ class RunPlan:
     tokens_per_step: int  # over all processes and micro-steps
     flops_per_token: int
     peak_tflops: float | None  # of one device, for MFU
+    global_batch_blocks: int
+    block_size: int
+    mixture: Mixture | None  # --train_mixture's blend, whose reads per source are logged
+
+    def position(self, state: TrainState) -> int:
+        """The blocks the run has read, in this launch's order (epochs of whole global batches)."""
+        return (state.epoch * self.steps_per_epoch + state.step_in_epoch) * self.global_batch_blocks
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -74,15 +82,17 @@ def main(argv: list[str] | None = None) -> str:
 
         # Data, model, optimizer and schedule, all prepared for the launch's layout.
         tokenizer, config, data = load_data(accelerator, model_args, data_args, args)
-        train_loader, eval_loader, global_batch_blocks = build_loaders(accelerator, data, tokenizer, model_args, args)
+        train_loader, eval_loaders, global_batch_blocks = build_loaders(accelerator, data, tokenizer, model_args, args)
         model = build_model(model_args, config, tokenizer, args)
-        plan = plan_run(model, len(data.train), global_batch_blocks, data_args.block_size, args)
+        plan = plan_run(model, data.train, global_batch_blocks, data_args.block_size, args)
         optimizer = build_optimizer(model, args, accelerator)
-        run = prepare(accelerator, model, optimizer, train_loader, eval_loader, args, plan.total_steps)
+        run = prepare(accelerator, model, optimizer, train_loader, eval_loaders, args, plan.total_steps)
 
         # Resume from the newest complete checkpoint, if any.
-        state = launch_state(accelerator, global_batch_blocks, len(data.train), schedule_of(args, plan.total_steps))
-        state = resume(accelerator, choose_checkpoint(accelerator, args), state, args, run.scheduler)
+        state = launch_state(accelerator, global_batch_blocks, len(data.train), schedule_of(args, plan.total_steps),
+                             plan.mixture)
+        state = resume(accelerator, choose_checkpoint(accelerator, args), state, args, run.scheduler, plan.mixture)
+        describe_mixture(accelerator, plan, state)
 
         # The loop.
         run_config = {"model": asdict(model_args), "data": asdict(data_args), "train": asdict(args),
@@ -114,15 +124,19 @@ def load_data(accelerator, model_args: ModelArguments, data_args: DataArguments,
     tokenizer = load_tokenizer(model_args, data_args, config)
     config = build_config(model_args, tokenizer, config)
     resolve_block_size(data_args, config)
-    data = data_utils.prepare_data(data_args, tokenizer, seed=split_seed(args),
-                                   show_progress=accelerator.is_main_process)
+    if data_args.train_mixture:
+        data = data_utils.prepare_mixture(data_args, tokenizer, split_seed(args), order_seed(args),
+                                          show_progress=accelerator.is_main_process)
+    else:
+        data = data_utils.prepare_data(data_args, tokenizer, seed=split_seed(args),
+                                       show_progress=accelerator.is_main_process)
     logger.info(f"data: {json.dumps(data.stats)}")
     return tokenizer, config, data
 
 
 def build_loaders(accelerator, data, tokenizer, model_args: ModelArguments, args: TrainArguments):
-    """The train loader (global batches of whole blocks) and the optional eval loader, not yet prepared; with
-    --attn_mask_type block_causal their batches carry positions that restart at each document."""
+    """The train loader (global batches of whole blocks) and the eval loaders (one per mixture source), not yet
+    prepared; with --attn_mask_type block_causal their batches carry positions that restart at each document."""
     global_batch_blocks = args.per_device_train_batch_size * accelerator.num_processes * \
         args.gradient_accumulation_steps
     pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
@@ -131,13 +145,22 @@ def build_loaders(accelerator, data, tokenizer, model_args: ModelArguments, args
                             model_args.keep_boundary_targets)
     train_loader = data_utils.build_train_dataloader(data.train, args.per_device_train_batch_size, global_batch_blocks,
                                                      order_seed(args), args.dataloader_num_workers, pin_memory, collate)
-    eval_loader = None
-    if data.validation is not None and args.eval_strategy != "no":
-        blocks = eval_blocks(args, len(data.validation), global_batch_blocks, len(data.train) // global_batch_blocks,
-                             accelerator.num_processes)
-        eval_loader = data_utils.build_eval_dataloader(data.validation[:blocks], args.per_device_eval_batch_size,
-                                                       args.dataloader_num_workers, pin_memory, collate)
-    return train_loader, eval_loader, global_batch_blocks
+    held_out, shares = validation_sets(data)
+    eval_loaders = {}
+    for name, validation in held_out.items() if args.eval_strategy != "no" else ():
+        blocks = eval_blocks(args, len(validation), global_batch_blocks, len(data.train) // global_batch_blocks,
+                             accelerator.num_processes, name, shares[name])
+        eval_loaders[name] = data_utils.build_eval_dataloader(validation[:blocks], args.per_device_eval_batch_size,
+                                                              args.dataloader_num_workers, pin_memory, collate)
+    return train_loader, eval_loaders, global_batch_blocks
+
+
+def validation_sets(data) -> tuple[dict[str, Any], dict[str, float]]:
+    """The held-out blocks by source name ("" for one corpus) and each source's weight."""
+    if isinstance(data.train, Mixture):
+        weights = dict(zip(data.train.names, map(float, data.train.weights)))
+        return data.validation, {name: weights[name] for name in data.validation}
+    return ({"": data.validation} if data.validation is not None else {}), {"": 1.0}
 
 
 # A forward costs about a third of a training step (forward and backward), so evaluating 0.3 times the blocks that
@@ -147,28 +170,46 @@ MIN_EVAL_BLOCKS = 32  # fewer gives a noisy eval_loss
 
 
 def eval_blocks(args: TrainArguments, available: int, global_batch_blocks: int, steps_per_epoch: int,
-                num_processes: int) -> int:
-    """How many held-out blocks each evaluation reads: --max_eval_samples, or by default about a tenth of the
-    training time at the evaluation cadence. The same first blocks every time, so eval_loss compares across a run."""
+                num_processes: int, source: str = "", share: float = 1.0) -> int:
+    """How many held-out blocks each evaluation reads (of a mixture's source: in proportion to its weight):
+    --max_eval_samples, or by default about a tenth of the training time at the evaluation cadence. The same first
+    blocks every time, so eval_loss compares across a run."""
     if args.max_eval_samples:
         blocks, why = min(args.max_eval_samples, available), "--max_eval_samples"
     else:
         every = steps_per_epoch if args.eval_strategy == "epoch" else args.eval_steps or args.save_steps
-        budget = int(EVAL_SHARE_OF_TRAINED_BLOCKS * every * global_batch_blocks)
+        budget = int(EVAL_SHARE_OF_TRAINED_BLOCKS * every * global_batch_blocks * share)
         blocks = min(available, max(budget, MIN_EVAL_BLOCKS, args.per_device_eval_batch_size * num_processes))
         why = "the default, about a tenth of the training time; --max_eval_samples sets it"
-    logger.info(f"evaluation: {blocks} of {available} held-out blocks each time ({why})")
+    logger.info(f"evaluation{f' of {source}' if source else ''}: {blocks} of {available} held-out blocks each time "
+                f"({why})")
     return blocks
 
 
-def plan_run(model, train_blocks: int, global_batch_blocks: int, block_size: int, args: TrainArguments) -> RunPlan:
-    """The run's length and what its throughput is measured against."""
-    steps_per_epoch = train_blocks // global_batch_blocks
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+def plan_run(model, train, global_batch_blocks: int, block_size: int, args: TrainArguments) -> RunPlan:
+    """The run's length (--max_steps, else --max_tokens, else epochs) and what its throughput is measured against.
+    `train`: the training blocks, or a mixture (whose epoch is its epoch source read once)."""
+    steps_per_epoch = len(train) // global_batch_blocks
+    tokens_per_step = global_batch_blocks * block_size
+    if args.max_steps > 0:
+        total_steps = args.max_steps
+    elif args.max_tokens:
+        total_steps = math.ceil(args.max_tokens / tokens_per_step)
+    else:
+        total_steps = math.ceil(args.num_train_epochs * steps_per_epoch)
     logger.info(f"model: {sum(map(numel, model.parameters())) / 1e6:.2f}M parameters; {total_steps} steps of "
                 f"{global_batch_blocks} blocks ({steps_per_epoch} per epoch)")
-    return RunPlan(total_steps, steps_per_epoch, tokens_per_step=global_batch_blocks * block_size,
-                   flops_per_token=flops_per_token(model, block_size), peak_tflops=device_peak_tflops(args))
+    return RunPlan(total_steps, steps_per_epoch, tokens_per_step, flops_per_token=flops_per_token(model, block_size),
+                   peak_tflops=device_peak_tflops(args), global_batch_blocks=global_batch_blocks,
+                   block_size=block_size, mixture=train if isinstance(train, Mixture) else None)
+
+
+def describe_mixture(accelerator, plan: RunPlan, state: TrainState) -> None:
+    """Once, on the main process: each source's share and how many times the rest of the run reads it."""
+    if plan.mixture is not None and accelerator.is_main_process:
+        end = plan.total_steps * plan.global_batch_blocks
+        logger.info(f"mixture (an epoch is {plan.mixture.epoch_source} read once, {len(plan.mixture)} blocks): "
+                    f"{plan.mixture.describe(end)}")
 
 
 def build_model(model_args: ModelArguments, config, tokenizer, args: TrainArguments):
@@ -234,7 +275,7 @@ def build_scheduler(optimizer, args: TrainArguments, total_steps: int):
         raise UsageError(f"--lr_scheduler_type {args.lr_scheduler_type} / --lr_scheduler_kwargs: {error}") from None
 
 
-def prepare(accelerator, model, optimizer, train_loader, eval_loader, args: TrainArguments,
+def prepare(accelerator, model, optimizer, train_loader, eval_loaders: dict[str, Any], args: TrainArguments,
             total_steps: int) -> Prepared:
     """Wrap everything for the launch's layout (DDP, ZeRO-2/3 or one process)."""
     from accelerate.utils import DummyScheduler
@@ -257,8 +298,8 @@ def prepare(accelerator, model, optimizer, train_loader, eval_loader, args: Trai
         # Built on the prepared optimizer, whose parameter groups ZeRO-3 has rebuilt. With
         # step_scheduler_with_optimizer=False, Accelerate's wrapper steps it exactly once per call.
         scheduler = accelerator.prepare_scheduler(build_scheduler(optimizer, args, total_steps))
-    eval_loader = accelerator.prepare_data_loader(eval_loader) if eval_loader is not None else None
-    return Prepared(model, optimizer, scheduler, train_loader, eval_loader)
+    eval_loaders = {name: accelerator.prepare_data_loader(loader) for name, loader in eval_loaders.items()}
+    return Prepared(model, optimizer, scheduler, train_loader, eval_loaders)
 
 
 # ======================================================================================================================
@@ -269,19 +310,20 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
           metrics: MetricsLogger, control: RunControl) -> str:
     """Optimizer steps until plan.total_steps; returns why the loop ended: 'done' or the stop signal's name."""
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
-    window = LogWindow(accelerator.device)
+    window = LogWindow(accelerator.device, len(plan.mixture.names) if plan.mixture else 0)
     model.train()
     for micro_batches in optimizer_steps(accelerator, run.train_loader, state, plan, window):
         # Forward and backward on each micro-batch; at the last one the gradients are reduced and clipped.
         for batch in micro_batches:
+            sources = batch.pop("source", None)  # a mixture's blocks name their source, which is no model input
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                loss, block_sums = losses_of(model(**batch), batch["labels"], sources)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     clip_norm = clip_gradients(accelerator, model, args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            window.add_loss(loss)
+            window.add_loss(loss, sources, block_sums)
 
         # Schedule and bookkeeping: an fp16 overflow skips the optimizer step, and the schedule waits with it.
         if not accelerator.optimizer_step_was_skipped:
@@ -302,11 +344,11 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
         stopping = control.stop.agreed()
 
         # Evaluate on the held-out blocks.
-        if run.eval_loader is not None and not stopping and \
+        if run.eval_loaders and not stopping and \
                 (is_due(args.eval_strategy, args.eval_steps or args.save_steps, state, epoch_done) or last):
             with window.set_aside("eval_s"):
                 metrics.log({"step": state.step,
-                             **evaluate(accelerator, model, run.eval_loader, args.loss_chunk_size)})
+                             **evaluate_sources(accelerator, model, run.eval_loaders, plan, args.loss_chunk_size)})
 
         # Save. The last step is saved too, so that rerunning a finished command (or raising --max_steps) resumes
         # from the end rather than redoing the tail after the last save_steps checkpoint.
@@ -349,6 +391,12 @@ def step_batches(batches, accumulation: int, window: LogWindow, state: TrainStat
         yield batch
 
 
+def losses_of(outputs, labels: torch.Tensor, sources: torch.Tensor | None):
+    """The micro-batch's loss, and for a mixture each block's loss sum and counted targets (the outputs, and their
+    logits, are dropped before backward)."""
+    return outputs.loss, None if sources is None else block_loss_sums(outputs, labels)
+
+
 def clip_gradients(accelerator, model, max_grad_norm: float):
     """Clip the reduced gradients (plain/DDP) and return their norm before clipping, a tensor read only when logged.
     None under DeepSpeed, which clips inside its optimizer step (gradient_clipping in its config)."""
@@ -370,21 +418,53 @@ def is_due(strategy: str, every: int, state: TrainState, epoch_done: bool) -> bo
 
 def log_window(accelerator, window: LogWindow, plan: RunPlan, state: TrainState, args: TrainArguments,
                metrics: MetricsLogger, lr: float, grad_norm: float | None) -> dict[str, Any]:
-    """The log record of the steps since the last one (the loss is reduced across processes: one sync)."""
-    mean_loss = accelerator.reduce(window.loss_sum / window.micro_steps, reduction="mean").item()
+    """The log record of the steps since the last one (the loss is reduced across processes: one sync). A
+    mixture's loss is token-weighted over every source, and each source's loss, blocks and tokens seen are added."""
+    if plan.mixture is None:
+        mean_loss, by_source = accelerator.reduce(window.loss_sum / window.micro_steps, reduction="mean").item(), {}
+    else:
+        mean_loss, by_source = source_losses(accelerator.reduce(window.by_source, reduction="sum"), plan,
+                                             plan.position(state))
     ensure_finite(mean_loss, state.step, args)
     state.elapsed_s += window.wall_seconds()
     record = {"step": state.step, "epoch": round(state.epochs_done(plan.steps_per_epoch), 4), "loss": mean_loss,
               "lr": lr, "grad_norm": grad_norm, "tokens_seen": state.tokens_seen,
               "elapsed_s": round(state.elapsed_s, 3),
               **throughput(window, plan.tokens_per_step, accelerator.num_processes, plan.flops_per_token,
-                           plan.peak_tflops)}
+                           plan.peak_tflops), **by_source}
     metrics.log(record)
     window.reset()
     return record
 
 
+def source_losses(totals: torch.Tensor, plan: RunPlan, position: int) -> tuple[float, dict[str, Any]]:
+    """From the window's (loss sum, targets, blocks) per source, summed over processes: the token-weighted loss,
+    and each source's loss (None when the window read none of it), blocks read and tokens seen in the run."""
+    totals = totals.double().cpu()
+    record = {}
+    for (name, read), (loss_sum, targets, blocks) in zip(plan.mixture.reads(position).items(), totals.tolist()):
+        record[f"loss/{name}"] = loss_sum / targets if targets else None
+        record[f"blocks/{name}"] = int(blocks)
+        record[f"tokens_seen/{name}"] = read * plan.block_size
+    return (totals[:, 0].sum() / totals[:, 1].sum()).item(), record
+
+
 EVAL_PROGRESS_AFTER_S = 5.0  # an evaluation that lasts longer says how far it is, every so many seconds
+
+
+def evaluate_sources(accelerator, model, eval_loaders: dict[str, Any], plan: RunPlan,
+                     chunk_size: int) -> dict[str, float]:
+    """eval_loss and perplexity; for a mixture, each source's (eval_loss/NAME) and their mean weighted as the
+    training mixture weights its sources."""
+    if list(eval_loaders) == [""]:
+        return evaluate(accelerator, model, eval_loaders[""], chunk_size)
+    weights = dict(zip(plan.mixture.names, map(float, plan.mixture.weights)))
+    record, mean = {}, 0.0
+    for name, loader in eval_loaders.items():
+        loss = evaluate(accelerator, model, loader, chunk_size)["eval_loss"]
+        record.update({f"eval_loss/{name}": loss, f"perplexity/{name}": math.exp(min(loss, 50.0))})
+        mean += weights[name] * loss / sum(weights[source] for source in eval_loaders)
+    return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50.0)), **record}
 
 
 def evaluate(accelerator, model, eval_loader, chunk_size: int) -> dict[str, float]:

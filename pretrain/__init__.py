@@ -20,8 +20,9 @@ loading       tokenizer, config and weights from the Hub or a folder (demo_corpu
 chunked_loss  the output projection and cross-entropy a chunk of tokens at a time
 document_mask  positions restarting at each document, boundary labels, the check that a model honours them
 speedups      regional torch.compile and Liger-Kernel, applied to the built model
+mixture       --train_mixture: the blend of several cached corpora, its positions and its resume
 universal     a ZeRO checkpoint resumed on another world size, through DeepSpeed's universal format
-checkpoints   atomic saves, choosing and loading a resume, the final model (launch, universal)
+checkpoints   atomic saves, choosing and loading a resume, the final model (launch, mixture, universal)
 output_lock   one run per output_dir
 tracking      SwanLab's mode and start
 metrics       timing, tokens/s, FLOPs and MFU, compiled graphs, metrics.jsonl and the console (tracking)

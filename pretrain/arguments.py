@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,6 +54,14 @@ class DataArguments:
         metadata={"help": "Training corpus: paths or glob patterns (.jsonl/.json/.txt, optionally .gz, or .parquet). "
                           "Empty: the built-in demo corpus.", "nargs": "+"},
     )
+    train_mixture: list[str] | None = field(default=None, metadata={
+        "help": "Several corpora blended by weight, each NAME=WEIGHT:FILES with FILES paths or globs separated by "
+                "commas, e.g. web_zh=0.7:'zh/*.jsonl' code=0.2:'code/*.parquet' books=0.1:books.txt (in a YAML "
+                "arguments file also a mapping NAME: {weight: W, files: [...]}). Weights are normalised; each source "
+                "is cached on its own and held out for validation on its own.", "nargs": "+"})
+    epoch_source: str | None = field(default=None, metadata={
+        "help": "With --train_mixture: the source whose blocks define an epoch (--num_train_epochs), i.e. the blocks "
+                "read until this source has been read once in full (default: the first source)."})
     dataset_name: str | None = field(default=None, metadata={
         "help": "A dataset on the Hub (org/name), a local dataset folder, or a save_to_disk folder, as "
                 "datasets.load_dataset takes it: its data files go through the same build as --train_files (with "
@@ -130,6 +140,9 @@ class TrainArguments:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables clipping)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training blocks."})
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides num_train_epochs when > 0."})
+    max_tokens: int | None = field(default=None, metadata={
+        "help": "Train on this many tokens (rounded up to whole optimizer steps); overrides num_train_epochs, "
+                "and --max_steps wins over it."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Schedule after warmup.",
                                                                 "choices": SCHEDULERS})
     lr_scheduler_kwargs: str | None = field(default=None, metadata={
@@ -253,9 +266,19 @@ def args_file_to_argv(path: Path) -> list[str]:
     for key, value in values.items():
         if value is None:
             continue
+        if key == "train_mixture" and isinstance(value, dict):
+            value = [mixture_item(path, name, source) for name, source in value.items()]
         argv.append(f"--{key}")
         argv.extend(map(str, value) if isinstance(value, list) else [str(value)])
     return argv
+
+
+def mixture_item(path: Path, name: str, source: Any) -> str:
+    """A YAML source `NAME: {weight: W, files: [...]}` as the flag's NAME=WEIGHT:FILES item."""
+    if not isinstance(source, dict) or set(source) != {"weight", "files"}:
+        raise UsageError(f"{path}: train_mixture source {name} must be a mapping with 'weight' and 'files'")
+    files = source["files"] if isinstance(source["files"], list) else [source["files"]]
+    return f"{name}={source['weight']}:{','.join(map(str, files))}"
 
 
 def split_seed(args: TrainArguments) -> int:
@@ -270,7 +293,7 @@ def order_seed(args: TrainArguments) -> int:
 
 def is_demo(model_args: ModelArguments, data_args: DataArguments) -> bool:
     return not (model_args.model_name_or_path or model_args.config_name or data_args.train_files or
-                data_args.dataset_name)
+                data_args.dataset_name or data_args.train_mixture)
 
 
 def validate_args(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments) -> None:
@@ -285,8 +308,9 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, args: Tr
          f"capability 8.9+: Ada, Hopper or newer), and this machine has {describe_gpu()}; drop --fp8 (use --bf16)"),
         (model_args.model_name_or_path and model_args.config_name,
          "--model_name_or_path and --config_name: give one (weights to continue, or a config to start from)"),
-        (data_args.train_files is None and data_args.dataset_name is None and not is_demo(model_args, data_args),
-         "--train_files or --dataset_name is required with a model (the demo corpus goes only with the demo "
+        (data_args.train_files is None and data_args.dataset_name is None and data_args.train_mixture is None
+         and not is_demo(model_args, data_args),
+         "--train_files, --train_mixture or --dataset_name is required with a model (the demo corpus goes only with the demo "
          "model)"),
         (args.per_device_train_batch_size < 1, "--per_device_train_batch_size must be at least 1"),
         (args.per_device_eval_batch_size < 1, "--per_device_eval_batch_size must be at least 1"),
@@ -295,6 +319,18 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, args: Tr
         (args.learning_rate <= 0, "--learning_rate must be positive"),
         (args.max_steps == 0 or (args.max_steps < 0 and args.num_train_epochs <= 0),
          "--max_steps or --num_train_epochs must be positive"),
+        (args.max_tokens is not None and args.max_tokens < 1, "--max_tokens must be at least 1"),
+        (data_args.train_mixture is not None and (data_args.train_files or data_args.dataset_name),
+         "--train_mixture with --train_files or --dataset_name: give the files as the mixture's sources (a mixture "
+         "of one source is allowed)"),
+        (data_args.train_mixture is not None and data_args.validation_files,
+         "--train_mixture with --validation_files: each source holds out its own validation documents "
+         "(--validation_split_percentage); drop --validation_files"),
+        (args.use_liger_kernel and data_args.train_mixture is not None and torch.cuda.is_available(),
+         "--use_liger_kernel with --train_mixture: the fused loss returns no per-block losses, which the per-source "
+         "curves need; use --loss_chunk_size 4096 instead"),
+        (data_args.epoch_source is not None and data_args.train_mixture is None,
+         "--epoch_source goes with --train_mixture"),
         (args.warmup_steps < 0, "--warmup_steps must be >= 0"),
         (not 0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
         (args.logging_steps < 1, "--logging_steps must be at least 1"),
@@ -325,6 +361,49 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, args: Tr
             raise UsageError("--lr_scheduler_kwargs must be a JSON object, e.g. '{\"min_lr_rate\": 0.1}'")
     if model_args.config_overrides:
         parse_config_overrides(model_args.config_overrides)
+    if data_args.train_mixture is not None:
+        sources = parse_mixture(data_args.train_mixture)
+        if data_args.epoch_source is not None and data_args.epoch_source not in [s.name for s in sources]:
+            raise UsageError(f"--epoch_source {data_args.epoch_source}: no such source in --train_mixture (its "
+                             f"sources: {', '.join(s.name for s in sources)})")
+
+
+@dataclass
+class MixtureSource:
+    """One source of --train_mixture, as written: its name, its weight (exact, as the decimal the user wrote) and
+    its files or globs."""
+    name: str
+    weight: Fraction
+    files: list[str]
+
+
+SOURCE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # a name that is also a chart name and a metrics.jsonl key
+
+
+def parse_mixture(specs: list[str]) -> list[MixtureSource]:
+    """NAME=WEIGHT:FILES[,FILES...] items into sources, refusing each bad item in one line that names it."""
+    sources: list[MixtureSource] = []
+    for spec in specs:
+        name, equals, rest = spec.partition("=")
+        weight_text, colon, files = rest.partition(":")
+        if not equals or not colon or not files.strip(","):
+            raise UsageError(f"--train_mixture '{spec}': write NAME=WEIGHT:FILES, e.g. code=0.2:'data/code/*.jsonl'")
+        if not SOURCE_NAME.match(name):
+            raise UsageError(f"--train_mixture '{spec}': the source name '{name}' may hold only letters, digits, "
+                             f"'_', '-' and '.'")
+        try:
+            weight = Fraction(weight_text.strip())
+        except (ValueError, ZeroDivisionError):
+            raise UsageError(f"--train_mixture source {name}: weight '{weight_text}' is not a number") from None
+        if weight <= 0:
+            raise UsageError(f"--train_mixture source {name}: weight {weight_text} must be positive (leave the "
+                             f"source out to drop it)")
+        if name in [source.name for source in sources]:
+            raise UsageError(f"--train_mixture source {name}: named twice; give each source one name")
+        sources.append(MixtureSource(name, weight, [f for f in files.split(",") if f]))
+    if not sources:
+        raise UsageError("--train_mixture: no sources given")
+    return sources
 
 
 def has_fp8_tensor_cores() -> bool:

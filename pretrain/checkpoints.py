@@ -1,6 +1,6 @@
 """Checkpoints: the run's state beside the weights, atomic saves (every rank writes, the main process renames),
-damage checks, rotation, choosing what to resume, the data position across a changed batch layout, and the final
-Hugging Face model.
+damage checks, rotation, choosing what to resume, the data position across a changed batch layout or mixture, and
+the final Hugging Face model.
 
 It owns the checkpoint format on disk; it must not decide when to save (the loop does).
 """
@@ -19,6 +19,7 @@ from typing import Any
 from pretrain.arguments import TrainArguments
 from pretrain.errors import CheckpointError, UsageError, first_line
 from pretrain.launch import zero_stage_of
+from pretrain.mixture import Mixture, resume_mixture
 from pretrain.state import TrainState
 from pretrain.universal import load_universal, universal_copy
 
@@ -141,8 +142,10 @@ def choose_checkpoint(accelerator, args: TrainArguments) -> Path | None:
     return choice[0]
 
 
-def resume(accelerator, checkpoint: Path | None, state: TrainState, args: TrainArguments, scheduler) -> TrainState:
-    """Load the checkpoint into the prepared objects and return its state, mapped onto this launch."""
+def resume(accelerator, checkpoint: Path | None, state: TrainState, args: TrainArguments, scheduler,
+           mixture: Mixture | None = None) -> TrainState:
+    """Load the checkpoint into the prepared objects and return its state, mapped onto this launch (and, with a
+    mixture, the mixture's blend onto the checkpoint's)."""
     if checkpoint is None:
         return state
     saved = TrainState(**json.loads((checkpoint / TRAINER_STATE).read_text()))
@@ -164,9 +167,13 @@ def resume(accelerator, checkpoint: Path | None, state: TrainState, args: TrainA
                 + (f", resharded from {saved.num_processes} to {state.num_processes} processes" if reshard else ""))
     if accelerator.is_main_process:
         warn_if_schedule_changed(saved, state, scheduler)
-    carry_data_position(saved, state)
+    if mixture is not None:
+        carry_mixture_position(saved, state, mixture)
+        state.mixture = mixture.state()
+    else:
+        carry_data_position(saved, state)
     for launch_field in ("num_processes", "distributed_type", "zero_stage", "global_batch_blocks", "train_blocks",
-                         "schedule"):
+                         "schedule", "mixture"):
         setattr(saved, launch_field, getattr(state, launch_field))
     return saved
 
@@ -225,6 +232,16 @@ def carry_data_position(saved: TrainState, current: TrainState) -> None:
         saved.epoch, saved.step_in_epoch = saved.epoch + 1, 0
 
 
+def carry_mixture_position(saved: TrainState, current: TrainState, mixture: Mixture) -> None:
+    """Map the checkpoint's position onto this launch's epochs of the mixture, and continue its blend there (from
+    the blocks read: a new global batch re-reads fewer than one batch)."""
+    saved_position = (saved.epoch * (saved.train_blocks // saved.global_batch_blocks) + saved.step_in_epoch) * \
+        saved.global_batch_blocks
+    steps = saved_position // current.global_batch_blocks
+    resume_mixture(mixture, saved.mixture, saved_position, steps * current.global_batch_blocks)
+    saved.epoch, saved.step_in_epoch = divmod(steps, current.train_blocks // current.global_batch_blocks)
+
+
 def save_final_model(accelerator, model, tokenizer, args: TrainArguments) -> None:
     """A complete Hugging Face model (safetensors) under ZeRO-2/3 too: the state dict is gathered on every rank.
 
@@ -242,8 +259,11 @@ def save_final_model(accelerator, model, tokenizer, args: TrainArguments) -> Non
     accelerator.wait_for_everyone()
 
 
-def launch_state(accelerator, global_batch_blocks: int, train_blocks: int, schedule: dict[str, Any]) -> TrainState:
-    """A fresh state that records this launch's layout and schedule, to which a checkpoint's is compared on resume."""
+def launch_state(accelerator, global_batch_blocks: int, train_blocks: int, schedule: dict[str, Any],
+                 mixture: Mixture | None = None) -> TrainState:
+    """A fresh state that records this launch's layout, schedule and mixture, to which a checkpoint's is compared on
+    resume."""
     return TrainState(num_processes=accelerator.num_processes, distributed_type=accelerator.distributed_type.value,
                       global_batch_blocks=global_batch_blocks, train_blocks=train_blocks,
-                      zero_stage=zero_stage_of(accelerator), schedule=schedule)
+                      zero_stage=zero_stage_of(accelerator), schedule=schedule,
+                      mixture=mixture.state() if mixture is not None else None)

@@ -32,7 +32,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             hidden, weight = hidden.to(dtype), weight.to(dtype)
         valid = targets != -100
         safe_targets = targets.masked_fill(~valid, 0)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        token_losses = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)  # 0 where not counted
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, hidden.shape[0], chunk_size):
@@ -40,7 +40,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             chunk, chunk_targets, chunk_valid = hidden[rows], safe_targets[rows, None], valid[rows, None]
             logits = (chunk @ weight.T).float()
             log_norm = logits.logsumexp(dim=-1, keepdim=True)
-            loss_sum += ((log_norm - logits.gather(1, chunk_targets)) * chunk_valid).sum()
+            token_losses[rows] = ((log_norm - logits.gather(1, chunk_targets)) * chunk_valid)[:, 0]
             # d(loss_sum)/d(logits) = softmax - one_hot(target), on the counted rows; made in place in the logits
             grad_logits = logits.sub_(log_norm).exp_()
             grad_logits.scatter_add_(1, chunk_targets, torch.full_like(log_norm, -1.0))
@@ -49,17 +49,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_weight += (grad_logits.T @ chunk).float()
         count = valid.sum().clamp(min=1)
         ctx.save_for_backward(grad_hidden, grad_weight, count)
-        return loss_sum / count
+        ctx.mark_non_differentiable(token_losses)
+        return token_losses.sum() / count, token_losses
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
+    def backward(ctx, grad_loss: torch.Tensor, _grad_token_losses: torch.Tensor | None = None):
         grad_hidden, grad_weight, count = ctx.saved_tensors
         scale = grad_loss / count
         return (grad_hidden * scale).to(ctx.hidden_dtype), (grad_weight * scale).to(ctx.weight_dtype), None, None
 
 
 def compute_loss_in_chunks(model, chunk_size: int) -> None:
-    """Make `model(input_ids=..., labels=...)` return the loss of ChunkedLinearCrossEntropy (and no logits).
+    """Make `model(input_ids=..., labels=...)` return the loss of ChunkedLinearCrossEntropy (and no logits, but each
+    target's loss as `token_losses`).
 
     The forward is replaced on this instance only, so DDP and DeepSpeed call it as usual, the state dict keeps its
     keys, and a call without labels (generation) is the model's own forward. Evaluation chunks its own way
@@ -78,7 +80,10 @@ def compute_loss_in_chunks(model, chunk_size: int) -> None:
             return type(self).forward(self, input_ids=input_ids, **kwargs)
         hidden, targets = next_token_pairs(self, input_ids, labels, **kwargs)
         weight = self.get_output_embeddings().weight
-        return CausalLMOutput(loss=ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size))
+        loss, token_losses = ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+        output = CausalLMOutput(loss=loss)
+        output.token_losses = token_losses  # each target's loss, for a mixture's per-source losses
+        return output
 
     model.forward = MethodType(forward, model)
 
@@ -116,3 +121,22 @@ def block_loss_of_tokens(token_losses: torch.Tensor, targets: torch.Tensor) -> t
     reduction="none" gives 0 for a target of -100)."""
     counted = (targets != -100)
     return (token_losses * counted).sum(dim=-1) / counted.sum(dim=-1).clamp(min=1)
+
+
+def block_loss_sums(outputs, labels: torch.Tensor) -> torch.Tensor:
+    """Each block's summed next-token loss and its count of counted targets, as a (blocks, 2) fp32 tensor without
+    gradients: from the chunked loss's token losses, or from the logits one block at a time (a whole batch's fp32
+    copy of the logits is gigabytes at a 150k vocabulary)."""
+    targets = labels[:, 1:]
+    counts = (targets != -100).sum(dim=1).float()
+    token_losses = getattr(outputs, "token_losses", None)
+    if token_losses is not None:
+        return torch.stack([token_losses.view(targets.shape).sum(dim=1), counts], dim=1)
+    if getattr(outputs, "logits", None) is None:
+        raise UsageError("the model's forward returned neither logits nor token losses, which the mixture's "
+                         "per-source losses need; drop --use_liger_kernel (use --loss_chunk_size 4096)")
+    with torch.no_grad():
+        sums = torch.stack([torch.nn.functional.cross_entropy(block_logits[:-1].float(), block_targets,
+                                                              reduction="sum")
+                            for block_logits, block_targets in zip(outputs.logits, targets)])
+    return torch.stack([sums, counts], dim=1)

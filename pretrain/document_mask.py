@@ -45,12 +45,18 @@ class BlockCollator:
     def __init__(self, eos_id: int | None = None, keep_boundary_targets: bool = False):
         self.eos_id, self.keep_boundary_targets = eos_id, keep_boundary_targets
 
-    def __call__(self, batch: torch.Tensor | list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+        """Blocks (a tensor or a list of rows), or a mixture's (blocks, sources): their `source` is kept."""
+        sources = None
+        if isinstance(batch, tuple):
+            batch, sources = batch
         input_ids = batch if isinstance(batch, torch.Tensor) else torch.stack(batch)
-        if self.eos_id is None:
-            return {"input_ids": input_ids, "labels": input_ids}  # the same tensor, no copy
-        labels = input_ids if self.keep_boundary_targets else boundary_labels(input_ids, self.eos_id)
-        return {"input_ids": input_ids, "labels": labels, "position_ids": document_positions(input_ids, self.eos_id)}
+        fields = {"input_ids": input_ids, "labels": input_ids}  # the same tensor, no copy
+        if self.eos_id is not None:
+            fields["labels"] = input_ids if self.keep_boundary_targets else boundary_labels(input_ids, self.eos_id)
+            fields["position_ids"] = document_positions(input_ids, self.eos_id)
+        return fields if sources is None else {**fields, "source": sources}
 
 
 def use_document_mask(model) -> None:

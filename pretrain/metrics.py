@@ -149,12 +149,16 @@ class LogWindow:
     time and the part of it spent waiting for data. Evaluations and checkpoint saves are timed apart (`eval_s`,
     `save_s`) and never charged to the steps. It never synchronises the device."""
 
-    def __init__(self, device):
+    def __init__(self, device, sources: int = 0):
         self.loss_sum = torch.zeros((), device=device)
+        # A mixture's (loss sum, counted targets, blocks) per source, summed on the device
+        self.by_source = torch.zeros((sources, 3), device=device) if sources else None
         self.reset()
 
     def reset(self) -> None:
         self.loss_sum.zero_()
+        if self.by_source is not None:
+            self.by_source.zero_()
         self.micro_steps = 0
         self.steps = 0
         self.start = time.perf_counter()
@@ -170,9 +174,14 @@ class LogWindow:
         finally:
             self.aside[name] += time.perf_counter() - begin
 
-    def add_loss(self, loss: torch.Tensor) -> None:
+    def add_loss(self, loss: torch.Tensor, sources: torch.Tensor | None = None,
+                 block_sums: torch.Tensor | None = None) -> None:
+        """A micro-batch's loss; for a mixture also each block's source and (loss sum, counted targets)."""
         self.loss_sum += loss.detach()
         self.micro_steps += 1
+        if sources is not None:
+            counts = torch.ones_like(block_sums[:, :1])
+            self.by_source.index_add_(0, sources, torch.cat([block_sums.to(self.by_source.dtype), counts], dim=1))
 
     def timed_next(self, iterator):
         """The iterator's next item (None at its end), its wait counted as data time."""

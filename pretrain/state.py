@@ -27,6 +27,7 @@ class TrainState:
     zero_stage: int | None = None
     schedule: dict[str, Any] | None = None  # what shapes the learning rate: compared on resume
     lr: float = 0.0  # the learning rate of the last step taken
+    mixture: dict[str, Any] | None = None  # --train_mixture: its sources, weights and where its blend started
 
     def advance(self, tokens: int, steps_per_epoch: int) -> bool:
         """Count one optimizer step of `tokens` tokens. Returns whether it ended an epoch; if so the state has already
