@@ -143,8 +143,9 @@ class Mixture:
         return dict(zip(self.names, map(int, counts)))
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each position's source and block index in that source."""
-        sources, ranks = self.blend.locate(positions - self.origin)
+        """Each position's source and block index in that source. Positions before the origin were read by the
+        checkpoint's mixture and are skipped by the resume without being loaded: they stand for the origin's."""
+        sources, ranks = self.blend.locate(np.maximum(positions - self.origin, 0))
         ranks = ranks + self.origin_reads[sources]
         blocks = np.empty_like(ranks)
         for source in np.unique(sources).tolist():
