@@ -357,6 +357,7 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
             with window.set_aside("save_s"):
                 ensure_savable(accelerator, model, window.loss_sum, state.step, args)
                 state.lr = scheduler.get_last_lr()[0]
+                state.mixture = plan.mixture.state(plan.position(state)) if plan.mixture else None
                 save_checkpoint(accelerator, state, args)
         if stopping:
             return control.stop.signal_name or "signal on another rank"

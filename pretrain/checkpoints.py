@@ -169,7 +169,6 @@ def resume(accelerator, checkpoint: Path | None, state: TrainState, args: TrainA
         warn_if_schedule_changed(saved, state, scheduler)
     if mixture is not None:
         carry_mixture_position(saved, state, mixture)
-        state.mixture = mixture.state()
     else:
         carry_data_position(saved, state)
     for launch_field in ("num_processes", "distributed_type", "zero_stage", "global_batch_blocks", "train_blocks",
@@ -238,8 +237,9 @@ def carry_mixture_position(saved: TrainState, current: TrainState, mixture: Mixt
     saved_position = (saved.epoch * (saved.train_blocks // saved.global_batch_blocks) + saved.step_in_epoch) * \
         saved.global_batch_blocks
     steps = saved_position // current.global_batch_blocks
-    resume_mixture(mixture, saved.mixture, saved_position, steps * current.global_batch_blocks)
+    resume_mixture(mixture, saved.mixture, steps * current.global_batch_blocks)
     saved.epoch, saved.step_in_epoch = divmod(steps, current.train_blocks // current.global_batch_blocks)
+    current.mixture = mixture.state(steps * current.global_batch_blocks)
 
 
 def save_final_model(accelerator, model, tokenizer, args: TrainArguments) -> None:
@@ -266,4 +266,4 @@ def launch_state(accelerator, global_batch_blocks: int, train_blocks: int, sched
     return TrainState(num_processes=accelerator.num_processes, distributed_type=accelerator.distributed_type.value,
                       global_batch_blocks=global_batch_blocks, train_blocks=train_blocks,
                       zero_stage=zero_stage_of(accelerator), schedule=schedule,
-                      mixture=mixture.state() if mixture is not None else None)
+                      mixture=mixture.state(0) if mixture is not None else None)

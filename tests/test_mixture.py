@@ -48,6 +48,23 @@ def test_every_prefix_of_the_blend_is_within_one_block(weights):
     assert len(blend.picks) <= blend.period  # one period at most, whatever the run's length
 
 
+def test_a_blend_longer_than_the_run_resumes_from_its_counts_without_rebuilding_the_past():
+    weights = [Fraction(w) for w in ("0.4512345", "0.2487651", "0.1500001", "0.1000002", "0.0500001")]
+    shares = [w / sum(weights) for w in weights]
+    whole = Blend(shares)
+    expected = whole.locate(np.arange(300_000))
+    resumed = Blend(shares)
+    resumed.start_at(200_000, whole.reads(200_000).tolist())
+    got = resumed.locate(np.arange(200_000, 300_000))
+    assert resumed.first == 200_000  # the positions before the resume were never picked
+    assert (got[0] == expected[0][200_000:]).all() and (got[1] == expected[1][200_000:]).all()
+    assert (resumed.reads(250_000) == whole.reads(250_000)).all()
+    short = Blend([Fraction(1, 3), Fraction(2, 3)])  # a period of 3 comes round: its beginning is rebuilt
+    short.start_at(2, [1, 1])
+    assert short.locate(np.arange(2, 9))[0].tolist() == Blend([Fraction(1, 3), Fraction(2, 3)]).locate(
+        np.arange(2, 9))[0].tolist()
+
+
 def blocks_of(sizes):
     return [np.arange(size)[:, None] for size in sizes]
 
@@ -73,11 +90,11 @@ def test_the_sampler_gives_each_epoch_its_positions_and_resumes_a_changed_mixtur
     sampler.set_epoch(1)
     keys = np.array(list(sampler))
     assert len(keys) == 80 and (keys >> 40).tolist() == mixture.locate(np.arange(80, 160))[0].tolist()
-    saved = mixture.state()
+    saved = mixture.state(96)
     changed = Mixture([MixtureSource("a", Fraction(1, 4), []), MixtureSource("b", Fraction(3, 4), [])],
                       blocks_of([40, 40]), seed=0, epoch_source="a")
     with caplog.at_level(logging.WARNING, logger="train_loop"):
-        resume_mixture(changed, saved, saved_position=96, position=96)
+        resume_mixture(changed, saved, position=96)
     assert "source a weight 0.5 -> 0.25" in caplog.text and "a 48, b 48" in caplog.text
     assert changed.reads(96) == {"a": 48, "b": 48} and changed.reads(100) == {"a": 49, "b": 51}
 
