@@ -310,8 +310,8 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, args: Tr
          "--model_name_or_path and --config_name: give one (weights to continue, or a config to start from)"),
         (data_args.train_files is None and data_args.dataset_name is None and data_args.train_mixture is None
          and not is_demo(model_args, data_args),
-         "--train_files, --train_mixture or --dataset_name is required with a model (the demo corpus goes only with the demo "
-         "model)"),
+         "--train_files, --train_mixture or --dataset_name is required with a model (the demo corpus goes only with "
+         "the demo model)"),
         (args.per_device_train_batch_size < 1, "--per_device_train_batch_size must be at least 1"),
         (args.per_device_eval_batch_size < 1, "--per_device_eval_batch_size must be at least 1"),
         (args.max_eval_samples is not None and args.max_eval_samples < 1, "--max_eval_samples must be at least 1"),

@@ -170,6 +170,7 @@ def test_a_fourth_source_builds_only_its_own_cache(assets, corpora, tmp_path):
     assert len(list(tmp_path.glob("*/meta.json"))) == 4
 
 
+@pytest.mark.slow
 def test_a_source_without_files_or_tokens_is_one_line_naming_it(assets, corpora, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": ""}\n' * 5)
@@ -185,6 +186,7 @@ def test_a_source_without_files_or_tokens_is_one_line_naming_it(assets, corpora,
         assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_source_repeated_over_a_hundred_times_is_warned_once_before_training(assets, corpora, tmp_path, capfd):
     """A 3-block source at half of 100 steps of 8 blocks is read about 130 times; --max_tokens sets the length."""
     one = tmp_path / "one.jsonl"
@@ -261,8 +263,9 @@ def test_resume_after_sigkill_mid_mixture_is_bitwise(assets, corpora, tmp_path):
     assert "mixture changed" not in result.stderr
     expected, _ = read_metrics(straight)
     got, _ = read_metrics(resumed)
+    per_source = [f"{kind}/{name}" for kind in ("loss", "blocks", "tokens_seen") for name in WEIGHTS]
     for step in range(8, 21):
-        for key in ["loss", "lr", *(f"{kind}/{name}" for kind in ("loss", "blocks", "tokens_seen") for name in WEIGHTS)]:
+        for key in ["loss", "lr", *per_source]:
             assert got[step][key] == expected[step][key], (step, key)
 
 
