@@ -285,3 +285,33 @@ def test_changed_weights_on_resume_are_warned_and_continue_from_the_blocks_read(
     for name, weight in changed.items():  # the new blend from block 80 on, each source counted from where it was
         read_since = after[20][f"tokens_seen/{name}"] // 64 - before[10][f"tokens_seen/{name}"] // 64
         assert abs(read_since - weight * 80) <= 1, name
+
+
+@pytest.mark.parametrize("mask", ["causal", "block_causal"])
+def test_each_blocks_loss_is_the_same_from_the_logits_and_from_the_chunked_loss(assets, mask):
+    """The per-source losses' two sources agree, and their token-weighted mean is the micro-batch's loss."""
+    import copy
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pretrain.chunked_loss import block_loss_sums, compute_loss_in_chunks
+    from pretrain.document_mask import BlockCollator
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(assets["config"])).eval()
+    chunked = copy.deepcopy(model)
+    compute_loss_in_chunks(chunked, 37)
+    blocks = torch.randint(0, model.config.vocab_size, (3, 40))
+    blocks[blocks == model.config.eos_token_id] = model.config.eos_token_id + 1  # one EOS per block, at 10
+    blocks[:, 10] = model.config.eos_token_id
+    batch = BlockCollator(model.config.eos_token_id if mask == "block_causal" else None)(
+        (blocks, torch.tensor([0, 1, 0])))
+    inputs = {key: value for key, value in batch.items() if key != "source"}
+    plain_out, chunked_out = model(**inputs), chunked(**inputs)
+    plain, from_chunks = block_loss_sums(plain_out, batch["labels"]), block_loss_sums(chunked_out, batch["labels"])
+    assert torch.allclose(plain, from_chunks, rtol=1e-5)
+    assert plain[:, 1].tolist() == ([39.0] * 3 if mask == "causal" else [38.0] * 3)
+    assert (plain[:, 0].sum() / plain[:, 1].sum()).item() == pytest.approx(plain_out.loss.item(), rel=1e-5)
+    assert (from_chunks[:, 0].sum() / from_chunks[:, 1].sum()).item() == pytest.approx(chunked_out.loss.item(),
+                                                                                        rel=1e-6)
