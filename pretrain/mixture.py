@@ -116,7 +116,7 @@ class Blend:
 def source_seed(seed: int, name: str, repetition: int) -> list[int]:
     """The seed of a source's block order in one repetition: its name, not its place in the list, so adding a
     source leaves the others' orders alone."""
-    return [seed, int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little"), repetition]
+    return [seed % 2**64, int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little"), repetition]
 
 
 class Mixture:
@@ -287,7 +287,8 @@ def resume_mixture(mixture: Mixture, saved: dict[str, Any] | None, position: int
     if saved is not None and not changes(saved, mixture.identity()):
         mixture.origin = saved["origin"]
         mixture.origin_reads = np.array([saved["origin_reads"][name] for name in mixture.names], dtype=np.int64)
-        if saved["position"] == position:  # no need to rebuild the index before it
+        in_first_period = position - mixture.origin < mixture.blend.period
+        if saved["position"] == position and in_first_period:  # the index starts here, not from the blend's start
             mixture.blend.start_at(position - mixture.origin, [saved["reads"][name] - saved["origin_reads"][name]
                                                                for name in mixture.names])
         return

@@ -233,10 +233,13 @@ def check_proportions_and_losses(output):
 
 @pytest.mark.slow
 def test_proportions_on_one_process_and_under_zero2(assets, corpora, tmp_path):
-    run_in_process(mixture_flags(assets, corpora, tmp_path / "single", tmp_path / "cache"))
+    """60 steps of 8 blocks: the small source (87 blocks at 20 %) is read again from its second repetition on."""
+    run_in_process(mixture_flags(assets, corpora, tmp_path / "single", tmp_path / "cache", "--max_steps", 60,
+                                 "--eval_steps", 30, "--save_steps", 30))
     single = check_proportions_and_losses(tmp_path / "single")
-    launch("zero2.yaml", 2, mixture_flags(assets, corpora, tmp_path / "zero2", tmp_path / "cache",
-                                          "--gradient_accumulation_steps", 2))
+    assert single[60]["tokens_seen/small"] // 64 == 96 > 87
+    launch("zero2.yaml", 2, mixture_flags(assets, corpora, tmp_path / "zero2", tmp_path / "cache", "--max_steps", 60,
+                                          "--eval_steps", 30, "--save_steps", 30, "--gradient_accumulation_steps", 2))
     zero2 = check_proportions_and_losses(tmp_path / "zero2")
     for step in single:  # the same blocks in every global batch: the same losses
         assert zero2[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-4), step
