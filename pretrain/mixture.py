@@ -2,10 +2,10 @@
 
 The blend decides which source each position of the run reads, without randomness: Tijdeman's solution of the
 "chairman assignment" problem, which keeps every source's count within 1 - 1/(2m-2) blocks of its weight times
-the positions read, at every prefix (Megatron's greedy, which picks the source furthest below its share, can miss
-by more than a block: weights 12345:54321:1111:9:3 reach 1.12). With the weights as exact fractions of common
-denominator Q, the blend repeats every Q positions, so the index is one period (Q <= the run's positions),
-whatever the run's length. Inside a source, its blocks are read in a seeded permutation per repetition, so a source
+the positions read, at every prefix (Megatron's greedy, which picks the largest weight x samples - count, can miss
+by more than a block: weights 12345:54321:1111:9:3 reach 1.69). With the weights as exact fractions of common
+denominator Q, the blend repeats every Q positions, so its index is at most one period, built as far as the run
+reads. Inside a source, its blocks are read in a seeded permutation per repetition, so a source
 smaller than its share is read again in a new order, and a larger one is cut short (subsampled).
 
 A resume of the same mixture finds its place from the step alone. When the weights, the sources or their blocks

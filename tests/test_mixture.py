@@ -35,7 +35,7 @@ def worst_window_error(picks: np.ndarray, weights: list[float], window: int) -> 
 @pytest.mark.parametrize("weights", [[7, 2, 1], [40, 25, 15, 12, 8], [12345, 54321, 1111, 9, 3], [1, 99999],
                                      [Fraction(1, 3), Fraction(1, 3), Fraction(1, 3)], [5]])
 def test_every_prefix_of_the_blend_is_within_one_block(weights):
-    """12345:54321:1111:9:3 is where Megatron's greedy (the source furthest below its share) misses by 1.12."""
+    """12345:54321:1111:9:3 is where Megatron's greedy misses (the next test)."""
     shares = [Fraction(w) / sum(map(Fraction, weights)) for w in weights]
     blend = Blend(shares)
     picks, ranks = blend.locate(np.arange(3 * 70_000))
@@ -46,6 +46,21 @@ def test_every_prefix_of_the_blend_is_within_one_block(weights):
         assert (ranks[picks == source] == np.arange((picks == source).sum())).all()
     assert (blend.reads(123_457) == np.bincount(picks[:123_457], minlength=len(weights))).all()
     assert len(blend.picks) <= blend.period  # one period at most, whatever the run's length
+
+
+def test_megatrons_greedy_misses_by_more_than_a_block_where_the_blend_does_not():
+    """Megatron's BlendedDataset rule: the next sample from the source with the largest weight x max(samples, 1) -
+    its count."""
+    shares = [12345, 54321, 1111, 9, 3]
+    weights = [share / sum(shares) for share in shares]
+    counts, picks = [0.0] * 5, []
+    for sample in range(140_000):
+        errors = [weight * max(sample, 1) - count for weight, count in zip(weights, counts)]
+        picks.append(errors.index(max(errors)))
+        counts[picks[-1]] += 1
+    assert worst_prefix_error(np.array(picks), weights) > 1.6
+    ours = Blend([Fraction(share, sum(shares)) for share in shares]).locate(np.arange(140_000))[0]
+    assert worst_prefix_error(ours, weights) < 1
 
 
 def test_a_blend_longer_than_the_run_resumes_from_its_counts_without_rebuilding_the_past():
