@@ -10,7 +10,7 @@ helps build and waits by watching the cache folder. The reading lives in pretrai
 pretrain/corpus_build.py, the folder sharing in pretrain/cache_claims.py, the cache's key and loading in
 pretrain/corpus_cache.py and the demo corpus in pretrain/demo_corpus.py; this module is the entry point.
 
-Run on its own to build the cache before a GPU job:
+Run on its own to build the cache before a GPU job (or each source's, with --train_mixture):
 
     python data_utils.py --train_files "data/*.jsonl.gz" --tokenizer_name Qwen/Qwen2.5-1.5B --block_size 2048
 """
@@ -349,13 +349,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+    if data_args.train_mixture and (data_args.train_files or data_args.dataset_name or data_args.validation_files):
+        error("--train_mixture with --train_files, --dataset_name or --validation_files: give the files as the "
+              "mixture's sources")
     if data_args.block_size is None:
         error("--block_size is required: the tokens per training block; pass the training run's value, e.g. "
               "--block_size 2048")
     model_args = ModelArguments(tokenizer_name=preprocess_args.tokenizer_name, config_name=preprocess_args.config_name,
                                 trust_remote_code=preprocess_args.trust_remote_code)
     tokenizer = load_tokenizer(model_args, data_args, load_config(model_args))
-    packed = prepare_data(data_args, tokenizer, seed=preprocess_args.data_seed)
+    if data_args.train_mixture:  # every source's cache, as a training run with the same mixture would use them
+        packed = prepare_mixture(data_args, tokenizer, preprocess_args.data_seed, preprocess_args.data_seed)
+    else:
+        packed = prepare_data(data_args, tokenizer, seed=preprocess_args.data_seed)
     print(json.dumps(packed.stats))
     return packed.stats
 

@@ -334,7 +334,7 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
         control.step_done(state.step)
         last = state.step == plan.total_steps
 
-        # Log: the mean loss over the window's micro-batches and processes, throughput, memory.
+        # Log: the loss over the window's micro-batches and processes (and per source of a mixture), throughput, memory.
         if is_due(args.logging_strategy, args.logging_steps, state, epoch_done) or last:
             record = log_window(accelerator, window, plan, state, args, metrics, lr=scheduler.get_last_lr()[0],
                                 grad_norm=grad_norm_after_step(accelerator, model, clip_norm))

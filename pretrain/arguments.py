@@ -12,7 +12,7 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
@@ -216,7 +216,7 @@ class TrainArguments:
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; read from LOCAL_RANK."})
 
 
-DEMO_DEFAULTS = {  # applied when neither a model nor data is given, to fields the user left at their default
+DEMO_DEFAULTS = {  # applied when neither a model nor data is given, to the flags the user did not give
     "block_size": 128, "learning_rate": 2e-3, "per_device_train_batch_size": 8, "warmup_steps": 10,
     "logging_steps": 10, "save_steps": 100, "eval_steps": 50, "num_train_epochs": 3.0, "weight_decay": 0.0,
     "gradient_accumulation_steps": 1,
@@ -241,11 +241,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     if unknown:
         raise UsageError(f"unknown argument(s): {' '.join(unknown)}; see python train_loop.py --help")
     if is_demo(model_args, data_args):
-        defaults = {f.name: f.default for cls in (DataArguments, TrainArguments) for f in fields(cls)}
+        given = {token[2:].split("=")[0] for token in argv if token.startswith("--")}
         for name, value in DEMO_DEFAULTS.items():
-            target = data_args if hasattr(data_args, name) else train_args
-            if getattr(target, name) == defaults[name]:
-                setattr(target, name, value)
+            if name not in given:  # a flag the user gave wins, even when it equals the usual default
+                setattr(data_args if hasattr(data_args, name) else train_args, name, value)
     validate_args(model_args, data_args, train_args)
     return model_args, data_args, train_args
 
@@ -257,7 +256,8 @@ def args_file_to_argv(path: Path) -> list[str]:
     if not path.is_file():
         raise UsageError(f"{path}: no such arguments file")
     try:
-        values = (json.loads if path.suffix == ".json" else yaml.safe_load)(path.read_text())
+        values = json.loads(path.read_text(), object_pairs_hook=unique_keys) if path.suffix == ".json" else \
+            yaml.load(path.read_text(), Loader=unique_keys_yaml_loader())
     except (ValueError, yaml.YAMLError) as error:
         raise UsageError(f"{path}: not valid {path.suffix[1:].upper()} ({str(error).splitlines()[0]})") from None
     if not isinstance(values, dict):
@@ -271,6 +271,37 @@ def args_file_to_argv(path: Path) -> list[str]:
         argv.append(f"--{key}")
         argv.extend(map(str, value) if isinstance(value, list) else [str(value)])
     return argv
+
+
+def unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A mapping from its pairs, refusing a key given twice (JSON and YAML would keep the last one silently: a
+    mixture source named twice, or a flag set twice, would lose a value without a word)."""
+    seen: dict[Any, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"'{key}' is given twice; give each key once")
+        seen[key] = value
+    return seen
+
+
+def unique_keys_yaml_loader():
+    """yaml.SafeLoader whose mappings refuse a key given twice."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            pairs = []
+            for key_node, value_node in node.value:
+                try:
+                    pairs.append((self.construct_object(key_node, deep=deep),
+                                  self.construct_object(value_node, deep=deep)))
+                    unique_keys(pairs)
+                except ValueError as error:
+                    raise yaml.YAMLError(f"{error} (line {key_node.start_mark.line + 1})") from None
+            return dict(pairs)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, Loader.construct_mapping)
+    return Loader
 
 
 def mixture_item(path: Path, name: str, source: Any) -> str:

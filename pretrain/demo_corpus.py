@@ -31,8 +31,9 @@ def _demo_document(rng: random.Random) -> str:
             f"{name} counted: {counting}.")
 
 
-def write_demo_corpus(path: Path, documents: int = 6000, seed: int = 0) -> Path:
-    rng = random.Random(seed)
+def write_demo_corpus(path: Path | str, documents: int = 6000, seed: int = 0) -> Path:
+    """A JSON Lines file of `documents` generated stories (the same for the same seed), written atomically."""
+    rng, path = random.Random(seed), Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + f".tmp-{os.getpid()}")
     with open(temporary, "w", encoding="utf-8") as handle:

@@ -193,10 +193,11 @@ class Mixture:
         parts = []
         for (name, read), weight, blocks in zip(self.reads(end).items(), self.weights, self.blocks):
             times = read / len(blocks)
-            kind = "repeated" if times > 1 else f"subsampled, {1 - times:.0%} never read" if times < 1 else "once"
+            kind = "repeated" if read > len(blocks) else "once" if read == len(blocks) else \
+                f"subsampled: {len(blocks) - read} blocks never read"
             parts.append(f"{name} {float(weight):.1%} of {len(blocks)} blocks, read {times:.2f}x ({kind})")
             if times > MAX_REPEATS and len(self.names) > 1:
-                logger.warning(f"--train_mixture source {name}: read {times:.0f} times in this run ({len(blocks)} "
+                logger.warning(f"--train_mixture source {name}: read {times:.2f} times in this run ({len(blocks)} "
                                f"blocks at {float(weight):.1%}); a source repeated over {MAX_REPEATS} times is "
                                f"memorised rather than learned: lower its weight or add data to it")
         return "; ".join(parts)

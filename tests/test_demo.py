@@ -52,6 +52,7 @@ def test_demo_command_from_a_fresh_checkout(tmp_path):
                            timeout=300, input="\n".join(pdb_lines) + "\n", capture_output=True)
     assert "torch.Size([8, 128])" in debug.stdout, debug.stdout[-2000:] + debug.stderr[-2000:]
     assert "error:" not in debug.stderr and "NameError" not in debug.stdout
+    assert "is as long as the run" not in debug.stderr  # its --warmup_steps 0 holds on the demo
 
 
 def test_swanlab_run_id_survives_a_resume(assets, tmp_path):

@@ -156,3 +156,32 @@ def test_a_warmup_as_long_as_the_run_is_said(assets, tmp_path, capfd):
     assert "the warmup (200 steps) is as long as the run (4 steps): the learning rate never reaches --learning_rate" \
         in capfd.readouterr().err
     assert max(record["lr"] for record in read_metrics(tmp_path / "run")[0].values()) < 3e-3 * 4 / 200 + 1e-12
+
+
+def test_the_demos_defaults_never_replace_a_flag_the_user_gave(tmp_path):
+    """--warmup_steps 0 on the demo (the README's debugging line) means no warmup, though 0 is the usual default."""
+    from pretrain.arguments import DEMO_DEFAULTS, parse_args
+
+    _, data_args, args = parse_args(["--warmup_steps", "0", "--max_steps", "2"])
+    assert args.warmup_steps == 0 and args.max_steps == 2
+    _, data_args, args = parse_args([])
+    assert args.warmup_steps == DEMO_DEFAULTS["warmup_steps"] and data_args.block_size == DEMO_DEFAULTS["block_size"]
+    (tmp_path / "demo.yaml").write_text("weight_decay: 0.1\n")
+    assert parse_args([str(tmp_path / "demo.yaml")])[2].weight_decay == 0.1
+
+
+@pytest.mark.parametrize("name, text", [
+    ("args.yaml", "config_name: a\nlearning_rate: 1e-3\nlearning_rate: 2e-3\n"),
+    ("args.yaml", "config_name: a\ntrain_mixture:\n  web: {weight: 1, files: a.jsonl}\n"
+                  "  web: {weight: 1, files: b.jsonl}\n"),
+    ("args.json", '{"config_name": "a", "learning_rate": 1e-3, "learning_rate": 2e-3}'),
+])
+def test_a_key_given_twice_in_an_arguments_file_is_one_line(tmp_path, name, text):
+    """YAML and JSON keep the last of two equal keys without a word: a mixture source would lose its files."""
+    from pretrain.arguments import parse_args
+    from pretrain.errors import UsageError
+
+    (tmp_path / name).write_text(text)
+    with pytest.raises(UsageError, match="is given twice; give each key once") as error:
+        parse_args([str(tmp_path / name)])
+    assert "\n" not in str(error.value)

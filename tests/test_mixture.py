@@ -185,6 +185,18 @@ def test_a_fourth_source_builds_only_its_own_cache(assets, corpora, tmp_path):
     assert len(list(tmp_path.glob("*/meta.json"))) == 4
 
 
+def test_data_utils_builds_every_sources_cache_ahead_of_the_run(assets, corpora, tmp_path, capsys):
+    import data_utils
+
+    stats = data_utils.main(["--train_mixture", *mixture_items(corpora), "--tokenizer_name", str(assets["tokenizer"]),
+                             "--block_size", "64", "--data_cache_dir", str(tmp_path)])
+    assert list(stats) == list(WEIGHTS) and not any(source["cache_hit"] for source in stats.values())
+    assert json.loads(capsys.readouterr().out) == stats
+    again = data_utils.main(["--train_mixture", *mixture_items(corpora, {"small": 1, "big": 2}), "--tokenizer_name",
+                             str(assets["tokenizer"]), "--block_size", "64", "--data_cache_dir", str(tmp_path)])
+    assert all(source["cache_hit"] for source in again.values())
+
+
 @pytest.mark.slow
 def test_a_source_without_files_or_tokens_is_one_line_naming_it(assets, corpora, tmp_path):
     empty = tmp_path / "empty.jsonl"
@@ -214,7 +226,7 @@ def test_a_source_repeated_over_a_hundred_times_is_warned_once_before_training(a
     run_in_process(argv)
     log = capfd.readouterr().err
     warned = [line for line in log.splitlines() if "--train_mixture source small: read" in line]
-    assert len(warned) == 1 and "read 133 times" in warned[0] and "memorised" in warned[0], log[-2000:]
+    assert len(warned) == 1 and "read 133.33 times" in warned[0] and "memorised" in warned[0], log[-2000:]
     assert "100 steps of 8 blocks" in log and "big" not in warned[0]
 
 
