@@ -345,3 +345,17 @@ def test_each_blocks_loss_is_the_same_from_the_logits_and_from_the_chunked_loss(
     assert (plain[:, 0].sum() / plain[:, 1].sum()).item() == pytest.approx(plain_out.loss.item(), rel=1e-5)
     assert (from_chunks[:, 0].sum() / from_chunks[:, 1].sum()).item() == pytest.approx(chunked_out.loss.item(),
                                                                                         rel=1e-6)
+
+
+def test_the_readmes_mixture_flags_and_yaml_are_the_same_run(tmp_path):
+    """The README's two forms of its mixture example parse to the same arguments (and stay valid as they change)."""
+    import re
+    import shlex
+
+    section = (ROOT / "README.md").read_text().split("### Data mixtures", 1)[1]
+    command = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
+    (tmp_path / "run.yaml").write_text(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    from_flags = parse_args(shlex.split(command)[2:])
+    from_yaml = parse_args([str(tmp_path / "run.yaml")])
+    assert from_flags == from_yaml
+    assert [source.name for source in parse_mixture(from_yaml[1].train_mixture)] == ["web_zh", "code", "books"]
