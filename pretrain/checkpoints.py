@@ -168,7 +168,9 @@ def resume(accelerator, checkpoint: Path | None, state: TrainState, args: TrainA
     if accelerator.is_main_process:
         warn_if_schedule_changed(saved, state, scheduler)
     if mixture is not None:
-        carry_mixture_position(saved, state, mixture)
+        changed = carry_mixture_position(saved, state, mixture)
+        if changed and accelerator.is_main_process:
+            logger.warning(changed)
     else:
         carry_data_position(saved, state)
     for launch_field in ("num_processes", "distributed_type", "zero_stage", "global_batch_blocks", "train_blocks",
@@ -231,15 +233,17 @@ def carry_data_position(saved: TrainState, current: TrainState) -> None:
         saved.epoch, saved.step_in_epoch = saved.epoch + 1, 0
 
 
-def carry_mixture_position(saved: TrainState, current: TrainState, mixture: Mixture) -> None:
+def carry_mixture_position(saved: TrainState, current: TrainState, mixture: Mixture) -> str | None:
     """Map the checkpoint's position onto this launch's epochs of the mixture, and continue its blend there (from
-    the blocks read: a new global batch re-reads fewer than one batch)."""
+    the blocks read: a new global batch re-reads fewer than one batch). Returns what changed in the mixture, if
+    anything, to be said once."""
     saved_position = (saved.epoch * (saved.train_blocks // saved.global_batch_blocks) + saved.step_in_epoch) * \
         saved.global_batch_blocks
     steps = saved_position // current.global_batch_blocks
-    resume_mixture(mixture, saved.mixture, steps * current.global_batch_blocks)
+    changed = resume_mixture(mixture, saved.mixture, steps * current.global_batch_blocks)
     saved.epoch, saved.step_in_epoch = divmod(steps, current.train_blocks // current.global_batch_blocks)
     current.mixture = mixture.state(steps * current.global_batch_blocks)
+    return changed
 
 
 def save_final_model(accelerator, model, tokenizer, args: TrainArguments) -> None:

@@ -280,11 +280,11 @@ def changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return found
 
 
-def resume_mixture(mixture: Mixture, saved: dict[str, Any] | None, position: int) -> None:
+def resume_mixture(mixture: Mixture, saved: dict[str, Any] | None, position: int) -> str | None:
     """Continue a checkpoint's mixture in this launch, which resumes at `position` (the checkpoint's position, or
     fewer than one global batch before it when the batch changed). The same mixture keeps its blend; a changed one
     starts a new blend at `position`, each source continuing from the blocks it had read (by name; a new source from
-    its start)."""
+    its start). Returns what changed, in one line to warn about, or None."""
     if saved is not None and not changes(saved, mixture.identity()):
         mixture.origin = saved["origin"]
         mixture.origin_reads = np.array([saved["origin_reads"][name] for name in mixture.names], dtype=np.int64)
@@ -292,13 +292,12 @@ def resume_mixture(mixture: Mixture, saved: dict[str, Any] | None, position: int
         if saved["position"] == position and in_first_period:  # the index starts here, not from the blend's start
             mixture.blend.start_at(position - mixture.origin, [saved["reads"][name] - saved["origin_reads"][name]
                                                                for name in mixture.names])
-        return
+        return None
     read = saved["reads"] if saved is not None else {}
-    if saved is not None:
-        logger.warning(f"the mixture changed since the checkpoint ({'; '.join(changes(saved, mixture.identity()))}):"
-                       f" the blend starts again at block {position}, each source continuing after the blocks it "
-                       f"had read ({', '.join(f'{k} {v}' for k, v in read.items())})")
-    else:
-        logger.warning(f"the checkpoint was trained without --train_mixture: the mixture starts at block {position}")
     mixture.origin = position
     mixture.origin_reads = np.array([read.get(name, 0) for name in mixture.names], dtype=np.int64)
+    if saved is None:
+        return f"the checkpoint was trained without --train_mixture: the mixture starts at block {position}"
+    return (f"the mixture changed since the checkpoint ({'; '.join(changes(saved, mixture.identity()))}): the blend "
+            f"starts again at block {position}, each source continuing after the blocks it had read "
+            f"({', '.join(f'{name} {count}' for name, count in read.items())})")

@@ -2,7 +2,6 @@
 losses that add up to the logged loss, one cache per source, a changed mixture on resume, and each bad input."""
 
 import json
-import logging
 import subprocess
 import sys
 from fractions import Fraction
@@ -98,7 +97,7 @@ def test_each_repetition_of_a_source_reads_all_its_blocks_once_in_a_new_order():
     assert (blocks2[picks2 == 1][:40] == b_blocks[:40]).all()  # a new source leaves the others' orders alone
 
 
-def test_the_sampler_gives_each_epoch_its_positions_and_resumes_a_changed_mixture_after_the_blocks_read(caplog):
+def test_the_sampler_gives_each_epoch_its_positions_and_resumes_a_changed_mixture_after_the_blocks_read():
     sources = [MixtureSource("a", Fraction(1, 2), []), MixtureSource("b", Fraction(1, 2), [])]
     mixture = Mixture(sources, blocks_of([40, 40]), seed=0, epoch_source="a")
     sampler = MixtureSampler(mixture, GLOBAL_BATCH)
@@ -108,9 +107,8 @@ def test_the_sampler_gives_each_epoch_its_positions_and_resumes_a_changed_mixtur
     saved = mixture.state(96)
     changed = Mixture([MixtureSource("a", Fraction(1, 4), []), MixtureSource("b", Fraction(3, 4), [])],
                       blocks_of([40, 40]), seed=0, epoch_source="a")
-    with caplog.at_level(logging.WARNING, logger="train_loop"):
-        resume_mixture(changed, saved, position=96)
-    assert "source a weight 0.5 -> 0.25" in caplog.text and "a 48, b 48" in caplog.text
+    said = resume_mixture(changed, saved, position=96)
+    assert "source a weight 0.5 -> 0.25" in said and "a 48, b 48" in said
     assert changed.reads(96) == {"a": 48, "b": 48} and changed.reads(100) == {"a": 49, "b": 51}
 
 
@@ -268,6 +266,11 @@ def test_proportions_on_one_process_and_under_zero2(assets, corpora, tmp_path):
     launch("zero2.yaml", 2, mixture_flags(assets, corpora, tmp_path / "zero2", tmp_path / "cache", "--max_steps", 60,
                                           "--eval_steps", 30, "--save_steps", 30, "--gradient_accumulation_steps", 2))
     zero2 = check_proportions_and_losses(tmp_path / "zero2")
+    changed = launch("zero2.yaml", 2, mixture_flags(assets, corpora, tmp_path / "zero2", tmp_path / "cache",
+                                                    "--max_steps", 62, "--gradient_accumulation_steps", 2,
+                                                    weights={**WEIGHTS, "big": 0.4}))
+    output = changed.stdout + changed.stderr
+    assert output.count("the mixture changed since the checkpoint (source big weight 0.5 -> 0.4") == 1, output[-3000:]
     for step in single:  # the same blocks in every global batch: the same losses
         assert zero2[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-4), step
         assert all(zero2[step][f"blocks/{n}"] == single[step][f"blocks/{n}"] for n in WEIGHTS)
