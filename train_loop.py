@@ -59,13 +59,8 @@ class RunPlan:
     tokens_per_step: int  # over all processes and micro-steps
     flops_per_token: int
     peak_tflops: float | None  # of one device, for MFU
-    global_batch_blocks: int
     block_size: int
     mixture: Mixture | None  # --train_mixture's blend, whose reads per source are logged
-
-    def position(self, state: TrainState) -> int:
-        """The blocks the run has read, in this launch's order (epochs of whole global batches)."""
-        return (state.epoch * self.steps_per_epoch + state.step_in_epoch) * self.global_batch_blocks
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -200,14 +195,14 @@ def plan_run(model, train, global_batch_blocks: int, block_size: int, args: Trai
     logger.info(f"model: {sum(map(numel, model.parameters())) / 1e6:.2f}M parameters; {total_steps} steps of "
                 f"{global_batch_blocks} blocks ({steps_per_epoch} per epoch)")
     return RunPlan(total_steps, steps_per_epoch, tokens_per_step, flops_per_token=flops_per_token(model, block_size),
-                   peak_tflops=device_peak_tflops(args), global_batch_blocks=global_batch_blocks,
-                   block_size=block_size, mixture=train if isinstance(train, Mixture) else None)
+                   peak_tflops=device_peak_tflops(args), block_size=block_size,
+                   mixture=train if isinstance(train, Mixture) else None)
 
 
 def describe_mixture(accelerator, plan: RunPlan, state: TrainState) -> None:
-    """Once, on the main process: each source's share and how many times the rest of the run reads it."""
+    """Once, on the main process: each source's share and how many times the whole run reads it."""
     if plan.mixture is not None and accelerator.is_main_process:
-        end = plan.total_steps * plan.global_batch_blocks
+        end = plan.total_steps * state.global_batch_blocks
         logger.info(f"mixture (an epoch is {plan.mixture.epoch_source} read once, {len(plan.mixture)} blocks): "
                     f"{plan.mixture.describe(end)}")
 
@@ -357,7 +352,7 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
             with window.set_aside("save_s"):
                 ensure_savable(accelerator, model, window.loss_sum, state.step, args)
                 state.lr = scheduler.get_last_lr()[0]
-                state.mixture = plan.mixture.state(plan.position(state)) if plan.mixture else None
+                state.mixture = plan.mixture.state(state.position()) if plan.mixture else None
                 save_checkpoint(accelerator, state, args)
         if stopping:
             return control.stop.signal_name or "signal on another rank"
@@ -425,7 +420,7 @@ def log_window(accelerator, window: LogWindow, plan: RunPlan, state: TrainState,
         mean_loss, by_source = accelerator.reduce(window.loss_sum / window.micro_steps, reduction="mean").item(), {}
     else:
         mean_loss, by_source = source_losses(accelerator.reduce(window.by_source, reduction="sum"), plan,
-                                             plan.position(state))
+                                             state.position())
     ensure_finite(mean_loss, state.step, args)
     state.elapsed_s += window.wall_seconds()
     record = {"step": state.step, "epoch": round(state.epochs_done(plan.steps_per_epoch), 4), "loss": mean_loss,

@@ -237,9 +237,7 @@ def carry_mixture_position(saved: TrainState, current: TrainState, mixture: Mixt
     """Map the checkpoint's position onto this launch's epochs of the mixture, and continue its blend there (from
     the blocks read: a new global batch re-reads fewer than one batch). Returns what changed in the mixture, if
     anything, to be said once."""
-    saved_position = (saved.epoch * (saved.train_blocks // saved.global_batch_blocks) + saved.step_in_epoch) * \
-        saved.global_batch_blocks
-    steps = saved_position // current.global_batch_blocks
+    steps = saved.position() // current.global_batch_blocks
     changed = resume_mixture(mixture, saved.mixture, steps * current.global_batch_blocks)
     saved.epoch, saved.step_in_epoch = divmod(steps, current.train_blocks // current.global_batch_blocks)
     current.mixture = mixture.state(steps * current.global_batch_blocks)

@@ -40,6 +40,11 @@ class TrainState:
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         return True
 
+    def position(self) -> int:
+        """The blocks read so far in this launch's order of whole global batches: the place in a mixture's blend."""
+        return (self.epoch * (self.train_blocks // self.global_batch_blocks) + self.step_in_epoch) * \
+            self.global_batch_blocks
+
     def epochs_done(self, steps_per_epoch: int) -> float:
         """Epochs trained so far, as a fraction (the logged `epoch`)."""
         return self.epoch + self.step_in_epoch / steps_per_epoch
