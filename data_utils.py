@@ -32,7 +32,7 @@ import torch
 
 from pretrain import corpus_build
 from pretrain.arguments import DEFAULT_CACHE_ROOT, DEFAULT_SPLIT_SEED, DataArguments, ModelArguments, \
-    argument_parser, parse_mixture
+    argument_parser, check_mixture_flags, parse_mixture
 from pretrain.cache_claims import main_reports_first
 from pretrain.corpus_cache import PackedData, cache_description, cache_key, load_cache, near_miss
 from pretrain.corpus_files import iter_documents, plan_pieces, resolve_files
@@ -349,9 +349,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-    if data_args.train_mixture and (data_args.train_files or data_args.dataset_name or data_args.validation_files):
-        error("--train_mixture with --train_files, --dataset_name or --validation_files: give the files as the "
-              "mixture's sources")
+    check_mixture_flags(data_args)
     if data_args.block_size is None:
         error("--block_size is required: the tokens per training block; pass the training run's value, e.g. "
               "--block_size 2048")

@@ -273,32 +273,35 @@ def args_file_to_argv(path: Path) -> list[str]:
     return argv
 
 
+def given_twice(key: Any) -> str:
+    return f"'{key}' is given twice; give each key once"
+
+
 def unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-    """A mapping from its pairs, refusing a key given twice (JSON and YAML would keep the last one silently: a
+    """A JSON object from its pairs, refusing a key given twice (JSON and YAML would keep the last one silently: a
     mixture source named twice, or a flag set twice, would lose a value without a word)."""
-    seen: dict[Any, Any] = {}
+    mapping: dict[Any, Any] = {}
     for key, value in pairs:
-        if key in seen:
-            raise ValueError(f"'{key}' is given twice; give each key once")
-        seen[key] = value
-    return seen
+        if key in mapping:
+            raise ValueError(given_twice(key))
+        mapping[key] = value
+    return mapping
 
 
 def unique_keys_yaml_loader():
-    """yaml.SafeLoader whose mappings refuse a key given twice."""
+    """yaml.SafeLoader whose mappings refuse a key given twice, naming its line."""
     import yaml
 
     class Loader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
-            pairs = []
+            self.flatten_mapping(node)  # merge keys (<<), as SafeLoader's own mappings do
+            mapping = {}
             for key_node, value_node in node.value:
-                try:
-                    pairs.append((self.construct_object(key_node, deep=deep),
-                                  self.construct_object(value_node, deep=deep)))
-                    unique_keys(pairs)
-                except ValueError as error:
-                    raise yaml.YAMLError(f"{error} (line {key_node.start_mark.line + 1})") from None
-            return dict(pairs)
+                key = self.construct_object(key_node, deep=deep)
+                if key in mapping:
+                    raise yaml.YAMLError(f"{given_twice(key)} (line {key_node.start_mark.line + 1})")
+                mapping[key] = self.construct_object(value_node, deep=deep)
+            return mapping
 
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, Loader.construct_mapping)
     return Loader
@@ -351,17 +354,9 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, args: Tr
         (args.max_steps == 0 or (args.max_steps < 0 and args.num_train_epochs <= 0),
          "--max_steps or --num_train_epochs must be positive"),
         (args.max_tokens is not None and args.max_tokens < 1, "--max_tokens must be at least 1"),
-        (data_args.train_mixture is not None and (data_args.train_files or data_args.dataset_name),
-         "--train_mixture with --train_files or --dataset_name: give the files as the mixture's sources (a mixture "
-         "of one source is allowed)"),
-        (data_args.train_mixture is not None and data_args.validation_files,
-         "--train_mixture with --validation_files: each source holds out its own validation documents "
-         "(--validation_split_percentage); drop --validation_files"),
         (args.use_liger_kernel and data_args.train_mixture is not None and torch.cuda.is_available(),
          "--use_liger_kernel with --train_mixture: the fused loss returns no per-block losses, which the per-source "
          "curves need; use --loss_chunk_size 4096 instead"),
-        (data_args.epoch_source is not None and data_args.train_mixture is None,
-         "--epoch_source goes with --train_mixture"),
         (args.warmup_steps < 0, "--warmup_steps must be >= 0"),
         (not 0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
         (args.logging_steps < 1, "--logging_steps must be at least 1"),
@@ -392,6 +387,24 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, args: Tr
             raise UsageError("--lr_scheduler_kwargs must be a JSON object, e.g. '{\"min_lr_rate\": 0.1}'")
     if model_args.config_overrides:
         parse_config_overrides(model_args.config_overrides)
+    check_mixture_flags(data_args)
+
+
+def check_mixture_flags(data_args: DataArguments) -> None:
+    """--train_mixture's items and the flags it excludes (training and `python data_utils.py` alike)."""
+    checks = [
+        (data_args.train_mixture is not None and (data_args.train_files or data_args.dataset_name),
+         "--train_mixture with --train_files or --dataset_name: give the files as the mixture's sources (a mixture "
+         "of one source is allowed)"),
+        (data_args.train_mixture is not None and data_args.validation_files,
+         "--train_mixture with --validation_files: each source holds out its own validation documents "
+         "(--validation_split_percentage); drop --validation_files"),
+        (data_args.epoch_source is not None and data_args.train_mixture is None,
+         "--epoch_source goes with --train_mixture"),
+    ]
+    for failed, message in checks:
+        if failed:
+            raise UsageError(message)
     if data_args.train_mixture is not None:
         sources = parse_mixture(data_args.train_mixture)
         if data_args.epoch_source is not None and data_args.epoch_source not in [s.name for s in sources]:
