@@ -52,7 +52,7 @@ class Blend:
         """Begin the index at `position`, where each source has been picked `counts` times (positions before it are
         only ever skipped, never read: they stand for the first one)."""
         slack = 2 * len(counts) - 2
-        self.first = position
+        self.first, self.first_counts = position, np.array(counts, dtype=np.int64)
         self.picks = np.zeros(0, dtype=np.uint8 if len(counts) <= 256 else np.int32)
         self.ranks = np.zeros(0, dtype=np.int64)  # earlier picks of the same source
         self.counts = [int(count) for count in counts]  # of each source before position first + len(picks)
@@ -109,8 +109,7 @@ class Blend:
             self.start_at(0, [0] * len(self.shares))
         self.extend(offset)
         picked = self.picks[:max(offset - self.first, 0)]
-        start = np.array(self.counts) - np.bincount(self.picks, minlength=len(self.shares))  # counts at first
-        return periods * self.shares + start + np.bincount(picked, minlength=len(self.shares))
+        return periods * self.shares + self.first_counts + np.bincount(picked, minlength=len(self.shares))
 
 
 def source_seed(seed: int, name: str, repetition: int) -> list[int]:
