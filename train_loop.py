@@ -23,7 +23,7 @@ import data_utils
 from pretrain.arguments import DataArguments, ModelArguments, TrainArguments, is_demo, order_seed, parse_args, \
     split_seed
 from pretrain.checkpoints import choose_checkpoint, launch_state, resume, save_checkpoint, save_final_model
-from pretrain.chunked_loss import block_loss, block_loss_sums, block_losses_in_chunks, compute_loss_in_chunks
+from pretrain.chunked_loss import block_loss_sums, block_losses_in_chunks, compute_loss_in_chunks
 from pretrain.document_mask import BlockCollator, use_document_mask
 from pretrain.errors import SEEN_BY_EVERY_RANK, CheckpointError, DataError, NonFiniteLoss, UsageError, exit_with, \
     first_line
@@ -489,9 +489,8 @@ def eval_block_losses(accelerator, model, batch: dict[str, torch.Tensor], chunk_
         with accelerator.autocast():
             return block_losses_in_chunks(accelerator.unwrap_model(model), batch, chunk_size)
     inputs = {key: value for key, value in batch.items() if key != "labels"}
-    logits = model(**inputs).logits
-    return torch.stack([block_loss(block_logits[:-1].float(), labels[1:])
-                        for block_logits, labels in zip(logits, batch["labels"])])
+    sums, counts = block_loss_sums(model(**inputs), batch["labels"]).unbind(dim=1)
+    return sums / counts.clamp(min=1)
 
 
 def print_sample(model, tokenizer, accelerator, prompt: str = "alice went to") -> None:

@@ -111,11 +111,6 @@ def block_losses_in_chunks(model, batch: dict[str, torch.Tensor], chunk_size: in
     return block_loss_of_tokens(token_losses.view(blocks, -1), targets.view(blocks, -1))
 
 
-def block_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """One block's mean loss over its counted targets (those that are not -100)."""
-    return block_loss_of_tokens(torch.nn.functional.cross_entropy(logits, targets, reduction="none"), targets)
-
-
 def block_loss_of_tokens(token_losses: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The mean of the token losses over the counted targets, along the last dimension (cross_entropy's
     reduction="none" gives 0 for a target of -100)."""
@@ -125,7 +120,8 @@ def block_loss_of_tokens(token_losses: torch.Tensor, targets: torch.Tensor) -> t
 
 def block_loss_sums(outputs, labels: torch.Tensor) -> torch.Tensor:
     """Each block's summed next-token loss and its count of counted targets, as a (blocks, 2) fp32 tensor without
-    gradients: from the chunked loss's token losses, or from the logits one block at a time (a whole batch's fp32
+    gradients (training's per-source losses, evaluation's per-block ones): from the chunked loss's token losses, or
+    from the logits one block at a time (a whole batch's fp32
     copy of the logits is gigabytes at a 150k vocabulary)."""
     targets = labels[:, 1:]
     counts = (targets != -100).sum(dim=1).float()
