@@ -153,7 +153,7 @@ def build_loaders(accelerator, data, tokenizer, model_args: ModelArguments, args
 def validation_sets(data) -> tuple[dict[str, Any], dict[str, float]]:
     """The held-out blocks by source name ("" for one corpus) and each source's weight."""
     if isinstance(data.train, Mixture):
-        weights = dict(zip(data.train.names, map(float, data.train.weights)))
+        weights = data.train.weight_of()
         return data.validation, {name: weights[name] for name in data.validation}
     return ({"": data.validation} if data.validation is not None else {}), {"": 1.0}
 
@@ -454,7 +454,7 @@ def evaluate_sources(accelerator, model, eval_loaders: dict[str, Any], plan: Run
     training mixture weights its sources."""
     if list(eval_loaders) == [""]:
         return evaluate(accelerator, model, eval_loaders[""], chunk_size)
-    weights = dict(zip(plan.mixture.names, map(float, plan.mixture.weights)))
+    weights = plan.mixture.weight_of()
     record, mean = {}, 0.0
     for name, loader in eval_loaders.items():
         loss = evaluate(accelerator, model, loader, chunk_size)["eval_loss"]

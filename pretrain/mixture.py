@@ -143,6 +143,10 @@ class Mixture:
     def __len__(self) -> int:
         return self.epoch_positions
 
+    def weight_of(self) -> dict[str, float]:
+        """Each source's normalised weight, by name."""
+        return dict(zip(self.names, map(float, self.weights)))
+
     def identity(self) -> dict[str, Any]:
         """What the blend and the blocks depend on: a resume compares it to the checkpoint's."""
         return {"sources": {name: {"weight": str(weight), "blocks": len(blocks)}
