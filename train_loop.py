@@ -30,9 +30,10 @@ from pretrain.errors import SEEN_BY_EVERY_RANK, CheckpointError, DataError, NonF
 from pretrain.launch import build_accelerator, create_output_dirs, deepspeed_config, fill_deepspeed_config, \
     warn_if_precision_is_emulated, zero_stage_of
 from pretrain.loading import build_config, load_config, load_tokenizer, load_weights, resolve_block_size
-from pretrain.metrics import LogWindow, MetricsLogger, device_peak_tflops, flops_per_token, numel, throughput
+from pretrain.metrics import LogWindow, MetricsLogger, device_peak_tflops, flops_per_token, throughput
 from pretrain.mixture import Mixture
 from pretrain.output_lock import hold_output_dir
+from pretrain.preflight import check_disk, describe_launch, describe_model
 from pretrain.run_control import RunControl, ensure_finite, ensure_savable
 from pretrain.speedups import apply_liger_kernel, compile_layers
 from pretrain.state import TrainState
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> str:
         state = launch_state(accelerator, global_batch_blocks, len(data.train), schedule_of(args, plan.total_steps),
                              plan.mixture)
         state = resume(accelerator, choose_checkpoint(accelerator, args), state, args, run.scheduler, plan.mixture)
-        describe_mixture(accelerator, plan, state)
+        describe_run(accelerator, run, plan, state, model_args, args)
 
         # The loop.
         run_config = {"model": asdict(model_args), "data": asdict(data_args), "train": asdict(args),
@@ -192,16 +193,26 @@ def plan_run(model, train, global_batch_blocks: int, block_size: int, args: Trai
         total_steps = math.ceil(args.max_tokens / tokens_per_step)
     else:
         total_steps = math.ceil(args.num_train_epochs * steps_per_epoch)
-    logger.info(f"model: {sum(map(numel, model.parameters())) / 1e6:.2f}M parameters; {total_steps} steps of "
-                f"{global_batch_blocks} blocks ({steps_per_epoch} per epoch)")
+    logger.info(f"{describe_model(model, block_size)}; {total_steps} steps of {global_batch_blocks} blocks "
+                f"({steps_per_epoch} per epoch)")
     return RunPlan(total_steps, steps_per_epoch, tokens_per_step, flops_per_token=flops_per_token(model, block_size),
                    peak_tflops=device_peak_tflops(args), block_size=block_size,
                    mixture=train if isinstance(train, Mixture) else None)
 
 
-def describe_mixture(accelerator, plan: RunPlan, state: TrainState) -> None:
-    """Once, on the main process: each source's share and how many times the whole run reads it."""
-    if plan.mixture is not None and accelerator.is_main_process:
+def describe_run(accelerator, run: Prepared, plan: RunPlan, state: TrainState, model_args: ModelArguments,
+                 args: TrainArguments) -> None:
+    """Once, on the main process: what runs, the disk its checkpoints will take, and a mixture's shares (how many
+    times the whole run reads each source)."""
+    if not accelerator.is_main_process:
+        return
+    model = accelerator.unwrap_model(run.model)
+    logger.info(describe_launch(accelerator, model, model_args, args))
+    disk, too_little = check_disk(accelerator, model, args, state.step, plan.total_steps, plan.steps_per_epoch)
+    logger.info(disk)
+    if too_little:
+        logger.warning(too_little)
+    if plan.mixture is not None:
         end = plan.total_steps * state.global_batch_blocks
         logger.info(f"mixture (an epoch is {plan.mixture.epoch_source} read once, {len(plan.mixture)} blocks): "
                     f"{plan.mixture.describe(end)}")
@@ -209,7 +220,7 @@ def describe_mixture(accelerator, plan: RunPlan, state: TrainState) -> None:
 
 def build_model(model_args: ModelArguments, config, tokenizer, args: TrainArguments):
     """The weights (loaded or initialised), then what training changes about the model."""
-    warn_if_precision_is_emulated(args, config)
+    warn_if_precision_is_emulated(args)
     model = load_weights(model_args, config, tokenizer, args.seed)
     if model_args.attn_mask_type == "block_causal":
         use_document_mask(model)
@@ -423,7 +434,7 @@ def log_window(accelerator, window: LogWindow, plan: RunPlan, state: TrainState,
                                              state.position())
     ensure_finite(mean_loss, state.step, args)
     state.elapsed_s += window.wall_seconds()
-    record = {"step": state.step, "epoch": round(state.epochs_done(plan.steps_per_epoch), 4), "loss": mean_loss,
+    record = {"step": state.step, "epoch": round(state.epochs_done(), 4), "loss": mean_loss,
               "lr": lr, "grad_norm": grad_norm, "tokens_seen": state.tokens_seen,
               "elapsed_s": round(state.elapsed_s, 3),
               **throughput(window, plan.tokens_per_step, accelerator.num_processes, plan.flops_per_token,

@@ -27,6 +27,7 @@ output_lock   one run per output_dir
 tracking      SwanLab's mode and start
 metrics       timing, tokens/s, FLOPs and MFU, compiled graphs, metrics.jsonl and the console (tracking)
 run_control   stop signals, the profiler, non-finite checks
+preflight     what runs and what it costs, said before the first step: parameters, FLOPs, disk (checkpoints, metrics)
 """
 
 BASE = ("errors", "arguments", "state")  # in order: each imports only those before it

@@ -16,6 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 from pretrain.arguments import TrainArguments
 from pretrain.errors import CheckpointError, UsageError, first_line
 from pretrain.launch import zero_stage_of
@@ -68,7 +70,7 @@ def save_checkpoint(accelerator, state: TrainState, args: TrainArguments) -> Pat
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(temporary))  # DeepSpeed's save has a barrier inside: every rank must call it
-    except (OSError, RuntimeError) as error:  # a full disk or a failing filesystem: torch.save raises either
+    except (OSError, RuntimeError, SafetensorError) as error:  # a full disk or a failing filesystem
         shutil.rmtree(temporary, ignore_errors=True)
         raise CheckpointError(f"--output_dir {output_dir}: writing {temporary.name} failed ({first_line(error)}); "
                               f"free space or fix the folder, then rerun the same command: it resumes from the "
@@ -167,15 +169,18 @@ def resume(accelerator, checkpoint: Path | None, state: TrainState, args: TrainA
                 + (f", resharded from {saved.num_processes} to {state.num_processes} processes" if reshard else ""))
     if accelerator.is_main_process:
         warn_if_schedule_changed(saved, state, scheduler)
-    if mixture is not None:
-        changed = carry_mixture_position(saved, state, mixture)
-        if changed and accelerator.is_main_process:
-            logger.warning(changed)
-    else:
+    logged_epoch = saved.epochs_done() if saved.train_blocks and saved.global_batch_blocks else None
+    changed = carry_mixture_position(saved, state, mixture) if mixture is not None else None
+    if mixture is None:
         carry_data_position(saved, state)
     for launch_field in ("num_processes", "distributed_type", "zero_stage", "global_batch_blocks", "train_blocks",
                          "schedule", "mixture"):
         setattr(saved, launch_field, getattr(state, launch_field))
+    if logged_epoch is not None:  # another epoch length (a changed mixture or corpus) counts on from where it was
+        saved.epoch_offset += logged_epoch - saved.epochs_done()
+    if changed and accelerator.is_main_process:
+        logger.warning(f"{changed}; the logged epoch goes on from {logged_epoch:.4f}, now in epochs of "
+                       f"{mixture.epoch_source} read once ({len(mixture)} blocks)")
     return saved
 
 
@@ -255,8 +260,13 @@ def save_final_model(accelerator, model, tokenizer, args: TrainArguments) -> Non
         for tied_copy in getattr(unwrapped, "all_tied_weights_keys", None) or {}:
             state_dict.pop(tied_copy, None)
         unwrapped.config.use_cache = True
-        unwrapped.save_pretrained(args.output_dir, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(args.output_dir)
+        try:
+            unwrapped.save_pretrained(args.output_dir, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(args.output_dir)
+        except (OSError, SafetensorError) as error:
+            raise CheckpointError(f"--output_dir {args.output_dir}: writing the final model failed "
+                                  f"({first_line(error)}); the last checkpoint is complete: free space or fix the "
+                                  f"folder, then rerun the same command to write the model again") from None
         logger.info(f"saved the final model to {args.output_dir}")
     accelerator.wait_for_everyone()
 

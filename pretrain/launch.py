@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -82,33 +81,24 @@ def build_accelerator(args: TrainArguments):
     return accelerator
 
 
+# bf16 matmuls against fp32 where oneDNN emulates bf16, at Qwen2.5-1.5B's widths (bench/bf16_emulation.py, oneDNN
+# capped at AVX2 on an AMD EPYC, 2026-12-02). A table, not a probe: a timing at start-up is decided by a busy machine.
+EMULATED_BF16_SLOWDOWN = "40-80x"
+
+
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); without it oneDNN emulates bf16 slowly."""
+    """Whether oneDNN computes bf16 natively here: the CPU has AVX-512 (BF16) or AMX, and ONEDNN_MAX_CPU_ISA does not
+    cap oneDNN below them. Without it oneDNN emulates bf16, tens of times slower than fp32."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def warn_if_precision_is_emulated(args: TrainArguments, config) -> None:
-    """--bf16 on a CPU that emulates bf16: say before the first step how much slower, from a short probe."""
+def warn_if_precision_is_emulated(args: TrainArguments) -> None:
+    """--bf16 on a CPU where oneDNN emulates bf16: say so before the first step, every time."""
     if not args.bf16 or torch.cuda.is_available() or cpu_has_native_bf16():
         return
-    width = min(getattr(config, "hidden_size", 512), 512)
-    depth = min(getattr(config, "intermediate_size", 4 * width), 1024)
-    inputs, weight = torch.randn(16, width), torch.randn(width, depth)
-    slowdown = best_time(inputs.bfloat16(), weight.bfloat16()) / best_time(inputs, weight, repeats=10)
-    if slowdown < 2:
-        return  # emulated, but not slow enough to matter
-    logger.warning(f"--bf16: this CPU has no native bf16 (AVX-512 BF16 or AMX), and a matmul of the model's width runs "
-                   f"{slowdown:.0f}x slower in bf16 than in fp32; drop --bf16 (and --torch_dtype bfloat16) for runs "
-                   f"on this CPU")
-
-
-def best_time(inputs: torch.Tensor, weight: torch.Tensor, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        inputs @ weight
-        times.append(time.perf_counter() - start)
-    return max(min(times), 1e-9)
+    logger.warning(f"--bf16: oneDNN reports no native bf16 on this CPU (it needs AVX-512 BF16 or AMX), so bf16 "
+                   f"matmuls are emulated, about {EMULATED_BF16_SLOWDOWN} slower than fp32 (bench/bf16_emulation.py); "
+                   f"drop --bf16 (and --torch_dtype bfloat16) for runs on this CPU")
 
 
 def create_output_dirs(args: TrainArguments) -> None:

@@ -28,6 +28,7 @@ class TrainState:
     schedule: dict[str, Any] | None = None  # what shapes the learning rate: compared on resume
     lr: float = 0.0  # the learning rate of the last step taken
     mixture: dict[str, Any] | None = None  # --train_mixture: its sources, weights and where its blend started
+    epoch_offset: float = 0.0  # added to the logged epoch: it never runs backwards when an epoch changes length
 
     def advance(self, tokens: int, steps_per_epoch: int) -> bool:
         """Count one optimizer step of `tokens` tokens. Returns whether it ended an epoch; if so the state has already
@@ -45,6 +46,7 @@ class TrainState:
         return (self.epoch * (self.train_blocks // self.global_batch_blocks) + self.step_in_epoch) * \
             self.global_batch_blocks
 
-    def epochs_done(self, steps_per_epoch: int) -> float:
-        """Epochs trained so far, as a fraction (the logged `epoch`)."""
-        return self.epoch + self.step_in_epoch / steps_per_epoch
+    def epochs_done(self) -> float:
+        """Epochs trained so far, as a fraction (the logged `epoch`): the epochs of this launch's length, plus what
+        earlier launches counted at theirs (a changed mixture or corpus changes the length; the count goes on)."""
+        return self.epoch_offset + self.epoch + self.step_in_epoch / (self.train_blocks // self.global_batch_blocks)

@@ -114,9 +114,13 @@ def start_trackers(accelerator, args: TrainArguments, state: TrainState, run_con
         os.environ.setdefault("SWANLAB_INTERACTIVE", "false")
     if "wandb" in trackers:
         folders["wandb"].mkdir(parents=True, exist_ok=True)
+    config, resumed = flat_config(run_config), state.step > 0
     try:
-        accelerator.init_trackers(args.swanlab_project, config=flat_config(run_config),
+        accelerator.init_trackers(args.swanlab_project, config=None if resumed else config,
                                   init_kwargs={tracker: init_kwargs[tracker] for tracker in trackers})
+        for tracker in accelerator.trackers if resumed else ():
+            if tracker.name != "tensorboard":  # TensorBoard's hparams are a new subrun each time: once per run
+                tracker.store_init_configuration(config)
     except Exception as error:  # a login, network or folder problem, before any step is trained
         raise UsageError(f"--report_to {' '.join(trackers)}: a tracker did not start ({first_line(error)}); fix "
                          f"that, or pass --report_to none") from None

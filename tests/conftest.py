@@ -168,3 +168,14 @@ def kill_tree(process, sig=9):
             target.send_signal(sig)
         except psutil.NoSuchProcess:
             pass
+
+
+def checkpoint_estimate_error(log, checkpoint):
+    """The logged estimate of one checkpoint's size ("checkpoints: about X MB each") against a real checkpoint's
+    bytes on disk, as a relative error."""
+    import re
+
+    number, unit = re.search(r"checkpoints: about ([\d.]+) (MB|GB) each", log).groups()
+    estimate = float(number) * (1e6 if unit == "MB" else 1e9)
+    real = sum(p.stat().st_size for p in Path(checkpoint).rglob("*") if p.is_file())
+    return abs(estimate - real) / real

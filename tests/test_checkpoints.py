@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 import re
 import signal
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, LoggedProcess, kill_tree, logged_steps, read_metrics, run_in_process, tiny_flags
+from conftest import ROOT, LoggedProcess, checkpoint_estimate_error, kill_tree, logged_steps, read_metrics, run_in_process, tiny_flags
 
 import train_loop
 from pretrain import checkpoints
@@ -150,6 +151,43 @@ def test_save_total_limit_keeps_the_newest(assets, tmp_path):
     assert state["step"] == 8 and state["tokens_seen"] == 8 * 8 * 64 and state["epoch"] == 0
 
 
+def test_the_checkpoint_estimate_is_within_ten_percent_of_a_real_save(assets, tmp_path, capfd):
+    output = tmp_path / "run"
+    run_in_process(flags(assets, output, tmp_path / "cache", "--max_steps", 2, "--save_steps", 2))
+    log = capfd.readouterr().err
+    assert "this run saves 1 more and keeps all of them (--save_total_limit is unset)" in log
+    assert checkpoint_estimate_error(log, output / "checkpoint-2") < 0.10
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MB tmpfs: a disk too small for a run that keeps every checkpoint."""
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_a_run_whose_checkpoints_do_not_fit_on_the_disk_is_warned_and_the_advice_fits(assets, tmp_path, small_disk):
+    argv = flags(assets, small_disk / "run", tmp_path / "cache", "--max_steps", 8, "--save_steps", 1,
+                 "--validation_split_percentage", 0)
+    full = subprocess.run([sys.executable, str(ROOT / "train_loop.py"), *map(str, argv)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    warning = re.search(r"WARNING --output_dir \S+: the run will not fit: it needs about [\d.]+ MB more for its "
+                        r"checkpoints \(8 of about [\d.]+ MB at the most\) and its final model, but the disk has "
+                        r"[\d.]+ MB free; set --save_total_limit (\d+), free space, or choose another folder",
+                        full.stderr)
+    assert warning, full.stderr[-3000:]
+    assert full.stderr.index("will not fit") < full.stderr.index("error: "), full.stderr[-3000:]
+    # Warned, not refused: it trains until a save fails, then stops with one line and the last complete checkpoint.
+    assert full.returncode == 1 and "free space or fix the folder, then rerun the same command" in full.stderr
+    shutil.rmtree(small_disk / "run")
+    log = finish(argv + ["--save_total_limit", warning.group(1)])  # the advice fits: every save succeeds
+    assert "will not fit" not in log and (small_disk / "run" / "model.safetensors").is_file()
+
+
 def test_the_last_step_is_saved_and_a_finished_run_reruns_without_training(assets, tmp_path, capfd):
     output = tmp_path / "run"
     argv = flags(assets, output, tmp_path / "cache", "--max_steps", 5, "--save_steps", 3)
@@ -228,7 +266,10 @@ def test_resume_with_another_global_batch_continues_after_the_blocks_read(assets
         capfd.readouterr().err
     train, _ = read_metrics(output)
     blocks = json.loads((output / "checkpoint-8" / "trainer_state.json").read_text())["train_blocks"]
-    assert sorted(train) == list(range(1, 9)) and train[6]["epoch"] == round((40 / 4 + 1) / (blocks // 4), 4)
+    # Epochs of 80 blocks before (87 cut to batches of 8), of 84 after: the logged epoch goes on from step 5's
+    # 0.5 at the new length's rate, instead of falling back to 40 / 84 of an epoch.
+    assert sorted(train) == list(range(1, 9)) and train[5]["epoch"] == 5 / (blocks // 8)
+    assert train[6]["epoch"] == round(5 / (blocks // 8) + 1 / (blocks // 4), 4)
 
 
 def test_resume_on_changed_data_starts_its_epoch_from_the_beginning(assets, tmp_path, capfd):
@@ -239,7 +280,10 @@ def test_resume_on_changed_data_starts_its_epoch_from_the_beginning(assets, tmp_
     run_in_process(flags(assets, output, tmp_path / "cache", "--max_steps", 17))  # the tiny corpus: 10 steps/epoch
     assert "the data changed, so epoch 0 starts from its beginning" in capfd.readouterr().err
     train, _ = read_metrics(output)
-    assert sorted(train) == list(range(1, 18)) and train[16]["epoch"] == 0.1 and train[17]["epoch"] == 0.2
+    # The tiny corpus's epoch 0 starts afresh; the logged epoch goes on from step 15's, 0.1 per step of the tiny one.
+    assert sorted(train) == list(range(1, 18))
+    assert train[16]["epoch"] == round(train[15]["epoch"] + 0.1, 4) and train[17]["epoch"] == round(
+        train[15]["epoch"] + 0.2, 4)
 
 
 def test_a_data_position_past_the_new_epochs_end_rolls_over():

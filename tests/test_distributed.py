@@ -13,8 +13,9 @@ import threading
 import pytest
 import torch
 
-from conftest import ROOT, assert_stopped_under_the_launcher, cosine_lr, free_port, kill_tree, launch, launch_command, \
-    launch_env, launch_in_background, logged_steps, read_metrics, run_in_process, tiny_flags
+from conftest import ROOT, assert_stopped_under_the_launcher, checkpoint_estimate_error, cosine_lr, free_port, \
+    kill_tree, launch, launch_command, launch_env, launch_in_background, logged_steps, read_metrics, run_in_process, \
+    tiny_flags
 
 pytestmark = pytest.mark.slow  # every test here launches training processes
 
@@ -36,7 +37,8 @@ def runs(assets, tmp_path_factory):
     cache = root / "cache"
     run_in_process(flags(assets, root / "single", cache, 2, 4, "--save_steps", 6))
     launch("ddp.yaml", 2, flags(assets, root / "ddp", cache, 2, 2))
-    launch("zero2.yaml", 2, flags(assets, root / "zero2", cache, 2, 2, "--save_steps", 6))
+    (root / "zero2.log").write_text(launch("zero2.yaml", 2, flags(assets, root / "zero2", cache, 2, 2,
+                                                                   "--save_steps", 6)).stderr)
     launch("zero2.yaml", 2, flags(assets, root / "zero2_chunked", cache, 2, 2, "--loss_chunk_size", 50))
     run_in_process(flags(assets, root / "single_masked", cache, 2, 4, "--attn_mask_type", "block_causal"))
     launch("zero2.yaml", 2, flags(assets, root / "zero2_masked", cache, 2, 2, "--attn_mask_type", "block_causal"))
@@ -119,6 +121,13 @@ def test_zero2_checkpoint_has_one_optimizer_shard_per_rank(runs):
     assert (checkpoint / "scheduler.bin").is_file()  # the HF schedule, which DeepSpeed does not save itself
 
 
+def test_zero2_says_what_runs_and_estimates_its_checkpoints_within_ten_percent(runs):
+    log = (runs / "zero2.log").read_text()
+    assert "running: float32 (no mixed precision); attention sdpa, causal; optimizer AdamW (torch); DeepSpeed " \
+           "ZeRO-2 on 2 processes, 1 node (CPU, gloo)" in log
+    assert checkpoint_estimate_error(log, runs / "zero2" / "checkpoint-6") < 0.10
+
+
 def final_model_matches_checkpoint(output, checkpoint):
     """The saved HF model gives the logits of the fp32 weights DeepSpeed held at the end of training."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -167,6 +176,7 @@ def test_two_machines_over_loopback_match_one_launch(assets, runs, tmp_path):
         thread.join()
     for rank, result in results.items():
         assert result.returncode == 0, (rank, result.stderr[-4000:])
+    assert "DeepSpeed ZeRO-2 on 2 processes, 2 nodes (CPU, gloo)" in results[0].stderr
     two_nodes, _ = read_metrics(output)
     one_launch, _ = read_metrics(runs / "zero2")
     for step in range(1, STEPS + 1):

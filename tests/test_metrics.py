@@ -147,32 +147,34 @@ def test_the_default_evaluation_is_a_tenth_of_training_and_long_ones_show_progre
     assert "evaluating: batch 1 of 4" in err and "evaluated 4 batches in" in err
 
 
-def test_bf16_on_a_cpu_that_emulates_it_is_warned_with_the_measured_slowdown():
-    """oneDNN capped at AVX2 has no native bf16, as on the CPUs that lack AVX-512 BF16 and AMX."""
+def test_bf16_on_a_cpu_that_emulates_it_is_warned_even_on_a_busy_machine():
+    """oneDNN capped at AVX2 has no native bf16, as on the CPUs that lack AVX-512 BF16 and AMX. The decision is what
+    oneDNN reports, not a timing: it holds while a CPU-bound process runs beside it."""
     import os
     import subprocess
     import sys
 
-    probe = ("from transformers import Qwen2Config; from pretrain.arguments import TrainArguments; "
+    probe = ("from pretrain.arguments import TrainArguments; "
              "from pretrain.launch import configure_logging, warn_if_precision_is_emulated; configure_logging(True); "
-             "warn_if_precision_is_emulated(TrainArguments(bf16=True), "
-             "Qwen2Config(hidden_size=1536, intermediate_size=8960))")  # Qwen2.5-1.5B's widths
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2"), cwd=ROOT)
-    found = re.search(r"--bf16: this CPU has no native bf16 \(AVX-512 BF16 or AMX\), and a matmul of the model's "
-                      r"width runs (\d+)x slower in bf16 than in fp32; drop --bf16", result.stderr)
-    assert found and int(found.group(1)) >= 2, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+             "warn_if_precision_is_emulated(TrainArguments(bf16=True))")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                                env=dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2"), cwd=ROOT)
+    finally:
+        busy.kill()
+    assert "--bf16: oneDNN reports no native bf16 on this CPU (it needs AVX-512 BF16 or AMX), so bf16 matmuls are " \
+           "emulated, about 40-80x slower than fp32 (bench/bf16_emulation.py); drop --bf16" in result.stderr, \
+        (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
 
 
 def test_bf16_on_a_cpu_with_native_bf16_is_not_warned_about(monkeypatch, caplog):
-    from transformers import Qwen2Config
-
     from pretrain import launch
     from pretrain.arguments import TrainArguments
 
     monkeypatch.setattr(launch, "cpu_has_native_bf16", lambda: True)
     with caplog.at_level("WARNING"):
-        launch.warn_if_precision_is_emulated(TrainArguments(bf16=True), Qwen2Config())
+        launch.warn_if_precision_is_emulated(TrainArguments(bf16=True))
     assert "--bf16" not in caplog.text
 
 

@@ -315,6 +315,12 @@ def test_changed_weights_on_resume_are_warned_and_continue_from_the_blocks_read(
     warned = [line for line in capfd.readouterr().err.splitlines() if "mixture changed" in line]
     assert len(warned) == 1 and "source big weight 0.5 -> 0.2" in warned[0] and "small weight 0.2 -> 0.5" in warned[0]
     after, _ = read_metrics(output)
+    # big, the epoch source, now has 0.2 of the blend: an epoch is 2.5x longer, and the epoch counts on from 10 steps
+    assert f"the logged epoch goes on from {before[10]['epoch']:.4f}, now in epochs of big read once" in warned[0]
+    epochs = [after[step]["epoch"] for step in range(1, 21)]
+    assert epochs == sorted(epochs) and after[11]["epoch"] > before[10]["epoch"], epochs
+    per_step = [b - a for a, b in zip(epochs, epochs[1:])]
+    assert per_step[10] == pytest.approx(per_step[8] * 0.2 / 0.5, abs=2e-4), per_step
     for name, weight in changed.items():  # the new blend from block 80 on, each source counted from where it was
         read_since = after[20][f"tokens_seen/{name}"] // 64 - before[10][f"tokens_seen/{name}"] // 64
         assert abs(read_since - weight * 80) <= 1, name

@@ -44,6 +44,8 @@ def test_tensorboard_logs_every_step_once_across_a_sigkill_and_a_resume(assets, 
     assert sorted(steps["loss"]) == list(range(1, 9)), steps["loss"]
     assert sorted(steps["lr"]) == list(range(1, 9))
     assert sorted(steps["eval_loss"]) == [4, 8]
+    hparams = [path for path in (logs / "tensorboard").rglob("hparams.yml")]
+    assert len(hparams) == 1, hparams  # the run's configuration once, not once per launch
 
 
 def test_wandb_offline_keeps_one_run_id_across_a_resume(assets, tmp_path, monkeypatch):
