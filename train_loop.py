@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,20 +22,24 @@ import data_utils
 from pretrain.arguments import DataArguments, ModelArguments, TrainArguments, is_demo, order_seed, parse_args, \
     split_seed
 from pretrain.checkpoints import choose_checkpoint, launch_state, resume, save_checkpoint, save_final_model
-from pretrain.chunked_loss import block_loss_sums, block_losses_in_chunks, compute_loss_in_chunks
+from pretrain.chunked_loss import block_loss_sums, compute_loss_in_chunks
+from pretrain.demo_corpus import print_sample
 from pretrain.document_mask import BlockCollator, use_document_mask
 from pretrain.errors import SEEN_BY_EVERY_RANK, CheckpointError, DataError, NonFiniteLoss, UsageError, exit_with, \
     first_line
+from pretrain.evaluation import eval_blocks, evaluate_sources, validation_sets
+from pretrain.faults import FaultInjector
 from pretrain.launch import build_accelerator, create_output_dirs, deepspeed_config, fill_deepspeed_config, \
-    warn_if_precision_is_emulated, zero_stage_of
+    warn_if_precision_is_emulated
 from pretrain.loading import build_config, load_config, load_tokenizer, load_weights, resolve_block_size
 from pretrain.metrics import LogWindow, MetricsLogger, device_peak_tflops, flops_per_token, throughput
 from pretrain.mixture import Mixture
 from pretrain.output_lock import hold_output_dir
-from pretrain.preflight import check_disk, describe_launch, describe_model
+from pretrain.preflight import describe_model, describe_run
 from pretrain.run_control import RunControl, ensure_finite, ensure_savable
 from pretrain.speedups import apply_liger_kernel, compile_layers
 from pretrain.state import TrainState
+from pretrain.step_guard import StepGuard, rewind
 from pretrain.tracking import check_tracker
 
 logger = logging.getLogger("train_loop")
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> str:
         state = launch_state(accelerator, global_batch_blocks, len(data.train), schedule_of(args, plan.total_steps),
                              plan.mixture)
         state = resume(accelerator, choose_checkpoint(accelerator, args), state, args, run.scheduler, plan.mixture)
-        describe_run(accelerator, run, plan, state, model_args, args)
+        describe_run(accelerator, accelerator.unwrap_model(run.model), model_args, args, state, plan.total_steps,
+                     plan.steps_per_epoch, plan.mixture)
 
         # The loop.
         run_config = {"model": asdict(model_args), "data": asdict(data_args), "train": asdict(args),
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> str:
         # Save the final Hugging Face model.
         save_final_model(accelerator, run.model, tokenizer, args)
         if demo:
-            print_sample(run.model, tokenizer, accelerator)
+            print_sample(accelerator.unwrap_model(run.model), tokenizer, accelerator)
         accelerator.end_training()
         return ended
 
@@ -151,37 +155,6 @@ def build_loaders(accelerator, data, tokenizer, model_args: ModelArguments, args
     return train_loader, eval_loaders, global_batch_blocks
 
 
-def validation_sets(data) -> tuple[dict[str, Any], dict[str, float]]:
-    """The held-out blocks by source name ("" for one corpus) and each source's weight."""
-    if isinstance(data.train, Mixture):
-        weights = data.train.weight_of()
-        return data.validation, {name: weights[name] for name in data.validation}
-    return ({"": data.validation} if data.validation is not None else {}), {"": 1.0}
-
-
-# A forward costs about a third of a training step (forward and backward), so evaluating 0.3 times the blocks that
-# training reads between two evaluations takes about a tenth of the training time.
-EVAL_SHARE_OF_TRAINED_BLOCKS = 0.3
-MIN_EVAL_BLOCKS = 32  # fewer gives a noisy eval_loss
-
-
-def eval_blocks(args: TrainArguments, available: int, global_batch_blocks: int, steps_per_epoch: int,
-                num_processes: int, source: str = "", share: float = 1.0) -> int:
-    """How many held-out blocks each evaluation reads (of a mixture's source: in proportion to its weight):
-    --max_eval_samples, or by default about a tenth of the training time at the evaluation cadence. The same first
-    blocks every time, so eval_loss compares across a run."""
-    if args.max_eval_samples:
-        blocks, why = min(args.max_eval_samples, available), "--max_eval_samples"
-    else:
-        every = steps_per_epoch if args.eval_strategy == "epoch" else args.eval_steps or args.save_steps
-        budget = int(EVAL_SHARE_OF_TRAINED_BLOCKS * every * global_batch_blocks * share)
-        blocks = min(available, max(budget, MIN_EVAL_BLOCKS, args.per_device_eval_batch_size * num_processes))
-        why = "the default, about a tenth of the training time; --max_eval_samples sets it"
-    logger.info(f"evaluation{f' of {source}' if source else ''}: {blocks} of {available} held-out blocks each time "
-                f"({why})")
-    return blocks
-
-
 def plan_run(model, train, global_batch_blocks: int, block_size: int, args: TrainArguments) -> RunPlan:
     """The run's length (--max_steps, else --max_tokens, else epochs) and what its throughput is measured against.
     `train`: the training blocks, or a mixture (whose epoch is its epoch source read once)."""
@@ -198,24 +171,6 @@ def plan_run(model, train, global_batch_blocks: int, block_size: int, args: Trai
     return RunPlan(total_steps, steps_per_epoch, tokens_per_step, flops_per_token=flops_per_token(model, block_size),
                    peak_tflops=device_peak_tflops(args), block_size=block_size,
                    mixture=train if isinstance(train, Mixture) else None)
-
-
-def describe_run(accelerator, run: Prepared, plan: RunPlan, state: TrainState, model_args: ModelArguments,
-                 args: TrainArguments) -> None:
-    """Once, on the main process: what runs, the disk its checkpoints will take, and a mixture's shares (how many
-    times the whole run reads each source)."""
-    if not accelerator.is_main_process:
-        return
-    model = accelerator.unwrap_model(run.model)
-    logger.info(describe_launch(accelerator, model, model_args, args))
-    disk, too_little = check_disk(accelerator, model, args, state.step, plan.total_steps, plan.steps_per_epoch)
-    logger.info(disk)
-    if too_little:
-        logger.warning(too_little)
-    if plan.mixture is not None:
-        end = plan.total_steps * state.global_batch_blocks
-        logger.info(f"mixture (an epoch is {plan.mixture.epoch_source} read once, {len(plan.mixture)} blocks): "
-                    f"{plan.mixture.describe(end)}")
 
 
 def build_model(model_args: ModelArguments, config, tokenizer, args: TrainArguments):
@@ -317,28 +272,41 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
     """Optimizer steps until plan.total_steps; returns why the loop ended: 'done' or the stop signal's name."""
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
     window = LogWindow(accelerator.device, len(plan.mixture.names) if plan.mixture else 0)
+    guard, faults = StepGuard(accelerator, optimizer, args, state), FaultInjector(accelerator.unwrap_model(model))
     model.train()
     for micro_batches in optimizer_steps(accelerator, run.train_loader, state, plan, window):
-        # Forward and backward on each micro-batch; at the last one the gradients are reduced and clipped.
+        # Forward and backward on each micro-batch; at the last one the gradients are reduced and clipped, and the
+        # guard decides whether the step is applied (under DeepSpeed it decides inside the engine's step).
+        skipped = False
         for batch in micro_batches:
             sources = batch.pop("source", None)  # a mixture's blocks name their source, which is no model input
             with accelerator.accumulate(model):
                 loss, block_sums = losses_of(model(**batch), batch["labels"], sources)
+                loss = faults.loss(loss, state)  # only under PRETRAIN_FAULT (pretrain/faults.py)
+                guard.add_loss(loss, last=accelerator.sync_gradients)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     clip_norm = clip_gradients(accelerator, model, args.max_grad_norm)
-                optimizer.step()
+                    skipped = guard.skips(clip_norm)
+                if not skipped:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             window.add_loss(loss, sources, block_sums)
 
-        # Schedule and bookkeeping: an fp16 overflow skips the optimizer step, and the schedule waits with it.
-        if not accelerator.optimizer_step_was_skipped:
+        # Schedule and bookkeeping: a skipped step keeps the schedule going; an fp16 overflow makes it wait.
+        if skipped or not accelerator.optimizer_step_was_skipped:
             scheduler.step()
         epoch_done = state.advance(plan.tokens_per_step, plan.steps_per_epoch)
-        window.steps += 1
+        window.end_step(skipped)
         metrics.advance()
         control.step_done(state.step)
         last = state.step == plan.total_steps
+        if skipped:
+            guard.say_skipped(state, metrics)
+        if guard.needs_rewind(args):  # skips in a row: back to the newest checkpoint before them, past the data
+            with window.set_aside("save_s"):
+                rewind(accelerator, scheduler, state, args, guard, plan.mixture)
+                metrics.log({"step": state.step, "event": "rewind", **guard.records["rewinds"][-1]})
 
         # Log: the loss over the window's micro-batches and processes (and per source of a mixture), throughput, memory.
         if is_due(args.logging_strategy, args.logging_steps, state, epoch_done) or last:
@@ -354,7 +322,8 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
                 (is_due(args.eval_strategy, args.eval_steps or args.save_steps, state, epoch_done) or last):
             with window.set_aside("eval_s"):
                 metrics.log({"step": state.step,
-                             **evaluate_sources(accelerator, model, run.eval_loaders, plan, args.loss_chunk_size)})
+                             **evaluate_sources(accelerator, model, run.eval_loaders, plan.mixture,
+                                                args.loss_chunk_size)})
 
         # Save. The last step is saved too, so that rerunning a finished command (or raising --max_steps) resumes
         # from the end rather than redoing the tail after the last save_steps checkpoint.
@@ -380,12 +349,15 @@ def optimizer_steps(accelerator, train_loader, state: TrainState, plan: RunPlan,
     if state.step >= plan.total_steps:
         logger.info(f"the checkpoint is at step {state.step} of {plan.total_steps}: nothing left to train")
     while state.step < plan.total_steps:
-        train_loader.set_epoch(state.epoch)
-        skip = state.step_in_epoch * accumulation
-        batches = iter(accelerator.skip_first_batches(train_loader, skip) if skip else train_loader)
-        steps_left = min(plan.steps_per_epoch - state.step_in_epoch, plan.total_steps - state.step)
-        for _ in range(steps_left):
+        epoch, start = state.epoch, state.step_in_epoch
+        train_loader.set_epoch(epoch)
+        batches = iter(accelerator.skip_first_batches(train_loader, start * accumulation) if start else train_loader)
+        steps_left = min(plan.steps_per_epoch - start, plan.total_steps - state.step)
+        for taken in range(1, steps_left + 1):
             yield step_batches(batches, accumulation, window, state)
+            expected = (epoch, start + taken) if start + taken < plan.steps_per_epoch else (epoch + 1, 0)
+            if (state.epoch, state.step_in_epoch) != expected:
+                break  # a rewind moved the data position: read on from there
 
 
 def step_batches(batches, accumulation: int, window: LogWindow, state: TrainState):
@@ -428,95 +400,24 @@ def log_window(accelerator, window: LogWindow, plan: RunPlan, state: TrainState,
     """The log record of the steps since the last one (the loss is reduced across processes: one sync). A
     mixture's loss is token-weighted over every source, and each source's loss, blocks and tokens seen are added."""
     if plan.mixture is None:
-        mean_loss, by_source = accelerator.reduce(window.loss_sum / window.micro_steps, reduction="mean").item(), {}
+        mean_loss, by_source = accelerator.reduce(window.loss_sum / max(window.micro_steps, 1),
+                                                  reduction="mean").item(), {}
     else:
-        mean_loss, by_source = source_losses(accelerator.reduce(window.by_source, reduction="sum"), plan,
-                                             state.position())
-    ensure_finite(mean_loss, state.step, args)
+        mean_loss, by_source = plan.mixture.source_losses(accelerator.reduce(window.by_source, reduction="sum"),
+                                                          state.position(), plan.block_size)
+    if window.micro_steps == 0:
+        mean_loss = None  # every step of the window was skipped
+    else:
+        ensure_finite(mean_loss, state.step, args)
     state.elapsed_s += window.wall_seconds()
     record = {"step": state.step, "epoch": round(state.epochs_done(), 4), "loss": mean_loss,
               "lr": lr, "grad_norm": grad_norm, "tokens_seen": state.tokens_seen,
-              "elapsed_s": round(state.elapsed_s, 3),
+              "elapsed_s": round(state.elapsed_s, 3), "skipped_steps": (state.guard or {}).get("skipped_steps", 0),
               **throughput(window, plan.tokens_per_step, accelerator.num_processes, plan.flops_per_token,
                            plan.peak_tflops), **by_source}
     metrics.log(record)
     window.reset()
     return record
-
-
-def source_losses(totals: torch.Tensor, plan: RunPlan, position: int) -> tuple[float, dict[str, Any]]:
-    """From the window's (loss sum, targets, blocks) per source, summed over processes: the token-weighted loss,
-    and each source's loss (None when the window read none of it), blocks read and tokens seen in the run."""
-    totals = totals.double().cpu()
-    record = {}
-    for (name, read), (loss_sum, targets, blocks) in zip(plan.mixture.reads(position).items(), totals.tolist()):
-        record[f"loss/{name}"] = loss_sum / targets if targets else None
-        record[f"blocks/{name}"] = int(blocks)
-        record[f"tokens_seen/{name}"] = read * plan.block_size
-    return (totals[:, 0].sum() / totals[:, 1].sum()).item(), record
-
-
-EVAL_PROGRESS_AFTER_S = 5.0  # an evaluation that lasts longer says how far it is, every so many seconds
-
-
-def evaluate_sources(accelerator, model, eval_loaders: dict[str, Any], plan: RunPlan,
-                     chunk_size: int) -> dict[str, float]:
-    """eval_loss and perplexity; for a mixture, each source's (eval_loss/NAME) and their mean weighted as the
-    training mixture weights its sources."""
-    if list(eval_loaders) == [""]:
-        return evaluate(accelerator, model, eval_loaders[""], chunk_size)
-    weights = plan.mixture.weight_of()
-    record, mean = {}, 0.0
-    for name, loader in eval_loaders.items():
-        loss = evaluate(accelerator, model, loader, chunk_size)["eval_loss"]
-        record.update({f"eval_loss/{name}": loss, f"perplexity/{name}": math.exp(min(loss, 50.0))})
-        mean += weights[name] * loss / sum(weights[source] for source in eval_loaders)
-    return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50.0)), **record}
-
-
-def evaluate(accelerator, model, eval_loader, chunk_size: int) -> dict[str, float]:
-    """Mean token loss and perplexity over the evaluation blocks, gathered across processes."""
-    model.eval()
-    block_losses = []
-    start = shown = time.perf_counter()
-    with torch.no_grad():
-        for index, batch in enumerate(eval_loader, 1):
-            losses = eval_block_losses(accelerator, model, batch, chunk_size)
-            block_losses.append(accelerator.gather_for_metrics(losses))
-            if time.perf_counter() - shown >= EVAL_PROGRESS_AFTER_S and accelerator.is_main_process:
-                shown = time.perf_counter()
-                logger.info(f"evaluating: batch {index} of {len(eval_loader)}, {shown - start:.0f} s")
-    model.train()
-    if time.perf_counter() - start >= EVAL_PROGRESS_AFTER_S and accelerator.is_main_process:
-        logger.info(f"evaluated {len(eval_loader)} batches in {time.perf_counter() - start:.0f} s")
-    loss = torch.cat(block_losses).mean().item()
-    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-
-
-def eval_block_losses(accelerator, model, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
-    """Each block's mean next-token loss over its counted targets (with the batch's positions and boundary labels),
-    in fp32 and never from a whole batch's fp32 logits (gigabytes at 150k)."""
-    if chunk_size:  # not even one batch's logits: the output projection runs on chunks of tokens
-        with accelerator.autocast():
-            return block_losses_in_chunks(accelerator.unwrap_model(model), batch, chunk_size)
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
-    sums, counts = block_loss_sums(model(**inputs), batch["labels"]).unbind(dim=1)
-    return sums / counts.clamp(min=1)
-
-
-def print_sample(model, tokenizer, accelerator, prompt: str = "alice went to") -> None:
-    """A short greedy continuation, to see what the model learned."""
-    if zero_stage_of(accelerator) == 3:
-        return  # generation under ZeRO-3 needs every rank in each forward; load the saved model instead
-    if not accelerator.is_main_process:
-        return
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.eval()
-    inputs = tokenizer(prompt, return_tensors="pt").to(accelerator.device)
-    with torch.no_grad():
-        output = unwrapped.generate(**inputs, max_new_tokens=40, do_sample=False,
-                                    pad_token_id=tokenizer.eos_token_id, use_cache=True)
-    logger.info(f"sample: {tokenizer.decode(output[0], skip_special_tokens=True)!r}")
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -5,6 +5,7 @@ the scripts above it (train_loop.py, data_utils.py, bench/, tests/). tests/test_
 
 The base, importing nothing from the project but the modules before it:
 errors        the one-line errors a user can fix, and the check that a folder is writable
+args_file     a YAML or JSON file of arguments, turned into flags (a key given twice refused)
 arguments     flags and argument files (model, data, training), the demo's defaults, validation
 state         the run state a checkpoint carries, and how one optimizer step advances it
 
@@ -21,13 +22,16 @@ chunked_loss  the output projection and cross-entropy a chunk of tokens at a tim
 document_mask  positions restarting at each document, boundary labels, the check that a model honours them
 speedups      regional torch.compile and Liger-Kernel, applied to the built model
 mixture       --train_mixture: the blend of several cached corpora, its positions and its resume
+evaluation    eval_loss and perplexity on the held-out blocks, per source of a mixture (chunked_loss, mixture)
 universal     a ZeRO checkpoint resumed on another world size, through DeepSpeed's universal format
 checkpoints   atomic saves, choosing and loading a resume, the final model (launch, mixture, universal)
 output_lock   one run per output_dir
 tracking      SwanLab's mode and start
 metrics       timing, tokens/s, FLOPs and MFU, compiled graphs, metrics.jsonl and the console (tracking)
 run_control   stop signals, the profiler, non-finite checks
+faults        PRETRAIN_FAULT, the fault-injection hook for tests: loss spikes, NaN losses and gradients
+step_guard    skipped steps (spikes, non-finite) and rewinds past trouble (checkpoints, launch)
 preflight     what runs and what it costs, said before the first step: parameters, FLOPs, disk (checkpoints, metrics)
 """
 
-BASE = ("errors", "arguments", "state")  # in order: each imports only those before it
+BASE = ("errors", "args_file", "arguments", "state")  # in order: each imports only those before it

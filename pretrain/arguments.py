@@ -2,7 +2,7 @@
 defaults, and validation with one-line `UsageError`s, all before any work is done.
 
 It owns what the flags mean and which combinations are refused; it must not load models, data or an Accelerator.
-Part of the package's base: it imports nothing from the project but `pretrain.errors`.
+Part of the package's base: it imports nothing from the project but `pretrain.errors` and `pretrain.args_file`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from pretrain.args_file import args_file_to_argv
 from pretrain.errors import UsageError, first_line
 
 DEFAULT_SPLIT_SEED = 42  # the validation split's seed unless --data_seed is given: the cache outlives --seed
@@ -179,6 +180,19 @@ class TrainArguments:
     loss_chunk_size: int = field(default=0, metadata={
         "help": "Compute the output projection and the cross-entropy together, this many tokens at a time, never "
                 "holding the whole batch's logits (tokens x vocabulary); 0: transformers' loss on full logits."})
+    skip_bad_steps: bool = field(default=True, metadata={
+        "help": "Skip an optimizer step whose loss or gradient norm is not finite or spikes (--spike_sigma): weights "
+                "and optimizer state stay untouched. False: train through spikes and stop at a non-finite loss."})
+    spike_sigma: float = field(default=6.0, metadata={
+        "help": "A spike is more than this many standard deviations above the mean of the last --spike_window "
+                "applied steps (OLMo-core's 6); 0 skips only non-finite steps."})
+    spike_window: int = field(default=128, metadata={
+        "help": "Applied steps in the rolling window (OLMo-core's 128); spikes are looked for once it is half full."})
+    rewind_after_skips: int = field(default=4, metadata={
+        "help": "Skipped steps in a row that reload the newest checkpoint from before them and move the data past "
+                "the stretch read since, plus --rewind_margin_steps; 0: never rewind (the skips go on)."})
+    rewind_margin_steps: int = field(default=100, metadata={
+        "help": "Global batches of data skipped past the trouble on a rewind (PaLM skipped 200-500 batches)."})
     report_to: list[str] = field(default_factory=lambda: ["swanlab"], metadata={
         "help": "Trackers, through Accelerate's tracker classes: swanlab, tensorboard, wandb, trackio (several, "
                 "space- or comma-separated), all (every one installed) or none.", "nargs": "+"})
@@ -249,72 +263,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     return model_args, data_args, train_args
 
 
-def args_file_to_argv(path: Path) -> list[str]:
-    """A YAML or JSON mapping of flag names to values, turned into flags so that it is checked like them."""
-    import yaml
-
-    if not path.is_file():
-        raise UsageError(f"{path}: no such arguments file")
-    try:
-        values = json.loads(path.read_text(), object_pairs_hook=unique_keys) if path.suffix == ".json" else \
-            yaml.load(path.read_text(), Loader=unique_keys_yaml_loader())
-    except (ValueError, yaml.YAMLError) as error:
-        raise UsageError(f"{path}: not valid {path.suffix[1:].upper()} ({str(error).splitlines()[0]})") from None
-    if not isinstance(values, dict):
-        raise UsageError(f"{path}: expected a mapping of argument names to values")
-    argv = []
-    for key, value in values.items():
-        if value is None:
-            continue
-        if key == "train_mixture" and isinstance(value, dict):
-            value = [mixture_item(path, name, source) for name, source in value.items()]
-        argv.append(f"--{key}")
-        argv.extend(map(str, value) if isinstance(value, list) else [str(value)])
-    return argv
-
-
-def given_twice(key: Any) -> str:
-    return f"'{key}' is given twice; give each key once"
-
-
-def unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-    """A JSON object from its pairs, refusing a key given twice (JSON and YAML would keep the last one silently: a
-    mixture source named twice, or a flag set twice, would lose a value without a word)."""
-    mapping: dict[Any, Any] = {}
-    for key, value in pairs:
-        if key in mapping:
-            raise ValueError(given_twice(key))
-        mapping[key] = value
-    return mapping
-
-
-def unique_keys_yaml_loader():
-    """yaml.SafeLoader whose mappings refuse a key given twice, naming its line."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            self.flatten_mapping(node)  # merge keys (<<), as SafeLoader's own mappings do
-            mapping = {}
-            for key_node, value_node in node.value:
-                key = self.construct_object(key_node, deep=deep)
-                if key in mapping:
-                    raise yaml.YAMLError(f"{given_twice(key)} (line {key_node.start_mark.line + 1})")
-                mapping[key] = self.construct_object(value_node, deep=deep)
-            return mapping
-
-    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, Loader.construct_mapping)
-    return Loader
-
-
-def mixture_item(path: Path, name: str, source: Any) -> str:
-    """A YAML source `NAME: {weight: W, files: [...]}` as the flag's NAME=WEIGHT:FILES item."""
-    if not isinstance(source, dict) or set(source) != {"weight", "files"}:
-        raise UsageError(f"{path}: train_mixture source {name} must be a mapping with 'weight' and 'files'")
-    files = source["files"] if isinstance(source["files"], list) else [source["files"]]
-    return f"{name}={source['weight']}:{','.join(map(str, files))}"
-
-
 def split_seed(args: TrainArguments) -> int:
     """The validation split's seed: part of the data cache's key."""
     return DEFAULT_SPLIT_SEED if args.data_seed is None else args.data_seed
@@ -364,6 +312,10 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, args: Tr
         (args.eval_steps is not None and args.eval_steps < 1, "--eval_steps must be at least 1"),
         (args.save_total_limit is not None and args.save_total_limit < 1, "--save_total_limit must be at least 1"),
         (args.max_grad_norm < 0, "--max_grad_norm must be >= 0"),
+        (args.spike_sigma < 0, "--spike_sigma must be >= 0 (0 skips only non-finite steps)"),
+        (args.spike_window < 4, "--spike_window must be at least 4"),
+        (args.rewind_after_skips < 0 or args.rewind_margin_steps < 0,
+         "--rewind_after_skips and --rewind_margin_steps must be >= 0"),
         (args.loss_chunk_size < 0, "--loss_chunk_size must be >= 0 (0 turns chunking off)"),
         (not 0 <= args.adam_beta1 < 1 or not 0 <= args.adam_beta2 < 1, "--adam_beta1/--adam_beta2 must be in [0, 1)"),
         (data_args.block_size is not None and data_args.block_size < 2, "--block_size must be at least 2"),

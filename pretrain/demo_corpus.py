@@ -1,4 +1,5 @@
-"""The built-in demo: a generated corpus with learnable structure, and a byte-level BPE tokenizer trained on it.
+"""The built-in demo: a generated corpus with learnable structure, a byte-level BPE tokenizer trained on it, and the
+greedy sample that ends a demo run.
 
 It owns what `python train_loop.py` with no data flags trains on (and what the tests and benches generate); it must
 not tokenize corpora into caches or know about training.
@@ -73,3 +74,21 @@ def ensure_demo_assets(root: Path) -> tuple[Path, Path]:
     if not (tokenizer_dir / "tokenizer.json").exists():
         train_demo_tokenizer(corpus, tokenizer_dir)
     return corpus, tokenizer_dir
+
+
+def print_sample(model, tokenizer, accelerator, prompt: str = "alice went to") -> None:
+    """A short greedy continuation, to see what the model learned (`model`: unwrapped)."""
+    import logging
+
+    import torch
+
+    if accelerator.state.deepspeed_plugin is not None and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        return  # generation under ZeRO-3 needs every rank in each forward; load the saved model instead
+    if not accelerator.is_main_process:
+        return
+    model.eval()
+    inputs = tokenizer(prompt, return_tensors="pt").to(accelerator.device)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.eos_token_id,
+                                use_cache=True)
+    logging.getLogger("train_loop").info(f"sample: {tokenizer.decode(output[0], skip_special_tokens=True)!r}")

@@ -90,7 +90,7 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        if "loss" in record:
+        if record.get("loss") is not None:
             self.losses.append((record["step"], record["loss"]))
         if self.compiling:
             self.count_graphs(record)
@@ -98,7 +98,8 @@ class MetricsLogger:
             handle.write(json.dumps(record) + "\n")
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
         self.progress.write(shown)
-        self.accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+        self.accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                             step=record["step"])
 
     def count_graphs(self, record: dict[str, Any]) -> None:
         """Add the graphs torch.compile has made so far; warn once when recompiles pile up.
@@ -151,8 +152,11 @@ class LogWindow:
 
     def __init__(self, device, sources: int = 0):
         self.loss_sum = torch.zeros((), device=device)
+        self.step_loss_sum = torch.zeros((), device=device)  # the step under way's, kept unless the step is skipped
         # A mixture's (loss sum, counted targets, blocks) per source, summed on the device
         self.by_source = torch.zeros((sources, 3), device=device) if sources else None
+        self.step_by_source = torch.zeros((sources, 3), device=device) if sources else None
+        self.step_micro_steps = 0
         self.reset()
 
     def reset(self) -> None:
@@ -161,6 +165,7 @@ class LogWindow:
             self.by_source.zero_()
         self.micro_steps = 0
         self.steps = 0
+        self.skipped = 0
         self.start = time.perf_counter()
         self.data_wait = 0.0
         self.aside = {"eval_s": 0.0, "save_s": 0.0}
@@ -177,11 +182,25 @@ class LogWindow:
     def add_loss(self, loss: torch.Tensor, sources: torch.Tensor | None = None,
                  block_sums: torch.Tensor | None = None) -> None:
         """A micro-batch's loss; for a mixture also each block's source and (loss sum, counted targets)."""
-        self.loss_sum += loss.detach()
-        self.micro_steps += 1
+        self.step_loss_sum += loss.detach()
+        self.step_micro_steps += 1
         if sources is not None:
             counts = torch.ones_like(block_sums[:, :1])
-            self.by_source.index_add_(0, sources, torch.cat([block_sums.to(self.by_source.dtype), counts], dim=1))
+            self.step_by_source.index_add_(0, sources, torch.cat([block_sums.to(self.by_source.dtype), counts], 1))
+
+    def end_step(self, skipped: bool) -> None:
+        """Count the optimizer step; its losses join the window's unless it was skipped."""
+        self.steps += 1
+        self.skipped += skipped
+        if not skipped:
+            self.loss_sum += self.step_loss_sum
+            self.micro_steps += self.step_micro_steps
+            if self.by_source is not None:
+                self.by_source += self.step_by_source
+        self.step_loss_sum.zero_()
+        self.step_micro_steps = 0
+        if self.step_by_source is not None:
+            self.step_by_source.zero_()
 
     def timed_next(self, iterator):
         """The iterator's next item (None at its end), its wait counted as data time."""

@@ -160,6 +160,17 @@ class Mixture:
                 "origin_reads": dict(zip(self.names, map(int, self.origin_reads))),
                 "position": position, "reads": self.reads(position)}
 
+    def source_losses(self, totals: torch.Tensor, position: int, block_size: int) -> tuple[float, dict[str, Any]]:
+        """From a log window's (loss sum, targets, blocks) per source, summed over processes: the token-weighted
+        loss, and each source's loss (None when the window read none of it), blocks read and tokens seen in the run."""
+        totals = totals.double().cpu()
+        record = {}
+        for (name, read), (loss_sum, targets, blocks) in zip(self.reads(position).items(), totals.tolist()):
+            record[f"loss/{name}"] = loss_sum / targets if targets else None
+            record[f"blocks/{name}"] = int(blocks)
+            record[f"tokens_seen/{name}"] = read * block_size
+        return (totals[:, 0].sum() / totals[:, 1].sum()).item(), record
+
     def reads(self, position: int) -> dict[str, int]:
         """Blocks read of each source after `position` positions of the run."""
         counts = self.origin_reads + self.blend.reads(position - self.origin)

@@ -7,6 +7,7 @@ It only reads and says; it must not change the model, the launch or the run.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +18,10 @@ from pretrain.arguments import ModelArguments, TrainArguments
 from pretrain.checkpoints import list_checkpoints
 from pretrain.launch import cpu_has_native_bf16, deepspeed_config, zero_stage_of
 from pretrain.metrics import flops_per_token, numel
+from pretrain.mixture import Mixture
+from pretrain.state import TrainState
+
+logger = logging.getLogger("train_loop")
 
 # A checkpoint's optimizer state per trained parameter: AdamW's two moments (fp32 under DeepSpeed, the weights'
 # dtype without), and under DeepSpeed its fp32 master copy of the weights too.
@@ -38,6 +43,22 @@ def describe_model(model, block_size: int) -> str:
     return (f"model: {total / 1e6:.2f}M parameters: embedding {numel(embedding) / 1e6:.2f}M, output head "
             f"{head_part}, the rest {rest / 1e6:.2f}M; the output head (vocabulary {vocabulary:,} x {hidden}) is "
             f"{head_flops / flops_per_token(model, block_size):.0%} of the FLOPs per token")
+
+
+def describe_run(accelerator, model, model_args: ModelArguments, args: TrainArguments, state: TrainState,
+                 total_steps: int, steps_per_epoch: int, mixture: Mixture | None) -> None:
+    """Once, on the main process: what runs, the disk its checkpoints will take, and a mixture's shares (how many
+    times the whole run reads each source). `model`: the prepared model, unwrapped."""
+    if not accelerator.is_main_process:
+        return
+    logger.info(describe_launch(accelerator, model, model_args, args))
+    disk, too_little = check_disk(accelerator, model, args, state.step, total_steps, steps_per_epoch)
+    logger.info(disk)
+    if too_little:
+        logger.warning(too_little)
+    if mixture is not None:
+        logger.info(f"mixture (an epoch is {mixture.epoch_source} read once, {len(mixture)} blocks): "
+                    f"{mixture.describe(total_steps * state.global_batch_blocks)}")
 
 
 def describe_launch(accelerator, model, model_args: ModelArguments, args: TrainArguments) -> str:

@@ -29,6 +29,7 @@ class TrainState:
     lr: float = 0.0  # the learning rate of the last step taken
     mixture: dict[str, Any] | None = None  # --train_mixture: its sources, weights and where its blend started
     epoch_offset: float = 0.0  # added to the logged epoch: it never runs backwards when an epoch changes length
+    guard: dict[str, Any] | None = None  # skipped steps and rewinds: rolling windows, counts, data skipped
 
     def advance(self, tokens: int, steps_per_epoch: int) -> bool:
         """Count one optimizer step of `tokens` tokens. Returns whether it ended an epoch; if so the state has already
@@ -40,6 +41,13 @@ class TrainState:
             return False
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         return True
+
+    def skip_data(self, steps: int) -> int:
+        """Move the data position `steps` global batches on, without training on them; returns the new position."""
+        steps_per_epoch = self.train_blocks // self.global_batch_blocks
+        self.epoch, self.step_in_epoch = divmod(self.epoch * steps_per_epoch + self.step_in_epoch + steps,
+                                                steps_per_epoch)
+        return self.position()
 
     def position(self) -> int:
         """The blocks read so far in this launch's order of whole global batches: the place in a mixture's blend."""

@@ -133,6 +133,8 @@ def read_metrics(output_dir):
     train, evals = {}, []
     for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
+        if "event" in record:  # a skipped step or a rewind, beside the step's own record
+            continue
         if "eval_loss" in record:
             evals.append(record)
         else:

@@ -371,12 +371,15 @@ def test_a_zero_checkpoint_that_cannot_be_converted_is_one_line(assets, tmp_path
 
 
 def test_non_finite_loss_stops_without_overwriting_a_good_checkpoint(assets, tmp_path):
+    """With --skip_bad_steps false (the behaviour before skipped steps, kept available): the first non-finite loss
+    stops the run. With skipping on, tests/test_step_guard.py covers divergence."""
     from safetensors.torch import load_file
 
     output = tmp_path / "run"
     with pytest.raises(NonFiniteLoss, match="non-finite loss") as raised:
         run_in_process(flags(assets, output, tmp_path / "cache", "--learning_rate", "1e6", "--warmup_steps", 0,
-                             "--max_grad_norm", 0, "--save_steps", 1, "--logging_steps", 100, "--max_steps", 10))
+                             "--max_grad_norm", 0, "--save_steps", 1, "--logging_steps", 100, "--max_steps", 10,
+                             "--skip_bad_steps", "false"))
     failed_at = int(str(raised.value).split(" at step ")[1].split(":")[0])
     saved = checkpoints.list_checkpoints(output)
     assert 1 <= len(saved) and int(saved[-1].name.split("-")[1]) == failed_at - 1 < 10

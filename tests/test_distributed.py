@@ -73,7 +73,7 @@ def test_document_masked_eval_under_zero2_is_each_documents_loss_alone(runs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import data_utils
-    import train_loop
+    from pretrain import evaluation
     from pretrain.arguments import DEFAULT_SPLIT_SEED, DataArguments, TrainArguments
 
     output = runs / "zero2_masked"
@@ -82,7 +82,7 @@ def test_document_masked_eval_under_zero2_is_each_documents_loss_alone(runs):
     eos = tokenizer.eos_token_id
     validation = np.asarray(data_utils.prepare_data(data_args, tokenizer, seed=DEFAULT_SPLIT_SEED).validation)
     train_args = TrainArguments(**json.loads((output / "run_config.json").read_text())["train"])
-    count = train_loop.eval_blocks(train_args, len(validation), 8, STEPS, 2)  # as the run chose: 2 x 2 x 2 blocks
+    count = evaluation.eval_blocks(train_args, len(validation), 8, STEPS, 2)  # as the run chose: 2 x 2 x 2 blocks
     model = AutoModelForCausalLM.from_pretrained(output).eval()
     block_means = []
     with torch.no_grad():

@@ -8,6 +8,7 @@ from conftest import tiny_flags
 from transformers import AutoConfig, AutoTokenizer, Qwen2ForCausalLM
 
 import train_loop
+from pretrain import evaluation
 from pretrain.arguments import parse_args
 from pretrain.document_mask import BlockCollator, boundary_labels, document_positions, use_document_mask
 from pretrain.errors import UsageError
@@ -90,7 +91,7 @@ def test_the_loss_in_chunks_and_evaluation_use_the_mask(assets, tmp_path):
 
     with torch.no_grad():
         for chunk in (0, 5):
-            evaluated = train_loop.eval_block_losses(Plain, model, batch, chunk)
+            evaluated = evaluation.eval_block_losses(Plain, model, batch, chunk)
             torch.testing.assert_close(evaluated[0], expected, atol=1e-5, rtol=0)
 
 

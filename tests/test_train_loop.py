@@ -54,13 +54,13 @@ def test_final_model_reloads_and_matches_last_eval(tiny_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import data_utils
-    import train_loop
+    from pretrain import evaluation
 
     config = json.loads((tiny_run / "run_config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(tiny_run)
     data_args = data_utils.DataArguments(**config["data"])
     validation = np.asarray(data_utils.prepare_data(data_args, tokenizer, seed=42).validation)
-    validation = validation[:train_loop.MIN_EVAL_BLOCKS]  # evaluated every 20 steps of 2 blocks: the default floor
+    validation = validation[:evaluation.MIN_EVAL_BLOCKS]  # evaluated every 20 steps of 2 blocks: the default floor
     model = AutoModelForCausalLM.from_pretrained(tiny_run).eval()
     with torch.no_grad():
         ids = torch.from_numpy(validation.astype(np.int64))

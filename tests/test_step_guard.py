@@ -1,0 +1,203 @@
+"""Skipped steps and rewinds, provoked with PRETRAIN_FAULT (pretrain/faults.py): a loss spike and NaN gradients are
+skipped with weights and optimizer state unchanged to the bit, on one process and under ZeRO-2; a poisoned stretch of
+data is rewound past; trouble that comes back stops the run in one line; SIGKILL right after a skip or a rewind
+resumes to the bit."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, LoggedProcess, kill_tree, launch, read_metrics, tiny_flags
+
+STEPS = 60
+SPIKE, NAN_GRAD = 20, 24  # well after the rolling window (32 steps) is half full
+GUARD = ("--spike_window", 32, "--rewind_margin_steps", 2, "--learning_rate", 1e-3)
+# A wider model than the tiny default, so that a step takes long enough for a kill to land between two steps.
+SLOW = ("--config_overrides", "hidden_size=192,intermediate_size=768,num_attention_heads=6,num_key_value_heads=2")
+
+
+def flags(assets, output, cache, *extra):
+    return tiny_flags(assets, output, cache, "--max_steps", STEPS, "--gradient_accumulation_steps", 2,
+                      "--eval_steps", STEPS, "--max_eval_samples", 64, *GUARD, *extra)
+
+
+def train(argv, fault="", timeout=300, expect=0):
+    result = subprocess.run([sys.executable, str(ROOT / "train_loop.py"), *map(str, argv)], cwd=ROOT, timeout=timeout,
+                            env=dict(os.environ, PRETRAIN_FAULT=fault), capture_output=True, text=True)
+    assert result.returncode == expect, result.stderr[-4000:]
+    return result.stderr
+
+
+def events(output, kind):
+    """The skip or rewind records of metrics.jsonl (a line being written is left for the next look)."""
+    found = []
+    for line in (Path(output) / "metrics.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == kind:
+            found.append(record)
+    return found
+
+
+def flat(obj, prefix=""):
+    """Every leaf of a nested checkpoint object by its path."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from flat(value, f"{prefix}/{key}")
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            yield from flat(value, f"{prefix}/{index}")
+    else:
+        yield prefix, obj
+
+
+# What may change over a skipped step: the learning rate (the schedule goes on), DeepSpeed's own step and skip
+# counters, and its overflow flag (the skip itself). Weights, master weights, moments and AdamW's step may not.
+MAY_CHANGE = ("/lr", "/global_steps", "/global_samples", "/skipped_steps", "/loss_scaler", "/overflow")
+
+
+def changed_state(before: Path, after: Path) -> list[str]:
+    """The leaves of the model and optimizer files that differ between two checkpoints, beyond MAY_CHANGE."""
+    from safetensors.torch import load_file
+
+    changed = []
+    for path in sorted(before.rglob("*")):
+        if path.suffix not in (".pt", ".bin", ".safetensors") or path.name == "scheduler.bin":
+            continue
+        load = load_file if path.suffix == ".safetensors" else lambda p: torch.load(p, weights_only=False)
+        old, new = dict(flat(load(path))), dict(flat(load(after / path.relative_to(before))))
+        assert old.keys() == new.keys() and len(old) > 4, path
+        for key, value in old.items():
+            same = torch.equal(value, new[key]) if isinstance(value, torch.Tensor) else value == new[key]
+            if not same and not key.endswith(MAY_CHANGE):
+                changed.append(f"{path.name}:{key}")
+    return changed
+
+
+def assert_skip_left_state_untouched(output):
+    for step in (SPIKE, NAN_GRAD):
+        before, after = output / f"checkpoint-{step - 1}", output / f"checkpoint-{step}"
+        assert changed_state(before, after) == [], step
+        assert changed_state(after, output / f"checkpoint-{step + 1}"), "the next step changed nothing"
+    assert [e["step"] for e in events(output, "skipped")] == [SPIKE, NAN_GRAD]
+    assert events(output, "skipped")[1]["why"].startswith("gradient norm")
+
+
+def final_eval_loss(output):
+    return read_metrics(output)[1][-1]["eval_loss"]
+
+
+pytestmark = pytest.mark.slow  # every test here trains for tens of steps, several times
+
+
+@pytest.fixture(scope="module")
+def one_process(assets, tmp_path_factory):
+    """The same run: clean; with a spike and NaN gradients (skipped), saving every step around them to compare
+    states; with the spike alone (skipped); and with the spike and skipping off."""
+    root = tmp_path_factory.mktemp("guard")
+    cache = root / "cache"
+    train(flags(assets, root / "clean", cache))
+    log = train(flags(assets, root / "faulted", cache, "--save_steps", 1),
+                fault=f"spike@step={SPIKE},nan_grad@step={NAN_GRAD}")
+    train(flags(assets, root / "spiked", cache), fault=f"spike@step={SPIKE}")
+    train(flags(assets, root / "unguarded", cache, "--skip_bad_steps", "false"), fault=f"spike@step={SPIKE}")
+    return root, log
+
+
+def test_a_spike_and_nan_gradients_are_skipped_with_state_untouched_on_one_process(one_process):
+    root, log = one_process
+    assert f"step {SPIKE} skipped (loss " in log and f"step {NAN_GRAD} skipped (gradient norm nan)" in log
+    assert_skip_left_state_untouched(root / "faulted")
+    train_records, _ = read_metrics(root / "faulted")
+    assert train_records[STEPS]["skipped_steps"] == 2 and train_records[SPIKE - 1]["skipped_steps"] == 0
+
+
+def test_a_skipped_spike_ends_within_one_percent_of_the_clean_run(one_process, capsys):
+    root, _ = one_process
+    clean, skipped, unguarded = (final_eval_loss(root / name) for name in ("clean", "spiked", "unguarded"))
+    with capsys.disabled():
+        print(f"\neval_loss after {STEPS} steps: clean {clean:.4f}, spike skipped {skipped:.4f}, "
+              f"spike trained through {unguarded:.4f}")
+    assert skipped == pytest.approx(clean, rel=0.01)
+    assert [e["step"] for e in events(root / "spiked", "skipped")] == [SPIKE]
+    train_records, _ = read_metrics(root / "unguarded")
+    assert train_records[SPIKE]["loss"] > 100 and not events(root / "unguarded", "skipped")  # trained through
+
+
+def test_a_spike_and_nan_gradients_are_skipped_with_state_untouched_under_zero2(assets, one_process, tmp_path):
+    root, _ = one_process
+    clean, faulted = tmp_path / "clean", tmp_path / "faulted"
+    launch("zero2.yaml", 2, flags(assets, clean, root / "cache", "--per_device_train_batch_size", 1))
+    env_fault = f"spike@step={SPIKE},nan_grad@step={NAN_GRAD}"
+    os.environ["PRETRAIN_FAULT"] = env_fault
+    try:
+        result = launch("zero2.yaml", 2, flags(assets, faulted, root / "cache", "--per_device_train_batch_size", 1,
+                                               "--save_steps", 1))
+    finally:
+        del os.environ["PRETRAIN_FAULT"]
+    assert result.stderr.count(f"step {SPIKE} skipped (loss ") == 1  # said once, by the main process
+    assert_skip_left_state_untouched(faulted)
+    assert final_eval_loss(faulted) == pytest.approx(final_eval_loss(clean), rel=0.01)
+    # The same global batch as one process with accumulation 2 x 2 blocks: the same skips, the same losses
+    single, _ = read_metrics(root / "faulted")
+    for step, record in read_metrics(faulted)[0].items():
+        assert record["loss"] == pytest.approx(single[step]["loss"], rel=1e-4), step
+
+
+POISONED = "nan_loss@batch=15-17"  # three global batches of the data order
+
+
+def test_a_poisoned_stretch_is_rewound_past_and_the_run_finishes(assets, tmp_path):
+    output = tmp_path / "run"
+    log = train(flags(assets, output, tmp_path / "cache", "--save_steps", 5, "--rewind_after_skips", 3),
+                fault=POISONED)
+    rewind = [line for line in log.splitlines() if "rewind:" in line]
+    assert len(rewind) == 1 and "steps 15-17 were skipped (the last: loss nan); reloaded checkpoint-10 (step 10) " \
+        "and skipped blocks 40-76 of the data order, 2 global batches past the trouble; training goes on at step " \
+        "18" in rewind[0], log[-3000:]
+    assert [e["step"] for e in events(output, "skipped")] == [15, 16, 17]
+    assert events(output, "rewind")[0]["from_block"] == 40 and events(output, "rewind")[0]["to_block"] == 76
+    assert not (output / "checkpoint-15").exists() or json.loads(
+        (output / "checkpoint-15" / "trainer_state.json").read_text())["guard"]["in_a_row"] == 0
+    train_records, _ = read_metrics(output)
+    assert sorted(train_records) == list(range(1, STEPS + 1)) and (output / "model.safetensors").is_file()
+    assert train_records[STEPS]["skipped_steps"] == 3
+
+
+def test_trouble_that_comes_back_after_a_rewind_stops_with_one_line(assets, tmp_path):
+    output = tmp_path / "run"
+    log = train(flags(assets, output, tmp_path / "cache", "--save_steps", 5, "--rewind_after_skips", 2),
+                fault="nan_loss@step=12-30", expect=1)
+    assert log.count("rewind:") == 1
+    assert log.strip().splitlines()[-1] == (
+        "error: steps 14-15 were skipped (the last: loss nan), after a rewind at step 13 to checkpoint-10 that "
+        "skipped blocks 40-60: the trouble came back; lower --learning_rate, or check the data from block 40 on")
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("after", ["skipped", "rewind"])
+def test_sigkill_right_after_a_skip_or_a_rewind_resumes_to_the_bit(assets, tmp_path, after):
+    argv = flags(assets, tmp_path / "x", tmp_path / "cache", *SLOW, "--save_steps", 5, "--rewind_after_skips", 3)
+    fault = f"spike@step={SPIKE - 2}," + POISONED
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train([*argv, "--output_dir", straight], fault=fault)
+    command = [sys.executable, str(ROOT / "train_loop.py"), *map(str, argv), "--output_dir", str(resumed)]
+    process = LoggedProcess(command, tmp_path / "run.log", cwd=ROOT, env=dict(os.environ, PRETRAIN_FAULT=fault))
+    process.wait_until(lambda: (resumed / "metrics.jsonl").is_file() and events(resumed, after), poll_s=0.005)
+    kill_tree(process)
+    process.wait()
+    killed_at = max(read_metrics(resumed)[0])
+    assert killed_at < STEPS, "the run ended before the kill"
+    log = train([*argv, "--output_dir", resumed], fault=fault)
+    assert "resumed from" in log
+    expected, got = read_metrics(straight)[0], read_metrics(resumed)[0]
+    for step in range(killed_at, STEPS + 1):
+        assert got[step]["loss"] == expected[step]["loss"], step  # exact, not approximate
+        assert got[step]["skipped_steps"] == expected[step]["skipped_steps"]
+    assert final_eval_loss(resumed) == final_eval_loss(straight)
