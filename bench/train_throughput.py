@@ -7,6 +7,7 @@ each in a rotated order; the table shows each side's median over the rounds, rat
 range of the per-round ratios.
 
     python bench/train_throughput.py [--rounds 3] [--steps 40] [--warmup 10] [--hidden_size 256] [--layers 4]
+    python bench/train_throughput.py --sides "train_loop.py --skip_bad_steps false" --rounds 6   # the guard's cost
 """
 
 from __future__ import annotations
@@ -102,6 +103,13 @@ def run_train_loop(spec: dict) -> list[float]:
     return [r["step_time_s"] for r in records]
 
 
+def run_train_loop_unguarded(spec: dict) -> list[float]:
+    """train_loop.py without skipped steps (--skip_bad_steps false): what the guard costs."""
+    records = train_loop_records(spec, Path(spec["work"]) / "unguarded_out", "--weight_decay", "0",
+                                 "--skip_bad_steps", "false")
+    return [r["step_time_s"] for r in records]
+
+
 def run_bare(spec: dict) -> list[float]:
     """The minimal hand-written loop: no Accelerate, no logging beyond reading the loss."""
     import torch
@@ -181,13 +189,16 @@ def run_trainer(spec: dict) -> list[float]:
     return timer.times
 
 
-RUNNERS = {"train_loop.py": run_train_loop, "bare PyTorch loop": run_bare, "transformers.Trainer": run_trainer}
+RUNNERS = {"train_loop.py": run_train_loop, "bare PyTorch loop": run_bare, "transformers.Trainer": run_trainer,
+           "train_loop.py --skip_bad_steps false": run_train_loop_unguarded}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser, steps=40, warmup=10, layers=4, block_size=256, batch=8)
     parser.add_argument("--rounds", type=int, default=3, help="runs of each loop, in rotated order")
+    parser.add_argument("--sides", nargs="+", default=list(RUNNERS)[:3], choices=list(RUNNERS),
+                        help="the loops to compare (train_loop.py always among them)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one side, print its step times
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -198,7 +209,7 @@ def main() -> None:
         spec = prepare(Path(work), options)
         packed_blocks(spec)  # build the cache once, outside every timing
         tokens_per_step = spec["batch"] * spec["block_size"]
-        names = list(RUNNERS)
+        names = list(dict.fromkeys(["train_loop.py", *options.sides]))
         rounds = [{} for _ in range(options.rounds)]
         for index, result in enumerate(rounds):
             for name in names[index % len(names):] + names[:index % len(names)]:

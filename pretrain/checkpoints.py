@@ -72,9 +72,11 @@ def save_checkpoint(accelerator, state: TrainState, args: TrainArguments) -> Pat
         accelerator.save_state(str(temporary))  # DeepSpeed's save has a barrier inside: every rank must call it
     except (OSError, RuntimeError, SafetensorError) as error:  # a full disk or a failing filesystem
         shutil.rmtree(temporary, ignore_errors=True)
-        raise CheckpointError(f"--output_dir {output_dir}: writing {temporary.name} failed ({first_line(error)}); "
-                              f"free space or fix the folder, then rerun the same command: it resumes from the "
-                              f"last complete checkpoint") from None
+        complete = [c.name for c in list_checkpoints(output_dir) if checkpoint_damage(c) is None]
+        then = f"it resumes from {complete[-1]}" if complete else "there is no complete checkpoint yet, so it starts afresh"
+        raise CheckpointError(f"--output_dir {output_dir}: writing {temporary.name} failed ({first_line(error)}; the "
+                              f"disk has {shutil.disk_usage(output_dir).free / 1e6:.1f} MB free); free space or fix "
+                              f"the folder, then rerun the same command: {then}") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (temporary / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
@@ -176,6 +178,8 @@ def resume(accelerator, checkpoint: Path | None, state: TrainState, args: TrainA
     for launch_field in ("num_processes", "distributed_type", "zero_stage", "global_batch_blocks", "train_blocks",
                          "schedule", "mixture"):
         setattr(saved, launch_field, getattr(state, launch_field))
+    if accelerator.is_main_process:  # a lower --save_total_limit than the run had: before the next save needs room
+        prune_checkpoints(Path(args.output_dir), args.save_total_limit)
     if logged_epoch is not None:  # another epoch length (a changed mixture or corpus) counts on from where it was
         saved.epoch_offset += logged_epoch - saved.epochs_done()
     if changed and accelerator.is_main_process:

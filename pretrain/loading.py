@@ -42,9 +42,12 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments, config=
         corpus, tokenizer_dir = ensure_demo_assets(DEFAULT_CACHE_ROOT / "demo")
         data_args.train_files = [str(corpus)]
         return AutoTokenizer.from_pretrained(tokenizer_dir)
-    flag, name = next((f, n) for f, n in (("--tokenizer_name", model_args.tokenizer_name),
-                                          ("--model_name_or_path", model_args.model_name_or_path),
-                                          ("--config_name", model_args.config_name)) if n)
+    flag, name = next(((f, n) for f, n in (("--tokenizer_name", model_args.tokenizer_name),
+                                           ("--model_name_or_path", model_args.model_name_or_path),
+                                           ("--config_name", model_args.config_name)) if n), (None, None))
+    if flag is None:
+        raise UsageError("your own data needs a tokenizer: pass --tokenizer_name (a Hub name or a folder, e.g. "
+                         "Qwen/Qwen2.5-1.5B), or --model_name_or_path / --config_name, whose tokenizer is used")
     return from_hub(flag, name, AutoTokenizer.from_pretrained, config=config,
                     trust_remote_code=model_args.trust_remote_code)
 
@@ -64,10 +67,15 @@ def build_config(model_args: ModelArguments, tokenizer, config=None):
         except Exception as error:  # transformers' typed configs raise their own validation errors
             raise UsageError(f"--config_overrides {key}={value}: {' '.join(str(error).split())}") from None
     heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    source = "--config_overrides" if model_args.config_overrides else "the model config"
     if isinstance(heads, int) and isinstance(kv_heads, int) and (kv_heads < 1 or heads % kv_heads):
-        source = "--config_overrides" if model_args.config_overrides else "the model config"
         raise UsageError(f"{source}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
                          f"({kv_heads})")
+    hidden = getattr(config, "hidden_size", None)
+    if isinstance(heads, int) and heads > 0 and isinstance(hidden, int) and not getattr(config, "head_dim", None) \
+            and (hidden % heads or hidden // heads % 2):
+        raise UsageError(f"{source}: hidden_size ({hidden}) must be num_attention_heads ({heads}) times an even "
+                         f"head size (rotary embeddings rotate pairs); e.g. hidden_size={heads * 32}")
     return config
 
 

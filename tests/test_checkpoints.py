@@ -2,7 +2,6 @@
 
 import json
 import random
-import shutil
 import re
 import signal
 import subprocess
@@ -170,6 +169,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
+@pytest.mark.slow
 def test_a_run_whose_checkpoints_do_not_fit_on_the_disk_is_warned_and_the_advice_fits(assets, tmp_path, small_disk):
     argv = flags(assets, small_disk / "run", tmp_path / "cache", "--max_steps", 8, "--save_steps", 1,
                  "--validation_split_percentage", 0)
@@ -182,10 +182,12 @@ def test_a_run_whose_checkpoints_do_not_fit_on_the_disk_is_warned_and_the_advice
     assert warning, full.stderr[-3000:]
     assert full.stderr.index("will not fit") < full.stderr.index("error: "), full.stderr[-3000:]
     # Warned, not refused: it trains until a save fails, then stops with one line and the last complete checkpoint.
-    assert full.returncode == 1 and "free space or fix the folder, then rerun the same command" in full.stderr
-    shutil.rmtree(small_disk / "run")
-    log = finish(argv + ["--save_total_limit", warning.group(1)])  # the advice fits: every save succeeds
-    assert "will not fit" not in log and (small_disk / "run" / "model.safetensors").is_file()
+    assert full.returncode == 1 and "free space or fix the folder, then rerun the same command: it resumes from " \
+        "checkpoint-" in full.stderr
+    # The advice fits: the rerun resumes, keeps only that many checkpoints before its first save, and finishes.
+    log = finish(argv + ["--save_total_limit", warning.group(1)])
+    assert "resumed from" in log and "will not fit" not in log and (small_disk / "run" / "model.safetensors").is_file()
+    assert len(checkpoints.list_checkpoints(small_disk / "run")) == int(warning.group(1))
 
 
 def test_the_last_step_is_saved_and_a_finished_run_reruns_without_training(assets, tmp_path, capfd):
@@ -313,9 +315,9 @@ def test_a_failed_save_is_one_line_and_leaves_the_previous_checkpoint(assets, tm
     monkeypatch.setattr(torch, "save", save_until_step_4)
     with pytest.raises(SystemExit) as exited:
         run_in_process(argv, entry="cli")
-    assert exited.value.code == (f"error: --output_dir {output}: writing checkpoint-4.tmp failed ([Errno 28] No space "
-                                 f"left on device); free space or fix the folder, then rerun the same command: it "
-                                 f"resumes from the last complete checkpoint")
+    assert re.fullmatch(rf"error: --output_dir {output}: writing checkpoint-4.tmp failed \(\[Errno 28\] No space "
+                        rf"left on device; the disk has [\d.]+ MB free\); free space or fix the folder, then rerun the "
+                        rf"same command: it resumes from checkpoint-2", exited.value.code)
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2"]
     monkeypatch.undo()
     run_in_process(argv)

@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, LoggedProcess, kill_tree, launch, read_metrics, tiny_flags
 
 STEPS = 60
-SPIKE, NAN_GRAD = 20, 24  # well after the rolling window (32 steps) is half full
+SPIKE, NAN_GRAD = 40, 44  # after the rolling window (32 steps) is full, at a third of the peak learning rate
 GUARD = ("--spike_window", 32, "--rewind_margin_steps", 2, "--learning_rate", 1e-3)
 # A wider model than the tiny default, so that a step takes long enough for a kill to land between two steps.
 SLOW = ("--config_overrides", "hidden_size=192,intermediate_size=768,num_attention_heads=6,num_key_value_heads=2")
