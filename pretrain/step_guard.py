@@ -181,6 +181,7 @@ def rewind(accelerator, scheduler, state: TrainState, args: TrainArguments, guar
                 shutil.rmtree(newer, ignore_errors=True)
         by_source = f" ({', '.join(f'{n} {c}' for n, c in skipped['sources'].items())})" if mixture else ""
         logger.warning(f"rewind: {tried}; reloaded {target.name} (step {saved.step}) and skipped blocks "
-                       f"{start}-{end} of the data order{by_source}, {args.rewind_margin_steps} global batches past "
-                       f"the trouble; training goes on at step {state.step + 1}")
+                       f"{start}-{end} of the data order{by_source}, {args.rewind_margin_steps} global "
+                       f"batch{'es' if args.rewind_margin_steps != 1 else ''} past the trouble; training goes on at "
+                       f"step {state.step + 1}")
     accelerator.wait_for_everyone()

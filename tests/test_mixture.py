@@ -2,6 +2,7 @@
 losses that add up to the logged loss, one cache per source, a changed mixture on resume, and each bad input."""
 
 import json
+import re
 import subprocess
 import sys
 from fractions import Fraction
@@ -368,3 +369,17 @@ def test_the_readmes_mixture_flags_and_yaml_are_the_same_run(tmp_path):
     from_yaml = parse_args([str(tmp_path / "run.yaml")])
     assert from_flags == from_yaml
     assert [source.name for source in parse_mixture(from_yaml[1].train_mixture)] == ["web_zh", "code", "books"]
+
+
+def test_a_rewind_in_a_mixture_names_the_blocks_it_skipped_per_source(assets, corpora, tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("PRETRAIN_FAULT", "nan_loss@batch=12-13")  # pretrain/faults.py: a poisoned stretch
+    output = tmp_path / "run"
+    run_in_process(mixture_flags(assets, corpora, output, tmp_path / "cache", "--validation_split_percentage", 0,
+                                 "--rewind_after_skips", 2, "--rewind_margin_steps", 1, "--save_steps", 5))
+    rewind = [line for line in capfd.readouterr().err.splitlines() if "rewind:" in line]
+    found = re.search(r"reloaded checkpoint-10 \(step 10\) and skipped blocks 80-112 of the data order \(big (\d+), "
+                      r"mid (\d+), small (\d+)\), 1 global batch past the trouble", rewind[0])
+    assert len(rewind) == 1 and found, rewind
+    assert sum(map(int, found.groups())) == 112 - 80  # every skipped block named once, by its source
+    train, _ = read_metrics(output)
+    assert sorted(train) == list(range(1, 21)) and train[20]["skipped_steps"] == 2

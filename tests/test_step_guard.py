@@ -150,6 +150,22 @@ def test_a_spike_and_nan_gradients_are_skipped_with_state_untouched_under_zero2(
         assert record["loss"] == pytest.approx(single[step]["loss"], rel=1e-4), step
 
 
+def test_zero3_skips_a_spike_and_nan_gradients_with_state_untouched(assets, one_process, tmp_path):
+    """ZeRO-3 decides in its own step function; the same hook, the same untouched state (8 steps, short window)."""
+    root, _ = one_process
+    output = tmp_path / "zero3"
+    os.environ["PRETRAIN_FAULT"] = "spike@step=6,nan_grad@step=7"
+    try:
+        result = launch("zero3.yaml", 2, flags(assets, output, root / "cache", "--per_device_train_batch_size", 1,
+                                               "--max_steps", 8, "--spike_window", 8, "--save_steps", 1,
+                                               "--eval_strategy", "no", "--learning_rate", 1e-3))
+    finally:
+        del os.environ["PRETRAIN_FAULT"]
+    assert "step 6 skipped (loss " in result.stderr and "step 7 skipped (gradient norm" in result.stderr
+    assert changed_state(output / "checkpoint-5", output / "checkpoint-7") == []  # across both skips
+    assert changed_state(output / "checkpoint-7", output / "checkpoint-8")
+
+
 POISONED = "nan_loss@batch=15-17"  # three global batches of the data order
 
 
