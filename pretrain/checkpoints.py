@@ -42,6 +42,11 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a complete checkpoint folder (checkpoint-N) was saved at."""
+    return int(CHECKPOINT_PATTERN.match(checkpoint.name).group(1))
+
+
 def checkpoint_damage(checkpoint: Path) -> str | None:
     """What is wrong with a checkpoint folder, comparing it to the manifest written when it was completed."""
     manifest_path = checkpoint / MANIFEST
@@ -238,7 +243,7 @@ def carry_data_position(saved: TrainState, current: TrainState) -> None:
         logger.warning(f"global batch changed from {saved.global_batch_blocks} to {current.global_batch_blocks} "
                        f"blocks: epoch {saved.epoch} resumes at block {resume_at} of its order "
                        f"({blocks_read} were read)")
-    if saved.step_in_epoch >= current.train_blocks // current.global_batch_blocks:
+    if saved.step_in_epoch >= current.steps_per_epoch():
         saved.epoch, saved.step_in_epoch = saved.epoch + 1, 0
 
 
@@ -248,7 +253,7 @@ def carry_mixture_position(saved: TrainState, current: TrainState, mixture: Mixt
     anything, to be said once."""
     steps = saved.position() // current.global_batch_blocks
     changed = resume_mixture(mixture, saved.mixture, steps * current.global_batch_blocks)
-    saved.epoch, saved.step_in_epoch = divmod(steps, current.train_blocks // current.global_batch_blocks)
+    saved.epoch, saved.step_in_epoch = divmod(steps, current.steps_per_epoch())
     current.mixture = mixture.state(steps * current.global_batch_blocks)
     return changed
 

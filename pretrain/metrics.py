@@ -165,7 +165,6 @@ class LogWindow:
             self.by_source.zero_()
         self.micro_steps = 0
         self.steps = 0
-        self.skipped = 0
         self.start = time.perf_counter()
         self.data_wait = 0.0
         self.aside = {"eval_s": 0.0, "save_s": 0.0}
@@ -191,7 +190,6 @@ class LogWindow:
     def end_step(self, skipped: bool) -> None:
         """Count the optimizer step; its losses join the window's unless it was skipped."""
         self.steps += 1
-        self.skipped += skipped
         if not skipped:
             self.loss_sum += self.step_loss_sum
             self.micro_steps += self.step_micro_steps

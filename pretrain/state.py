@@ -42,19 +42,21 @@ class TrainState:
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         return True
 
+    def steps_per_epoch(self) -> int:
+        """Global batches in one epoch of this launch's layout."""
+        return self.train_blocks // self.global_batch_blocks
+
     def skip_data(self, steps: int) -> int:
         """Move the data position `steps` global batches on, without training on them; returns the new position."""
-        steps_per_epoch = self.train_blocks // self.global_batch_blocks
-        self.epoch, self.step_in_epoch = divmod(self.epoch * steps_per_epoch + self.step_in_epoch + steps,
-                                                steps_per_epoch)
+        self.epoch, self.step_in_epoch = divmod(self.epoch * self.steps_per_epoch() + self.step_in_epoch + steps,
+                                                self.steps_per_epoch())
         return self.position()
 
     def position(self) -> int:
         """The blocks read so far in this launch's order of whole global batches: the place in a mixture's blend."""
-        return (self.epoch * (self.train_blocks // self.global_batch_blocks) + self.step_in_epoch) * \
-            self.global_batch_blocks
+        return (self.epoch * self.steps_per_epoch() + self.step_in_epoch) * self.global_batch_blocks
 
     def epochs_done(self) -> float:
         """Epochs trained so far, as a fraction (the logged `epoch`): the epochs of this launch's length, plus what
         earlier launches counted at theirs (a changed mixture or corpus changes the length; the count goes on)."""
-        return self.epoch_offset + self.epoch + self.step_in_epoch / (self.train_blocks // self.global_batch_blocks)
+        return self.epoch_offset + self.epoch + self.step_in_epoch / self.steps_per_epoch()

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from pretrain.arguments import TrainArguments
-from pretrain.checkpoints import TRAINER_STATE, checkpoint_damage, list_checkpoints
+from pretrain.checkpoints import TRAINER_STATE, checkpoint_damage, checkpoint_step, list_checkpoints
 from pretrain.errors import NonFiniteLoss, private_api
 from pretrain.launch import deepspeed_config
 from pretrain.state import TrainState
@@ -154,7 +154,7 @@ def rewind(accelerator, scheduler, state: TrainState, args: TrainArguments, guar
     first_bad = state.step - records["in_a_row"] + 1
     tried = f"steps {first_bad}-{state.step} were skipped (the last: {guard.skipped})"
     target = next((c for c in reversed(list_checkpoints(Path(args.output_dir)))
-                   if int(c.name.split("-")[1]) < first_bad and checkpoint_damage(c) is None), None)
+                   if checkpoint_step(c) < first_bad and checkpoint_damage(c) is None), None)
     if target is None:
         raise NonFiniteLoss(f"{tried}, and {args.output_dir} has no complete checkpoint from before step {first_bad} "
                             f"to rewind to; lower --learning_rate, or check the data the run read there")
@@ -177,7 +177,7 @@ def rewind(accelerator, scheduler, state: TrainState, args: TrainArguments, guar
     records["rewinds"].append(skipped)
     if accelerator.is_main_process:
         for newer in list_checkpoints(Path(args.output_dir)):  # saved during the trouble: never resume from them
-            if int(newer.name.split("-")[1]) > saved.step:
+            if checkpoint_step(newer) > saved.step:
                 shutil.rmtree(newer, ignore_errors=True)
         by_source = f" ({', '.join(f'{n} {c}' for n, c in skipped['sources'].items())})" if mixture else ""
         logger.warning(f"rewind: {tried}; reloaded {target.name} (step {saved.step}) and skipped blocks "
