@@ -30,7 +30,7 @@ from pretrain.errors import SEEN_BY_EVERY_RANK, CheckpointError, DataError, NonF
 from pretrain.evaluation import eval_blocks, evaluate_sources, validation_sets
 from pretrain.faults import FaultInjector
 from pretrain.launch import build_accelerator, create_output_dirs, deepspeed_config, fill_deepspeed_config, \
-    warn_if_precision_is_emulated
+    run_program, warn_if_precision_is_emulated
 from pretrain.loading import build_config, load_config, load_tokenizer, load_weights, resolve_block_size
 from pretrain.metrics import LogWindow, MetricsLogger, device_peak_tflops, flops_per_token, throughput
 from pretrain.mixture import Mixture
@@ -435,4 +435,4 @@ def cli(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli()
+    run_program(cli)
