@@ -34,6 +34,7 @@ from pretrain.launch import build_accelerator, create_output_dirs, deepspeed_con
 from pretrain.loading import build_config, load_config, load_tokenizer, load_weights, resolve_block_size
 from pretrain.metrics import LogWindow, MetricsLogger, device_peak_tflops, flops_per_token, throughput
 from pretrain.mixture import Mixture
+from pretrain.optimizers import build_optimizer
 from pretrain.output_lock import hold_output_dir
 from pretrain.preflight import describe_model, describe_run
 from pretrain.run_control import RunControl, ensure_finite, ensure_savable
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> str:
         train_loader, eval_loaders, global_batch_blocks = build_loaders(accelerator, data, tokenizer, model_args, args)
         model = build_model(model_args, config, tokenizer, args)
         plan = plan_run(model, data.train, global_batch_blocks, data_args.block_size, args)
-        optimizer = build_optimizer(model, args, accelerator)
+        optimizer = build_optimizer(model, args, deepspeed_config(accelerator))
         run = prepare(accelerator, model, optimizer, train_loader, eval_loaders, args, plan.total_steps)
 
         # Resume from the newest complete checkpoint, if any.
@@ -189,26 +190,6 @@ def build_model(model_args: ModelArguments, config, tokenizer, args: TrainArgume
     if args.torch_compile:  # last, so that the compiled layers include the changes above
         compile_layers(model, args.torch_compile_backend, args.torch_compile_mode)
     return model
-
-
-def build_optimizer(model, args: TrainArguments, accelerator):
-    """AdamW without weight decay on biases and norm weights (the 1-D parameters); fused kernels where available."""
-    from accelerate.utils import DummyOptim
-
-    low_precision = {p.dtype for p in model.parameters()} & {torch.bfloat16, torch.float16}
-    if low_precision and deepspeed_config(accelerator) is None:
-        logger.warning(f"the weights are {low_precision.pop()} and, without DeepSpeed, AdamW updates them in place: "
-                       f"updates smaller than their precision are lost; keep --torch_dtype float32 and pass --bf16")
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            # ZeRO-3 may have partitioned the weights already: their full shape is ds_shape
-            (decay if len(getattr(parameter, "ds_shape", parameter.shape)) >= 2 else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    hyper = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    if "optimizer" in (deepspeed_config(accelerator) or {}):
-        return DummyOptim(groups, weight_decay=args.weight_decay, **hyper)
-    return torch.optim.AdamW(groups, fused=True, **hyper)
 
 
 def warmup_steps_of(args: TrainArguments, total_steps: int) -> int:

@@ -21,6 +21,7 @@ loading       tokenizer, config and weights from the Hub or a folder (demo_corpu
 chunked_loss  the output projection and cross-entropy a chunk of tokens at a time
 document_mask  positions restarting at each document, boundary labels, the check that a model honours them
 speedups      regional torch.compile and Liger-Kernel, applied to the built model
+optimizers    --optim: AdamW, or Muon on the hidden matrices and AdamW on the rest, as one optimizer
 mixture       --train_mixture: the blend of several cached corpora, its positions and its resume
 evaluation    eval_loss and perplexity on the held-out blocks, per source of a mixture (chunked_loss, mixture)
 universal     a ZeRO checkpoint resumed on another world size, through DeepSpeed's universal format
@@ -31,7 +32,8 @@ metrics       timing, tokens/s, FLOPs and MFU, compiled graphs, metrics.jsonl an
 run_control   stop signals, the profiler, non-finite checks
 faults        PRETRAIN_FAULT, the fault-injection hook for tests: loss spikes, NaN losses and gradients
 step_guard    skipped steps (spikes, non-finite) and rewinds past trouble (checkpoints, launch)
-preflight     what runs and what it costs, said before the first step: parameters, FLOPs, disk (checkpoints, metrics)
+preflight     what runs and what it costs, said before the first step: parameters, FLOPs, disk (checkpoints, metrics,
+              optimizers)
 """
 
 BASE = ("errors", "args_file", "arguments", "state")  # in order: each imports only those before it

@@ -134,7 +134,10 @@ class TrainArguments:
         "help": "Evaluate on the first N validation blocks only (default: all of them)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer step."})
     learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate."})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay; never applied to biases and norms."})
+    optim: str = field(default="adamw", metadata={
+        "help": "adamw, or muon: Muon on the hidden matrices, AdamW on the rest, one learning rate (docs/muon.md).",
+        "choices": ["adamw", "muon"]})
+    weight_decay: float = field(default=0.1, metadata={"help": "Decoupled decay; never applied to biases and norms."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})

@@ -19,6 +19,7 @@ from pretrain.checkpoints import list_checkpoints
 from pretrain.launch import cpu_has_native_bf16, deepspeed_config, zero_stage_of
 from pretrain.metrics import flops_per_token, numel
 from pretrain.mixture import Mixture
+from pretrain.optimizers import describe_split, parameter_groups
 from pretrain.state import TrainState
 
 logger = logging.getLogger("train_loop")
@@ -26,6 +27,7 @@ logger = logging.getLogger("train_loop")
 # A checkpoint's optimizer state per trained parameter: AdamW's two moments (fp32 under DeepSpeed, the weights'
 # dtype without), and under DeepSpeed its fp32 master copy of the weights too.
 ADAMW_MOMENTS = 2
+MUON_BUFFERS = 1  # its momentum
 FP32_BYTES = 4
 
 
@@ -52,6 +54,8 @@ def describe_run(accelerator, model, model_args: ModelArguments, args: TrainArgu
     if not accelerator.is_main_process:
         return
     logger.info(describe_launch(accelerator, model, model_args, args))
+    if args.optim == "muon":
+        logger.info(describe_split(parameter_groups(model, args)))
     disk, too_little = check_disk(accelerator, model, args, state.step, total_steps, steps_per_epoch)
     logger.info(disk)
     if too_little:
@@ -78,7 +82,8 @@ def describe_launch(accelerator, model, model_args: ModelArguments, args: TrainA
     attention = getattr(model.config, "_attn_implementation", None) or "default"
     mask = "block_causal (stops at documents)" if model_args.attn_mask_type == "block_causal" else "causal"
     optimizer = (f"DeepSpeed's {config['optimizer'].get('type', '?')} (its config's optimizer block)"
-                 if "optimizer" in (config or {}) else "AdamW (torch" + (", fused)" if config is None else ")"))
+                 if "optimizer" in (config or {}) else ("Muon + AdamW" if args.optim == "muon" else "AdamW")
+                 + " (torch" + (", fused)" if config is None else ")"))
     processes = accelerator.num_processes
     nodes = max(1, processes // int(os.environ.get("LOCAL_WORLD_SIZE", processes)))
     engine = (f"DeepSpeed ZeRO-{zero_stage_of(accelerator)}" if config is not None
@@ -90,14 +95,16 @@ def describe_launch(accelerator, model, model_args: ModelArguments, args: TrainA
             f"process{'es' if processes > 1 else ''}, {nodes} node{'s' if nodes > 1 else ''} ({where})")
 
 
-def checkpoint_bytes(accelerator, model) -> tuple[int, int]:
+def checkpoint_bytes(accelerator, model, args: TrainArguments) -> tuple[int, int]:
     """About how many bytes one checkpoint takes, as (weights, optimizer state): the weights in their dtype (a tied
-    weight once), AdamW's moments, and under DeepSpeed its fp32 master weights."""
+    weight once), AdamW's two moments or Muon's one, and under DeepSpeed its fp32 master weights."""
     weights = sum(numel(p) * p.element_size() for p in model.parameters())
-    trained = [p for p in model.parameters() if p.requires_grad]
-    if deepspeed_config(accelerator) is not None:
-        return weights, sum(numel(p) for p in trained) * FP32_BYTES * (ADAMW_MOMENTS + 1)
-    return weights, sum(numel(p) * p.element_size() for p in trained) * ADAMW_MOMENTS
+    master = deepspeed_config(accelerator) is not None
+    state = 0
+    for group in parameter_groups(model, args):
+        buffers = (MUON_BUFFERS if group["muon"] else ADAMW_MOMENTS) + master
+        state += sum(numel(p) * (FP32_BYTES if master else p.element_size()) for p in group["params"]) * buffers
+    return weights, state
 
 
 def saves_left(args: TrainArguments, step: int, total_steps: int, steps_per_epoch: int) -> int:
@@ -113,7 +120,7 @@ def check_disk(accelerator, model, args: TrainArguments, step: int, total_steps:
                steps_per_epoch: int) -> tuple[str, str | None]:
     """The checkpoints' size and count against the free space of --output_dir's disk: a line to log, and a warning
     when the run will not fit (the estimate is measured against real saves in tests/test_checkpoints.py)."""
-    weights, optimizer = checkpoint_bytes(accelerator, model)
+    weights, optimizer = checkpoint_bytes(accelerator, model, args)
     size = weights + optimizer
     output_dir = Path(args.output_dir)
     present = len(list_checkpoints(output_dir))

@@ -1,0 +1,123 @@
+"""The optimizer (--optim): AdamW, the default, or Muon on the hidden matrices with AdamW on everything else.
+
+Muon (torch.optim.Muon) orthogonalizes each matrix's momentum by Newton-Schulz iterations. It is defined for the
+matrices that map one hidden representation to another: the attention and MLP projections. The input embedding
+and the output head (rows looked up by token, not a linear map of the hidden state), norm weights and biases stay
+with AdamW. Muon's step is scaled to AdamW's update RMS (0.2 x sqrt(max(rows, columns)), Moonlight's rule, torch's
+`adjust_lr_fn="match_rms_adamw"`), so that one --learning_rate and --weight_decay serve both halves.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from pretrain.arguments import TrainArguments
+from pretrain.errors import UsageError
+
+logger = logging.getLogger("train_loop")
+
+MUON_MOMENTUM = 0.95  # Nesterov momentum, torch's and the published runs' default
+
+
+def layer_shape(parameter: torch.Tensor) -> tuple[int, ...]:
+    """The parameter's shape as a layer: ZeRO-3 may already have partitioned it into a flat shard (ds_shape)."""
+    return tuple(getattr(parameter, "ds_shape", parameter.shape))
+
+
+def is_hidden_matrix(model, name: str, parameter: torch.Tensor) -> bool:
+    """Muon's rule: a 2-D weight that is neither the input embedding nor the output head. The names are checked as
+    well as the modules, because DeepSpeed's Muon tags its parameters by name ("embed", "lm_head")."""
+    vocabulary = {id(model.get_input_embeddings().weight)}
+    head = model.get_output_embeddings()
+    if head is not None:
+        vocabulary.add(id(head.weight))
+    return (len(layer_shape(parameter)) == 2 and id(parameter) not in vocabulary
+            and not any(word in name.lower() for word in ("embed", "lm_head")))
+
+
+def parameter_groups(model, args: TrainArguments) -> list[dict[str, Any]]:
+    """AdamW with weight decay on matrices only (never biases and norm weights); under --optim muon, the hidden
+    matrices form a group of their own (`"muon": True`)."""
+    muon, decay, no_decay = [], [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if args.optim == "muon" and is_hidden_matrix(model, name, parameter):
+            muon.append(parameter)
+        else:
+            (decay if len(layer_shape(parameter)) >= 2 else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": args.weight_decay, "muon": False},
+              {"params": no_decay, "weight_decay": 0.0, "muon": False}]
+    if args.optim == "muon":
+        groups.insert(0, {"params": muon, "weight_decay": args.weight_decay, "muon": True})
+    return groups
+
+
+def describe_split(groups: list[dict[str, Any]]) -> str:
+    """Which parameters each half of --optim muon trains, counted by tensors and parameters."""
+    def count(params):
+        return f"{len(params)} tensors, {sum(layer_numel(p) for p in params) / 1e6:.2f}M parameters"
+
+    muon = [p for group in groups if group["muon"] for p in group["params"]]
+    adamw = [p for group in groups if not group["muon"] for p in group["params"]]
+    return (f"optimizer: Muon on the hidden matrices ({count(muon)}); AdamW on the embedding, the output head, norms "
+            f"and biases ({count(adamw)})")
+
+
+def layer_numel(parameter: torch.Tensor) -> int:
+    numel = 1
+    for size in layer_shape(parameter):
+        numel *= size
+    return numel
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """torch's Muon on the groups marked `"muon"`, its fused AdamW on the others, seen as one optimizer by the loop,
+    the schedule (which sets every group's lr) and the checkpoints (one state_dict). The two share this optimizer's
+    group dicts and state, as DeepSpeed's MuonWithAuxAdam shares them with its AdamW."""
+
+    def __init__(self, groups: list[dict[str, Any]], *, lr: float, betas: tuple[float, float], eps: float):
+        self.muon = torch.optim.Muon([g for g in groups if g["muon"]], lr=lr, momentum=MUON_MOMENTUM, nesterov=True,
+                                     adjust_lr_fn="match_rms_adamw")
+        self.adamw = torch.optim.AdamW([g for g in groups if not g["muon"]], lr=lr, betas=betas, eps=eps, fused=True)
+        super().__init__(self.muon.param_groups + self.adamw.param_groups, {})
+        self._share()
+
+    def _share(self) -> None:
+        self.muon.param_groups = [group for group in self.param_groups if group["muon"]]
+        self.adamw.param_groups = [group for group in self.param_groups if not group["muon"]]
+        self.muon.state = self.adamw.state = self.state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)  # new group dicts and a new state: share them again
+        self._share()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.muon.step()
+        self.adamw.step()
+
+
+def build_optimizer(model, args: TrainArguments, deepspeed: dict[str, Any] | None):
+    """The optimizer of --optim for the model's parameter groups; under a DeepSpeed config with its own optimizer
+    block, Accelerate's placeholder for it."""
+    from accelerate.utils import DummyOptim
+
+    low_precision = {p.dtype for p in model.parameters()} & {torch.bfloat16, torch.float16}
+    if low_precision and deepspeed is None:
+        updates = "Muon and AdamW update" if args.optim == "muon" else "AdamW updates"
+        logger.warning(f"the weights are {low_precision.pop()} and, without DeepSpeed, {updates} them in place: "
+                       f"updates smaller than their precision are lost; keep --torch_dtype float32 and pass --bf16")
+    if args.optim == "muon" and deepspeed is not None:
+        raise UsageError("--optim muon runs on one process and under DDP (accelerate_configs/ddp.yaml); DeepSpeed's "
+                         "own Muon does not yet give torch's update (docs/muon.md), so it is refused under ZeRO")
+    groups = parameter_groups(model, args)
+    hyper = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    if "optimizer" in (deepspeed or {}):
+        return DummyOptim(groups, weight_decay=args.weight_decay, **hyper)
+    if args.optim == "muon":
+        return MuonWithAdamW(groups, **hyper)
+    return torch.optim.AdamW(groups, fused=True, **hyper)

@@ -1,0 +1,158 @@
+"""--optim muon: which parameters Muon trains, that its step is Muon's (not SGD's, not AdamW's), and that a run with
+it resumes to the bit."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, TINY_MODEL, launch, read_metrics, run_in_process, tiny_flags
+
+from pretrain.arguments import TrainArguments
+from pretrain.errors import UsageError
+from pretrain.optimizers import MuonWithAdamW, describe_split, parameter_groups
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic of Keller Jordan's Muon, torch's default
+
+
+def tiny_model(vocabulary=96):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocabulary, **{**TINY_MODEL, "tie_word_embeddings": False}))
+
+
+def muon_args(**changes):
+    return TrainArguments(optim="muon", **changes)
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_embedding_head_norms_and_biases():
+    model = tiny_model()
+    groups = parameter_groups(model, muon_args())
+    names = {id(p): name for name, p in model.named_parameters()}
+    muon = sorted(names[id(p)] for group in groups if group["muon"] for p in group["params"])
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert muon == sorted(f"model.layers.{layer}.{'self_attn' if kind.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{kind}.weight"
+                          for layer in range(TINY_MODEL["num_hidden_layers"]) for kind in projections)
+    adamw = {names[id(p)] for group in groups if not group["muon"] for p in group["params"]}
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+            "model.layers.0.self_attn.q_proj.bias"} <= adamw
+    assert len(muon) + len(adamw) == len(list(model.parameters()))
+    decayed = [group for group in groups if not group["muon"] and group["weight_decay"] > 0]
+    assert {names[id(p)] for p in decayed[0]["params"]} == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert describe_split(groups).startswith("optimizer: Muon on the hidden matrices (14 tensors, ")
+    assert [group["muon"] for group in parameter_groups(model, TrainArguments())] == [False, False]  # AdamW alone
+
+
+def newton_schulz(matrix, steps=5):
+    """Orthogonalize by the quintic iteration, written out from Muon's definition."""
+    a, b, c = NS_COEFFICIENTS
+    x = matrix / max(matrix.norm(), 1e-7)
+    transposed = x.shape[0] > x.shape[1]
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if transposed else x
+
+
+def test_a_step_is_muons_update_on_the_matrices_and_adamws_on_the_rest():
+    """Against Muon written out from its definition (Nesterov momentum, Newton-Schulz, the update scaled to AdamW's
+    RMS): torch runs the iteration in bf16 and the reference in fp32, so they agree to a quarter at most, where plain
+    SGD or AdamW (whose first step is the gradient's sign) on the matrices would be off by more than half. The rest must be torch's AdamW."""
+    model, reference = tiny_model(), tiny_model()
+    lr, decay = 0.02, 0.1
+    groups = parameter_groups(model, muon_args(learning_rate=lr, weight_decay=decay))
+    optimizer = MuonWithAdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    names = {id(p): name for name, p in model.named_parameters()}
+    muon, decayed, undecayed = ({names[id(p)] for p in group["params"]} for group in groups)
+    by_name = dict(reference.named_parameters())
+    adamw = torch.optim.AdamW([{"params": [by_name[n] for n in sorted(decayed)], "weight_decay": decay},
+                               {"params": [by_name[n] for n in sorted(undecayed)], "weight_decay": 0.0}],
+                              lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 96, (2, 16))
+    for net in (model, reference):
+        net(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    adamw.step()
+    for name in decayed | undecayed:
+        torch.testing.assert_close(model.get_parameter(name), by_name[name], rtol=0, atol=1e-7, msg=name)
+    for name in muon:
+        before, gradient = by_name[name].detach(), by_name[name].grad
+        taken = model.get_parameter(name).detach() - before * (1 - lr * decay)
+        momentum = 0.05 * gradient  # torch's buffer.lerp_(grad, 1 - 0.95), from zero
+        nesterov = 0.05 * gradient + 0.95 * momentum
+        expected = -newton_schulz(nesterov) * lr * 0.2 * math.sqrt(max(before.shape))
+        off = {how: ((step - expected).norm() / expected.norm()).item() for how, step in
+               (("torch", taken), ("SGD", -lr * gradient), ("AdamW", -lr * gradient.sign()))}
+        assert off["torch"] < 0.25 and off["SGD"] > 0.5 and off["AdamW"] > 0.5, (name, off)
+
+
+def test_muons_state_round_trips_through_a_state_dict():
+    model = tiny_model()
+    optimizer = MuonWithAdamW(parameter_groups(model, muon_args()), lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    ids = torch.randint(0, 96, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    again = MuonWithAdamW(parameter_groups(model, muon_args()), lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    again.load_state_dict(optimizer.state_dict())
+    assert again.muon.state is again.state and again.muon.param_groups[0] is again.param_groups[0]
+    buffers = [again.state[p]["momentum_buffer"] for p in again.muon.param_groups[0]["params"]]
+    assert len(buffers) == 14 and all(b.abs().sum() > 0 for b in buffers)
+    assert all("exp_avg" in again.state[p] for g in again.adamw.param_groups for p in g["params"])
+
+
+def test_a_muon_run_calls_newton_schulz_once_per_matrix_and_step_and_resumes_to_the_bit(assets, tmp_path, monkeypatch):
+    import torch.optim._muon as torch_muon
+
+    calls = []
+    original = torch_muon._zeropower_via_newtonschulz
+    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz",
+                        lambda grad, *rest: calls.append(tuple(grad.shape)) or original(grad, *rest))
+    flags = tiny_flags(assets, tmp_path / "straight", tmp_path / "cache", "--train_files", assets["tiny"],
+                       "--optim", "muon", "--max_steps", 6, "--save_steps", 3, "--validation_split_percentage", 0)
+    run_in_process(flags)
+    assert len(calls) == 6 * 14  # 7 projections in each of 2 layers, every step
+    run_in_process(flags[:flags.index("--output_dir")] + ["--output_dir", str(tmp_path / "resumed"),
+                                                         "--resume_from_checkpoint",
+                                                         str(tmp_path / "straight" / "checkpoint-3")]
+                   + flags[flags.index("--output_dir") + 2:])
+    straight, _ = read_metrics(tmp_path / "straight")
+    resumed, _ = read_metrics(tmp_path / "resumed")
+    assert sorted(resumed) == [4, 5, 6]
+    for step in resumed:
+        assert resumed[step]["loss"] == straight[step]["loss"], step
+    with pytest.raises(UsageError, match="checkpoint-3 does not fit this run .* rerun with the flags it was saved"):
+        run_in_process(flags[:flags.index("--output_dir")] + ["--output_dir", str(tmp_path / "adamw"),
+                                                             "--resume_from_checkpoint",
+                                                             str(tmp_path / "straight" / "checkpoint-3")]
+                       + flags[flags.index("--output_dir") + 2:] + ["--optim", "adamw"])
+
+
+def test_muon_under_deepspeed_is_refused_in_one_line(assets, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train_loop.py"),
+                             *tiny_flags(assets, tmp_path / "out", tmp_path / "cache", "--max_steps", 1, "--optim",
+                                         "muon", "--deepspeed", ROOT / "ds_config_zero2.json")],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "error: --optim muon runs on one process and under DDP (accelerate_configs/ddp.yaml)" in result.stderr
+
+
+@pytest.mark.slow
+def test_ddp_with_muon_gives_the_losses_of_one_process(assets, tmp_path):
+    """ddp.yaml x 2 processes x micro-batch 2 against one process x micro-batch 2 x accumulation 2: Muon
+    orthogonalizes the same all-reduced gradient on each process."""
+    def argv(output, *layout):
+        return tiny_flags(assets, output, tmp_path / "cache", "--train_files", assets["tiny"], "--optim", "muon",
+                          "--max_steps", 8, "--validation_split_percentage", 0, *layout)
+
+    run_in_process(argv(tmp_path / "single", "--gradient_accumulation_steps", 2))
+    launch("ddp.yaml", 2, argv(tmp_path / "ddp"))
+    single, _ = read_metrics(tmp_path / "single")
+    ddp, _ = read_metrics(tmp_path / "ddp")
+    assert sorted(ddp) == sorted(single) == list(range(1, 9))
+    for step in single:
+        assert ddp[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-5), step
