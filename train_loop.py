@@ -22,7 +22,8 @@ import data_utils
 from pretrain.arguments import DataArguments, ModelArguments, TrainArguments, is_demo, order_seed, parse_args, \
     split_seed
 from pretrain.checkpoints import choose_checkpoint, launch_state, resume, save_checkpoint, save_final_model
-from pretrain.chunked_loss import block_loss_sums, compute_loss_in_chunks
+from pretrain.chunked_loss import block_loss_sums, block_sums_of_tokens, compute_loss_in_chunks, \
+    next_token_losses
 from pretrain.demo_corpus import print_sample
 from pretrain.document_mask import BlockCollator, use_document_mask
 from pretrain.errors import SEEN_BY_EVERY_RANK, CheckpointError, DataError, NonFiniteLoss, UsageError, exit_with, \
@@ -262,7 +263,7 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
         for batch in micro_batches:
             sources = batch.pop("source", None)  # a mixture's blocks name their source, which is no model input
             with accelerator.accumulate(model):
-                loss, block_sums = losses_of(model(**batch), batch["labels"], sources)
+                loss, block_sums = losses_of(model, batch, sources, chunked=args.loss_chunk_size > 0)
                 loss = faults.loss(loss, state)  # only under PRETRAIN_FAULT (pretrain/faults.py)
                 guard.add_loss(loss, last=accelerator.sync_gradients)
                 accelerator.backward(loss)
@@ -351,10 +352,15 @@ def step_batches(batches, accumulation: int, window: LogWindow, state: TrainStat
         yield batch
 
 
-def losses_of(outputs, labels: torch.Tensor, sources: torch.Tensor | None):
-    """The micro-batch's loss, and for a mixture each block's loss sum and counted targets (the outputs, and their
-    logits, are dropped before backward)."""
-    return outputs.loss, None if sources is None else block_loss_sums(outputs, labels)
+def losses_of(model, batch: dict[str, torch.Tensor], sources: torch.Tensor | None, chunked: bool):
+    """The micro-batch's loss, and for a mixture each block's loss sum and counted targets, from the same token
+    losses: the chunked loss's, or one cross-entropy over the logits (the outputs are dropped before backward)."""
+    if sources is None or chunked:
+        outputs = model(**batch)
+        return outputs.loss, None if sources is None else block_loss_sums(outputs, batch["labels"])
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    loss, token_losses = next_token_losses(model(**inputs).logits, batch["labels"])
+    return loss, block_sums_of_tokens(token_losses, batch["labels"])
 
 
 def clip_gradients(accelerator, model, max_grad_norm: float):

@@ -8,6 +8,8 @@ range of the per-round ratios.
 
     python bench/train_throughput.py [--rounds 3] [--steps 40] [--warmup 10] [--hidden_size 256] [--layers 4]
     python bench/train_throughput.py --sides "train_loop.py --skip_bad_steps false" --rounds 6   # the guard's cost
+    python bench/train_throughput.py --sides "bare PyTorch loop" "train_loop.py --train_mixture" --vocab_size 151936 \
+        --layers 2 --block_size 128 --batch 4 --steps 24 --warmup 4 --rounds 4    # at Qwen's vocabulary
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def prepare(work: Path, options) -> dict:
     corpus, tokenizer_dir = demo_corpus.ensure_demo_assets(work / "demo")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config_dir = work / "config"
-    Qwen2Config(vocab_size=len(tokenizer), hidden_size=options.hidden_size, intermediate_size=4 * options.hidden_size,
+    Qwen2Config(vocab_size=max(len(tokenizer), options.vocab_size or 0), hidden_size=options.hidden_size, intermediate_size=4 * options.hidden_size,
                 num_hidden_layers=options.layers, num_attention_heads=options.hidden_size // 64,
                 num_key_value_heads=max(1, options.hidden_size // 128), max_position_embeddings=options.block_size,
                 tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id).save_pretrained(config_dir)
@@ -56,6 +58,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, steps: int, warmup: in
     parser.add_argument("--layers", type=int, default=layers)
     parser.add_argument("--block_size", type=int, default=block_size)
     parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--vocab_size", type=int, help="the model's vocabulary (default: the demo tokenizer's); "
+                        "151936 is Qwen's, whose output head and loss dominate a small model's step")
 
 
 def packed_blocks(spec: dict):
@@ -84,10 +88,12 @@ def fresh_model(spec: dict):
     return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec["config"]))
 
 
-def train_loop_records(spec: dict, output: Path, *extra: str) -> list[dict]:
-    """Run train_loop.py as a user would on the spec's model and blocks; its record of every optimizer step."""
+def train_loop_records(spec: dict, output: Path, *extra: str, data: tuple[str, ...] = ()) -> list[dict]:
+    """Run train_loop.py as a user would on the spec's model and blocks (or on `data`, flags that name other
+    training data); its record of every optimizer step."""
     command = [sys.executable, str(ROOT / "train_loop.py"), "--config_name", spec["config"],
-               "--tokenizer_name", spec["tokenizer"], "--train_files", spec["corpus"], "--data_cache_dir", spec["cache"],
+               "--tokenizer_name", spec["tokenizer"], *(data or ("--train_files", spec["corpus"])),
+               "--data_cache_dir", spec["cache"],
                "--validation_split_percentage", "0", "--block_size", str(spec["block_size"]),
                "--per_device_train_batch_size", str(spec["batch"]), "--max_steps", str(spec["steps"]),
                "--learning_rate", str(spec["lr"]), "--logging_steps", "1", "--save_strategy", "no",
@@ -107,6 +113,13 @@ def run_train_loop_unguarded(spec: dict) -> list[float]:
     """train_loop.py without skipped steps (--skip_bad_steps false): what the guard costs."""
     records = train_loop_records(spec, Path(spec["work"]) / "unguarded_out", "--weight_decay", "0",
                                  "--skip_bad_steps", "false")
+    return [r["step_time_s"] for r in records]
+
+
+def run_train_loop_mixture(spec: dict) -> list[float]:
+    """train_loop.py on a mixture of two sources (the corpus twice): what the per-source losses cost."""
+    records = train_loop_records(spec, Path(spec["work"]) / "mixture_out", "--weight_decay", "0",
+                                 data=("--train_mixture", f"a=1:{spec['corpus']}", f"b=1:{spec['corpus']}"))
     return [r["step_time_s"] for r in records]
 
 
@@ -190,7 +203,8 @@ def run_trainer(spec: dict) -> list[float]:
 
 
 RUNNERS = {"train_loop.py": run_train_loop, "bare PyTorch loop": run_bare, "transformers.Trainer": run_trainer,
-           "train_loop.py --skip_bad_steps false": run_train_loop_unguarded}
+           "train_loop.py --skip_bad_steps false": run_train_loop_unguarded,
+           "train_loop.py --train_mixture": run_train_loop_mixture}
 
 
 def main() -> None:
@@ -207,6 +221,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as work:
         spec = prepare(Path(work), options)
+        vocabulary = json.loads((Path(spec["config"]) / "config.json").read_text())["vocab_size"]
         packed_blocks(spec)  # build the cache once, outside every timing
         tokens_per_step = spec["batch"] * spec["block_size"]
         names = list(dict.fromkeys(["train_loop.py", *options.sides]))
@@ -217,7 +232,8 @@ def main() -> None:
                                         check=True, capture_output=True, text=True, cwd=ROOT).stdout
                 times = json.loads(output.strip().splitlines()[-1])[options.warmup:]
                 result[name] = tokens_per_step / statistics.median(times)
-    print(f"model: Qwen2 hidden {options.hidden_size} x {options.layers} layers, block {options.block_size}, "
+    print(f"model: Qwen2 hidden {options.hidden_size} x {options.layers} layers, vocabulary {vocabulary:,}, "
+          f"block {options.block_size}, "
           f"batch {options.batch}, 1 process, CPU; median of {options.steps} steps after {options.warmup}; "
           f"{options.rounds} rounds")
     print("| loop | tokens/s (median of rounds) | train_loop.py / this | per-round ratios |")

@@ -335,7 +335,8 @@ def test_each_blocks_loss_is_the_same_from_the_logits_and_from_the_chunked_loss(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pretrain.chunked_loss import block_loss_sums, compute_loss_in_chunks
+    from pretrain.chunked_loss import block_loss_sums, block_sums_of_tokens, compute_loss_in_chunks, \
+        next_token_losses
     from pretrain.document_mask import BlockCollator
 
     torch.manual_seed(0)
@@ -355,6 +356,11 @@ def test_each_blocks_loss_is_the_same_from_the_logits_and_from_the_chunked_loss(
     assert (plain[:, 0].sum() / plain[:, 1].sum()).item() == pytest.approx(plain_out.loss.item(), rel=1e-5)
     assert (from_chunks[:, 0].sum() / from_chunks[:, 1].sum()).item() == pytest.approx(chunked_out.loss.item(),
                                                                                         rel=1e-6)
+    # Training a mixture without chunks: one cross-entropy gives the loss to train on and the per-block sums.
+    labels = inputs.pop("labels")
+    loss, token_losses = next_token_losses(model(**inputs).logits, labels)
+    assert loss.item() == pytest.approx(plain_out.loss.item(), rel=1e-6)
+    assert torch.allclose(block_sums_of_tokens(token_losses, labels), plain, rtol=1e-6)
 
 
 def test_the_readmes_mixture_flags_and_yaml_are_the_same_run(tmp_path):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_MODEL, launch, read_metrics, run_in_process, tiny_flags
+from conftest import ROOT, TINY_MODEL, checkpoint_estimate_error, launch, read_metrics, run_in_process, tiny_flags
 
 from pretrain.arguments import TrainArguments
 from pretrain.errors import UsageError
@@ -105,7 +105,8 @@ def test_muons_state_round_trips_through_a_state_dict():
     assert all("exp_avg" in again.state[p] for g in again.adamw.param_groups for p in g["params"])
 
 
-def test_a_muon_run_calls_newton_schulz_once_per_matrix_and_step_and_resumes_to_the_bit(assets, tmp_path, monkeypatch):
+def test_a_muon_run_calls_newton_schulz_once_per_matrix_and_step_and_resumes_to_the_bit(assets, tmp_path, monkeypatch,
+                                                                                           capfd):
     import torch.optim._muon as torch_muon
 
     calls = []
@@ -116,6 +117,8 @@ def test_a_muon_run_calls_newton_schulz_once_per_matrix_and_step_and_resumes_to_
                        "--optim", "muon", "--max_steps", 6, "--save_steps", 3, "--validation_split_percentage", 0)
     run_in_process(flags)
     assert len(calls) == 6 * 14  # 7 projections in each of 2 layers, every step
+    # The estimate before training counts Muon's one buffer per matrix, not AdamW's two.
+    assert checkpoint_estimate_error(capfd.readouterr().err, tmp_path / "straight" / "checkpoint-3") < 0.1
     run_in_process(flags[:flags.index("--output_dir")] + ["--output_dir", str(tmp_path / "resumed"),
                                                          "--resume_from_checkpoint",
                                                          str(tmp_path / "straight" / "checkpoint-3")]
