@@ -21,7 +21,6 @@ loading       tokenizer, config and weights from the Hub or a folder (demo_corpu
 chunked_loss  the output projection and cross-entropy a chunk of tokens at a time
 document_mask  positions restarting at each document, boundary labels, the check that a model honours them
 speedups      regional torch.compile and Liger-Kernel, applied to the built model
-optimizers    --optim: AdamW, or Muon on the hidden matrices and AdamW on the rest, as one optimizer
 mixture       --train_mixture: the blend of several cached corpora, its positions and its resume
 evaluation    eval_loss and perplexity on the held-out blocks, per source of a mixture (chunked_loss, mixture)
 universal     a ZeRO checkpoint resumed on another world size, through DeepSpeed's universal format
@@ -29,6 +28,7 @@ checkpoints   atomic saves, choosing and loading a resume, the final model (laun
 output_lock   one run per output_dir
 tracking      SwanLab's mode and start
 metrics       timing, tokens/s, FLOPs and MFU, compiled graphs, metrics.jsonl and the console (tracking)
+optimizers    --optim: AdamW, or Muon on the hidden matrices and AdamW on the rest, as one optimizer (metrics)
 run_control   stop signals, the profiler, non-finite checks
 faults        PRETRAIN_FAULT, the fault-injection hook for tests: loss spikes, NaN losses and gradients
 step_guard    skipped steps (spikes, non-finite) and rewinds past trouble (checkpoints, launch)

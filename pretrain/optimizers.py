@@ -16,6 +16,7 @@ import torch
 
 from pretrain.arguments import TrainArguments
 from pretrain.errors import UsageError
+from pretrain.metrics import numel
 
 logger = logging.getLogger("train_loop")
 
@@ -59,19 +60,12 @@ def parameter_groups(model, args: TrainArguments) -> list[dict[str, Any]]:
 def describe_split(groups: list[dict[str, Any]]) -> str:
     """Which parameters each half of --optim muon trains, counted by tensors and parameters."""
     def count(params):
-        return f"{len(params)} tensors, {sum(layer_numel(p) for p in params) / 1e6:.2f}M parameters"
+        return f"{len(params)} tensors, {sum(map(numel, params)) / 1e6:.2f}M parameters"
 
     muon = [p for group in groups if group["muon"] for p in group["params"]]
     adamw = [p for group in groups if not group["muon"] for p in group["params"]]
     return (f"optimizer: Muon on the hidden matrices ({count(muon)}); AdamW on the embedding, the output head, norms "
             f"and biases ({count(adamw)})")
-
-
-def layer_numel(parameter: torch.Tensor) -> int:
-    numel = 1
-    for size in layer_shape(parameter):
-        numel *= size
-    return numel
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
