@@ -325,7 +325,10 @@ def test_readme_debugger_breakpoint_is_on_the_forward():
     finder = re.search(r'-c "b \$\((grep .*)\)" train_loop\.py', (ROOT / "README.md").read_text()).group(1)
     found = subprocess.run(["bash", "-c", finder], cwd=ROOT, capture_output=True, text=True).stdout.split()
     assert len(found) == 1, found
-    assert "model(**batch)" in (ROOT / "train_loop.py").read_text().splitlines()[int(found[0]) - 1]
+    lines = (ROOT / "train_loop.py").read_text().splitlines()
+    assert "losses_of(model, batch" in lines[int(found[0]) - 1]  # the forward and the loss, inside train()
+    above = [line for line in lines[:int(found[0])] if line.startswith("def ")]
+    assert above[-1].startswith("def train(")
 
 
 def test_the_saved_tokenizer_is_the_trained_one_and_continuing_reuses_the_cache(assets, tmp_path, capfd):
