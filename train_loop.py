@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> str:
 
         # Resume from the newest complete checkpoint, if any.
         state = launch_state(accelerator, global_batch_blocks, len(data.train), schedule_of(args, plan.total_steps),
-                             plan.mixture)
+                             plan.mixture, args.optim)
         state = resume(accelerator, choose_checkpoint(accelerator, args), state, args, run.scheduler, plan.mixture)
         describe_run(accelerator, accelerator.unwrap_model(run.model), model_args, args, state, plan.total_steps,
                      plan.steps_per_epoch, plan.mixture)

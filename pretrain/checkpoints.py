@@ -200,6 +200,9 @@ def layout_mismatch(saved: TrainState, current: TrainState, checkpoint: Path) ->
         return (f"was written {'with' if zero else 'without'} DeepSpeed and this launch runs "
                 f"{'without' if zero else 'with'} it; resume with the accelerate config it was saved with"
                 + (f" (or take its weights with {checkpoint}/zero_to_fp32.py)" if zero else ""))
+    if saved.optim is not None and saved.optim != current.optim:
+        return (f"was trained with --optim {saved.optim} and this run has --optim {current.optim}; resume with "
+                f"--optim {saved.optim}")
     if zero and saved.zero_stage is not None and saved.zero_stage != current.zero_stage:
         return (f"holds ZeRO-{saved.zero_stage} shards and this launch runs ZeRO-{current.zero_stage}; resume with "
                 f"accelerate_configs/zero{saved.zero_stage}.yaml")
@@ -281,10 +284,10 @@ def save_final_model(accelerator, model, tokenizer, args: TrainArguments) -> Non
 
 
 def launch_state(accelerator, global_batch_blocks: int, train_blocks: int, schedule: dict[str, Any],
-                 mixture: Mixture | None = None) -> TrainState:
-    """A fresh state that records this launch's layout, schedule and mixture, to which a checkpoint's is compared on
-    resume."""
+                 mixture: Mixture | None = None, optim: str = "adamw") -> TrainState:
+    """A fresh state that records this launch's layout, schedule, mixture and optimizer, to which a checkpoint's is
+    compared on resume."""
     return TrainState(num_processes=accelerator.num_processes, distributed_type=accelerator.distributed_type.value,
                       global_batch_blocks=global_batch_blocks, train_blocks=train_blocks,
                       zero_stage=zero_stage_of(accelerator), schedule=schedule,
-                      mixture=mixture.state(0) if mixture is not None else None)
+                      mixture=mixture.state(0) if mixture is not None else None, optim=optim)

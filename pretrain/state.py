@@ -30,6 +30,7 @@ class TrainState:
     mixture: dict[str, Any] | None = None  # --train_mixture: its sources, weights and where its blend started
     epoch_offset: float = 0.0  # added to the logged epoch: it never runs backwards when an epoch changes length
     guard: dict[str, Any] | None = None  # skipped steps and rewinds: rolling windows, counts, data skipped
+    optim: str | None = None  # --optim; None in checkpoints from before the flag
 
     def advance(self, tokens: int, steps_per_epoch: int) -> bool:
         """Count one optimizer step of `tokens` tokens. Returns whether it ended an epoch; if so the state has already

@@ -128,7 +128,8 @@ def test_a_muon_run_calls_newton_schulz_once_per_matrix_and_step_and_resumes_to_
     assert sorted(resumed) == [4, 5, 6]
     for step in resumed:
         assert resumed[step]["loss"] == straight[step]["loss"], step
-    with pytest.raises(UsageError, match="checkpoint-3 does not fit this run .* rerun with the flags it was saved"):
+    with pytest.raises(UsageError, match="checkpoint-3 was trained with --optim muon and this run has --optim adamw; "
+                                         "resume with --optim muon"):
         run_in_process(flags[:flags.index("--output_dir")] + ["--output_dir", str(tmp_path / "adamw"),
                                                              "--resume_from_checkpoint",
                                                              str(tmp_path / "straight" / "checkpoint-3")]
