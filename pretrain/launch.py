@@ -176,4 +176,3 @@ def run_program(entry: Callable[[], object]) -> None:
         entry()
     finally:
         gc.freeze()
-

@@ -28,13 +28,9 @@ def layer_shape(parameter: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(parameter, "ds_shape", parameter.shape))
 
 
-def is_hidden_matrix(model, name: str, parameter: torch.Tensor) -> bool:
-    """Muon's rule: a 2-D weight that is neither the input embedding nor the output head. The names are checked as
-    well as the modules, because DeepSpeed's Muon tags its parameters by name ("embed", "lm_head")."""
-    vocabulary = {id(model.get_input_embeddings().weight)}
-    head = model.get_output_embeddings()
-    if head is not None:
-        vocabulary.add(id(head.weight))
+def is_hidden_matrix(name: str, parameter: torch.Tensor, vocabulary: set[int]) -> bool:
+    """Muon's rule: a 2-D weight that is neither the input embedding nor the output head (`vocabulary`: their ids).
+    The names are checked as well as the modules, because DeepSpeed's Muon tags its parameters by name."""
     return (len(layer_shape(parameter)) == 2 and id(parameter) not in vocabulary
             and not any(word in name.lower() for word in ("embed", "lm_head")))
 
@@ -42,11 +38,13 @@ def is_hidden_matrix(model, name: str, parameter: torch.Tensor) -> bool:
 def parameter_groups(model, args: TrainArguments) -> list[dict[str, Any]]:
     """AdamW with weight decay on matrices only (never biases and norm weights); under --optim muon, the hidden
     matrices form a group of their own (`"muon": True`)."""
+    head = model.get_output_embeddings()
+    vocabulary = {id(model.get_input_embeddings().weight)} | ({id(head.weight)} if head is not None else set())
     muon, decay, no_decay = [], [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        if args.optim == "muon" and is_hidden_matrix(model, name, parameter):
+        if args.optim == "muon" and is_hidden_matrix(name, parameter, vocabulary):
             muon.append(parameter)
         else:
             (decay if len(layer_shape(parameter)) >= 2 else no_decay).append(parameter)

@@ -19,7 +19,7 @@ from pretrain.checkpoints import list_checkpoints
 from pretrain.launch import cpu_has_native_bf16, deepspeed_config, zero_stage_of
 from pretrain.metrics import flops_per_token, numel
 from pretrain.mixture import Mixture
-from pretrain.optimizers import describe_split, parameter_groups
+from pretrain.optimizers import describe_split, layer_shape, parameter_groups
 from pretrain.state import TrainState
 
 logger = logging.getLogger("train_loop")
@@ -38,7 +38,7 @@ def describe_model(model, block_size: int) -> str:
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is embedding
     total = sum(map(numel, model.parameters()))
-    vocabulary, hidden = getattr(embedding, "ds_shape", embedding.shape)
+    vocabulary, hidden = layer_shape(embedding)
     head_flops = 6 * vocabulary * hidden if head is not None else 0
     head_part = "tied to it" if tied else f"{numel(head.weight) / 1e6:.2f}M" if head is not None else "none"
     rest = total - numel(embedding) - (numel(head.weight) if head is not None and not tied else 0)
