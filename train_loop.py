@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> str:
         run_config = {"model": asdict(model_args), "data": asdict(data_args), "train": asdict(args),
                       "num_processes": accelerator.num_processes, "total_steps": plan.total_steps}
         with MetricsLogger(accelerator, args, plan.total_steps, state, run_config) as metrics, \
-                RunControl(accelerator.num_processes, args.profile_dir, accelerator.process_index) as control:
+                RunControl(args, accelerator.num_processes, accelerator.process_index,
+                           accelerator.local_process_index) as control:
             ended = train(accelerator, run, plan, state, args, metrics, control)
         if ended != "done":
             if accelerator.is_main_process:
@@ -254,7 +255,8 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
     """Optimizer steps until plan.total_steps; returns why the loop ended: 'done' or the stop signal's name."""
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
     window = LogWindow(accelerator.device, len(plan.mixture.names) if plan.mixture else 0)
-    guard, faults = StepGuard(accelerator, optimizer, args, state), FaultInjector(accelerator.unwrap_model(model))
+    guard = StepGuard(accelerator, optimizer, args, state)
+    faults = FaultInjector(accelerator.unwrap_model(model), accelerator.process_index)
     model.train()
     for micro_batches in optimizer_steps(accelerator, run.train_loader, state, plan, window):
         # Forward and backward on each micro-batch; at the last one the gradients are reduced and clipped, and the
@@ -286,7 +288,7 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
         if skipped:
             guard.say_skipped(state, metrics)
         if guard.needs_rewind(args):  # skips in a row: back to the newest checkpoint before them, past the data
-            with window.set_aside("save_s"):
+            with window.set_aside("save_s"), control.paused():
                 rewind(accelerator, scheduler, state, args, guard, plan.mixture)
                 metrics.log({"step": state.step, "event": "rewind", **guard.records["rewinds"][-1]})
 
@@ -302,7 +304,7 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
         # Evaluate on the held-out blocks.
         if run.eval_loaders and not stopping and \
                 (is_due(args.eval_strategy, args.eval_steps or args.save_steps, state, epoch_done) or last):
-            with window.set_aside("eval_s"):
+            with window.set_aside("eval_s"), control.paused():
                 metrics.log({"step": state.step,
                              **evaluate_sources(accelerator, model, run.eval_loaders, plan.mixture,
                                                 args.loss_chunk_size)})
@@ -311,7 +313,7 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
         # from the end rather than redoing the tail after the last save_steps checkpoint.
         if is_due(args.save_strategy, args.save_steps, state, epoch_done) or stopping or \
                 (last and args.save_strategy != "no"):
-            with window.set_aside("save_s"):
+            with window.set_aside("save_s"), control.paused():
                 ensure_savable(accelerator, model, window.loss_sum, state.step, args)
                 state.lr = scheduler.get_last_lr()[0]
                 state.mixture = plan.mixture.state(state.position()) if plan.mixture else None

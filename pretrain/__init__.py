@@ -16,7 +16,7 @@ cache_claims  sharing a build folder between processes with claims and error fil
 corpus_build  the streamed, crash-safe, multi-process build of the data cache (corpus_files, cache_claims)
 corpus_cache  the data cache's key and its memory-mapped loading
 demo_corpus   the built-in demo's generated corpus and tokenizer
-launch        the Accelerator and DeepSpeed set-up of a process
+launch        the Accelerator and DeepSpeed set-up of a process, and its stop when the launcher dies
 loading       tokenizer, config and weights from the Hub or a folder (demo_corpus)
 chunked_loss  the output projection and cross-entropy a chunk of tokens at a time
 document_mask  positions restarting at each document, boundary labels, the check that a model honours them
@@ -29,7 +29,8 @@ output_lock   one run per output_dir
 tracking      SwanLab's mode and start
 metrics       timing, tokens/s, FLOPs and MFU, compiled graphs, metrics.jsonl and the console (tracking)
 optimizers    --optim: AdamW, or Muon on the hidden matrices and AdamW on the rest, as one optimizer (metrics)
-run_control   stop signals, the profiler, non-finite checks
+watchdog      a rank gone or a run hung: the launch ends with one line, every rank's stack in a file (checkpoints)
+run_control   stop signals, the watchdog, the profiler, non-finite checks (watchdog)
 faults        PRETRAIN_FAULT, the fault-injection hook for tests: loss spikes, NaN losses and gradients
 step_guard    skipped steps (spikes, non-finite) and rewinds past trouble (checkpoints, launch)
 preflight     what runs and what it costs, said before the first step: parameters, FLOPs, disk (checkpoints, metrics,

@@ -228,6 +228,11 @@ class TrainArguments:
     ddp_timeout: int = field(default=1800, metadata={
         "help": "Seconds a collective may wait for another rank before the run fails (the process group's timeout, "
                 "NCCL and gloo, with or without DeepSpeed). The data build waits on files, not here."})
+    hang_timeout: float = field(default=600.0, metadata={
+        "help": "Seconds without a finished step (or 10x the median step; evaluations, saves and the time before "
+                "step 1 not counted) before each rank writes its stack to output_dir/hang-rank<N>.txt; 0: off."})
+    heartbeat_timeout: float = field(default=30.0, metadata={
+        "help": "Seconds of missed heartbeats (3 after a failed collective) that make a rank lost; 0: off."})
     do_train: bool = field(default=False, metadata={"help": "Accepted for compatibility: this script trains."})
     do_eval: bool = field(default=False, metadata={"help": "Accepted for compatibility: see --eval_strategy."})
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; read from LOCAL_RANK."})
@@ -320,6 +325,7 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, args: Tr
         (args.rewind_after_skips < 0 or args.rewind_margin_steps < 0,
          "--rewind_after_skips and --rewind_margin_steps must be >= 0"),
         (args.loss_chunk_size < 0, "--loss_chunk_size must be >= 0 (0 turns chunking off)"),
+        (min(args.hang_timeout, args.heartbeat_timeout) < 0, "--hang_timeout and --heartbeat_timeout must be >= 0"),
         (not 0 <= args.adam_beta1 < 1 or not 0 <= args.adam_beta2 < 1, "--adam_beta1/--adam_beta2 must be in [0, 1)"),
         (data_args.block_size is not None and data_args.block_size < 2, "--block_size must be at least 2"),
     ]

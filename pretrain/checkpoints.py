@@ -29,6 +29,7 @@ logger = logging.getLogger("train_loop")
 
 # What a run writes before its first checkpoint.
 RUN_FILES = {"metrics.jsonl", "run_config.json", "swanlog", "tensorboard", "wandb", "logs", "run.lock"}
+WATCHDOG_FILES = re.compile(r"^(hang|error)-rank\d+\.txt$")  # pretrain/watchdog.py's, from a run that failed
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
@@ -126,8 +127,8 @@ def find_resume_checkpoint(args: TrainArguments) -> Path | None:
         logger.warning(f"checkpoint {checkpoint} is damaged ({damage}); falling back to the previous one")
     if requested == "latest":
         raise UsageError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
-    foreign = [p.name for p in output_dir.iterdir()
-               if p.name not in RUN_FILES and not p.name.startswith("checkpoint-")] if output_dir.is_dir() else []
+    foreign = [p.name for p in output_dir.iterdir() if p.name not in RUN_FILES and not p.name.startswith("checkpoint-")
+               and not WATCHDOG_FILES.match(p.name)] if output_dir.is_dir() else []
     if foreign:
         raise UsageError(f"--output_dir {output_dir} holds other files ({', '.join(sorted(foreign)[:3])}) and no "
                          f"checkpoint; pass --overwrite_output_dir or choose another folder")

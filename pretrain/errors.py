@@ -75,19 +75,22 @@ SEEN_BY_EVERY_RANK = (UsageError, DataError, NonFiniteLoss)
 
 
 def exit_with(line: str, every_rank_has_it: bool) -> None:
-    """Exit with status 1 and `line`, printed once per launch where every rank has the same line.
-
-    Under torch elastic (`accelerate launch`, `torchrun`) the line also goes to the worker's error file, so that
-    the launcher's failure report names it as the root cause instead of "To enable traceback see ...".
-    """
-    printer = not every_rank_has_it or int(os.environ.get("RANK", "0")) == 0
-    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not error_file:
+    """Exit with status 1 and `line`, printed once per launch where every rank has the same line."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
         sys.exit(line)  # printed by Python on the way out
+    report_to_launcher(line, printer=not every_rank_has_it or int(os.environ.get("RANK", "0")) == 0)
+    sys.exit(1)
+
+
+def report_to_launcher(line: str, printer: bool) -> None:
+    """Print `line` where `printer`, and under torch elastic (`accelerate launch`, `torchrun`) write it to the
+    worker's error file too, so that the launcher's failure report names it as the root cause instead of "To enable
+    traceback see ..."."""
     if printer:
         print(line, file=sys.stderr, flush=True)
-    with open(error_file, "w") as handle:
-        json.dump({"message": line, "timestamp": str(int(time.time()))}, handle)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        with open(error_file, "w") as handle:
+            json.dump({"message": line, "timestamp": str(int(time.time()))}, handle)
     if not printer:
-        time.sleep(2)  # the launcher kills the other workers once one exits: let rank 0 print first
-    sys.exit(1)
+        time.sleep(2)  # the launcher kills the other workers once one exits: let the printer print first

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
 import sys
 import warnings
 from datetime import timedelta
@@ -19,7 +20,6 @@ import torch
 
 from pretrain.arguments import TrainArguments, read_json_object
 from pretrain.errors import UsageError, unwritable
-from pretrain.run_control import stop_with_the_launcher
 from pretrain.tracking import requested_trackers, tracker_folders
 
 logger = logging.getLogger("train_loop")
@@ -166,6 +166,20 @@ def fill_deepspeed_config(accelerator, args: TrainArguments) -> None:
             config["optimizer"]["params"][key] = {
                 "lr": args.learning_rate, "betas": [args.adam_beta1, args.adam_beta2], "eps": args.adam_epsilon,
                 "weight_decay": args.weight_decay}[key]
+
+
+def stop_with_the_launcher() -> None:
+    """Ask Linux for SIGTERM when the launcher dies. torch elastic puts each worker in a session of its own, so a
+    launcher killed by SIGKILL (the OOM killer, kill -9) would leave the workers training headless, holding the
+    GPUs and the output folder; with this they take the ordinary stop path instead: save, then exit."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() == 1:  # the launcher died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run_program(entry: Callable[[], object]) -> None:

@@ -122,13 +122,14 @@ class MetricsLogger:
     def __enter__(self) -> MetricsLogger:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, kind, error, trace) -> None:
+        self.close(ended=error is None)
 
-    def close(self) -> None:
+    def close(self, ended: bool = True) -> None:
+        """Close the bar and the trackers; a run that ended (finished or stopped) says how its loss went."""
         if self.progress is not None:
             self.progress.close()
-        if len(self.losses) >= 2:
+        if ended and len(self.losses) >= 2:
             (first_step, first), (last_step, last) = self.losses[0], self.losses[-1]
             logger.info(f"loss {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
         for tracker in self.accelerator.trackers:  # also when the run stops early; end_training then finds none

@@ -1,4 +1,4 @@
-"""Run control: stop signals agreed across ranks, the profiler, and non-finite checks before a save.
+"""Run control: stop signals agreed across ranks, the watchdog, the profiler, and non-finite checks before a save.
 
 It owns when a run stops early and why; it must not save or log by itself.
 """
@@ -9,14 +9,14 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from pretrain.arguments import TrainArguments
-from pretrain.errors import NonFiniteLoss
+from pretrain.errors import SEEN_BY_EVERY_RANK, NonFiniteLoss
+from pretrain.watchdog import Watchdog
 
 logger = logging.getLogger("train_loop")
 
@@ -132,33 +132,26 @@ def launcher_grace_s() -> float | None:
     return float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
 
 
-def stop_with_the_launcher() -> None:
-    """Ask Linux for SIGTERM when the launcher dies. torch elastic puts each worker in a session of its own, so a
-    launcher killed by SIGKILL (the OOM killer, kill -9) would leave the workers training headless, holding the
-    GPUs and the output folder; with this they take the ordinary stop path instead: save, then exit."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
-    if os.getppid() == 1:  # the launcher died before the request was made
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 class RunControl:
-    """The stop request and the profiler of one launch, as a context: on exit the signal handlers are restored and
-    the profile is written (or its absence explained), however the loop ended."""
+    """The stop request, the watchdog and the profiler of one launch, as a context: on exit the signal handlers are
+    restored and the profile is written (or its absence explained), however the loop ended; when it ended in an
+    error because a rank went away, the watchdog ends the process with the line that says so."""
 
-    def __init__(self, num_processes: int, profile_dir: str | None, rank: int):
+    def __init__(self, args: TrainArguments, num_processes: int, rank: int, local_rank: int):
         self.stop = StopRequest(num_processes, is_main_process=rank == 0)
-        self.profiler = StepProfiler(profile_dir, rank)
+        self.watchdog = Watchdog(args, rank, num_processes, local_rank)
+        self.profiler = StepProfiler(args.profile_dir, rank)
         self.grace_s = launcher_grace_s()
         self.grace_checked = False
 
     def step_done(self, step: int) -> None:
         self.stop.last_step = step
+        self.watchdog.step_done(step)
         self.profiler.step()
+
+    def paused(self):
+        """An evaluation, a save or a rewind: no hang, however long it takes."""
+        return self.watchdog.paused()
 
     def warn_if_a_stop_cannot_save(self, step_time_s: float) -> None:
         """Once, at the first logged step: a step longer than the launcher's grace period cannot end in a save."""
@@ -174,6 +167,9 @@ class RunControl:
     def __enter__(self) -> RunControl:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, kind, error, trace) -> None:
+        if isinstance(error, Exception) and not isinstance(error, SEEN_BY_EVERY_RANK):
+            self.watchdog.explain_failure(error)  # does not return when a rank went away
+        self.watchdog.stop()
         self.profiler.stop()
         self.stop.restore()

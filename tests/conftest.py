@@ -71,9 +71,9 @@ def launch_env():
     return env
 
 
-def launch_in_background(config, num_processes, argv, log, **popen):
+def launch_in_background(config, num_processes, argv, log, extra_env=None, **popen):
     """`accelerate launch` left running, its output in the file `log`."""
-    env = launch_env()
+    env = {**launch_env(), **(extra_env or {})}
     return LoggedProcess(launch_command(config, num_processes, argv, ("--main_process_port", env["MASTER_PORT"])),
                          log, env=env, **popen)
 

@@ -4,18 +4,21 @@ The same global batch of 8 blocks per step must give the same losses and learnin
 """
 
 import json
+import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
+import time
 
 import pytest
 import torch
 
-from conftest import ROOT, assert_stopped_under_the_launcher, checkpoint_estimate_error, cosine_lr, free_port, \
-    kill_tree, launch, launch_command, launch_env, launch_in_background, logged_steps, read_metrics, run_in_process, \
-    tiny_flags
+from conftest import ROOT, LoggedProcess, assert_stopped_under_the_launcher, checkpoint_estimate_error, cosine_lr, \
+    data_stats, free_port, kill_tree, launch, launch_command, launch_env, launch_in_background, logged_steps, \
+    read_metrics, run_in_process, tiny_flags
+
+from pretrain.checkpoints import checkpoint_damage
 
 pytestmark = pytest.mark.slow  # every test here launches training processes
 
@@ -154,37 +157,67 @@ def test_zero2_final_model_is_complete(runs):
     final_model_matches_checkpoint(runs / "zero2", runs / "zero2" / f"checkpoint-{STEPS}")
 
 
-def test_two_machines_over_loopback_match_one_launch(assets, runs, tmp_path):
-    """Two launches acting as two nodes of one process each, rendezvous on 127.0.0.1."""
-    output = tmp_path / "two_nodes"
-    argv = flags(assets, output, runs / "cache", 2, 2)
-    port = str(free_port())
-    results = {}
-
-    def node(rank):
-        node_flags = ("--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-                      "--main_process_port", port)
+def two_nodes(argv, logs, fault_on_node1=None):
+    """Two launches acting as two nodes of one process each (zero2.yaml), rendezvous on 127.0.0.1, left running;
+    their output in `logs`-node0.log and -node1.log."""
+    port, nodes = str(free_port()), []
+    for rank in (0, 1):
         env = launch_env()
         env.pop("MASTER_PORT")
-        results[rank] = subprocess.run(launch_command("zero2.yaml", 2, argv, node_flags), env=env,
-                                       capture_output=True, text=True, timeout=400)
+        if rank == 1 and fault_on_node1:
+            env["PRETRAIN_FAULT"] = fault_on_node1
+        node_flags = ("--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                      "--main_process_port", port)
+        nodes.append(LoggedProcess(launch_command("zero2.yaml", 2, argv, node_flags), f"{logs}-node{rank}.log",
+                                   env=env))
+    return nodes
 
-    threads = [threading.Thread(target=node, args=(rank,)) for rank in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for rank, result in results.items():
-        assert result.returncode == 0, (rank, result.stderr[-4000:])
-    assert "DeepSpeed ZeRO-2 on 2 processes, 2 nodes (CPU, gloo)" in results[0].stderr
-    two_nodes, _ = read_metrics(output)
+
+def test_two_machines_match_one_launch_and_a_lost_one_ends_the_run_in_a_line(assets, runs, tmp_path):
+    """(a) Two nodes build a new cache together and train as one launch of 2 processes does; (b) SIGKILL every
+    process of node 1 mid-run: node 0 ends within 60 s with one line, no summary, its checkpoint intact; (c) both
+    commands again resume, step for step as the run that was never interrupted; (d) the checkpoint resumes on one
+    machine too."""
+    straight, lost = tmp_path / "straight", tmp_path / "lost"
+    argv = flags(assets, straight, tmp_path / "cache", 2, 2, "--save_steps", 6)
+    nodes = two_nodes(argv, tmp_path / "a")
+    for node in nodes:
+        assert node.wait(400) == 0, node.output()[-4000:]
+    log = nodes[0].output()
+    assert "DeepSpeed ZeRO-2 on 2 processes, 2 nodes (CPU, gloo)" in log and not data_stats(log)["cache_hit"]
+    two_nodes_run, _ = read_metrics(straight)
     one_launch, _ = read_metrics(runs / "zero2")
     for step in range(1, STEPS + 1):
-        assert two_nodes[step]["loss"] == pytest.approx(one_launch[step]["loss"], rel=1e-5), step
+        assert two_nodes_run[step]["loss"] == pytest.approx(one_launch[step]["loss"], rel=1e-6), step
+
+    lost_argv = flags(assets, lost, tmp_path / "cache", 2, 2, "--save_steps", 6)
+    nodes = two_nodes(lost_argv, tmp_path / "b", fault_on_node1="hang@step=8@rank=1")
+    nodes[1].wait_until(lambda: "PRETRAIN_FAULT: rank 1 hangs at step 8" in nodes[1].output())
+    kill_tree(nodes[1])
+    killed_at = time.monotonic()
+    out = nodes[0].output(timeout=60)
+    assert time.monotonic() - killed_at < 60 and nodes[0].returncode == 1
+    line = (f"error: rank 1 (node 1) went away at step 8; the newest complete checkpoint is {lost / 'checkpoint-6'}: "
+            f"rerun every node's command to resume")
+    ours = out.split("\n" + line + "\n")
+    assert len(ours) == 2, out[-4000:]
+    assert "Traceback" not in ours[0] and not re.search(r"INFO loss [\d.]+ at step", out)  # no summary
+    assert f"traceback : {line}" in ours[1].split("Root Cause")[1]  # the launcher's report names it
+    assert (lost / "error-rank0.txt").read_text().startswith("Traceback")  # the whole story, kept in a file
+    assert checkpoint_damage(lost / "checkpoint-6") is None and not (lost / "checkpoint-12").exists()
+
+    nodes = two_nodes(lost_argv, tmp_path / "c")
+    for node in nodes:
+        assert node.wait(400) == 0, node.output()[-4000:]
+    assert f"resumed from {lost / 'checkpoint-6'} at step 6" in nodes[0].output()
+    resumed, _ = read_metrics(lost)
+    assert [resumed[step]["loss"] for step in range(7, STEPS + 1)] == \
+        [two_nodes_run[step]["loss"] for step in range(7, STEPS + 1)]
+
     # The same world on one machine: nothing in the checkpoint depends on host names or local ranks.
     result = launch("zero2.yaml", 2, argv + ["--max_steps", str(STEPS + 2)])
-    assert f"resumed from {output / f'checkpoint-{STEPS}'} at step {STEPS}" in result.stderr
-    assert "resharded" not in result.stderr and sorted(read_metrics(output)[0])[-2:] == [STEPS + 1, STEPS + 2]
+    assert f"resumed from {straight / f'checkpoint-{STEPS}'} at step {STEPS}" in result.stderr
+    assert "resharded" not in result.stderr and sorted(read_metrics(straight)[0])[-2:] == [STEPS + 1, STEPS + 2]
 
 
 def test_zero2_resume_after_sigkill_matches_straight_run(assets, runs, tmp_path):

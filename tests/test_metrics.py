@@ -196,15 +196,16 @@ def test_a_stop_request_is_acknowledged_at_once(caplog):
 
 
 def test_a_step_longer_than_the_launchers_grace_is_warned_about_once(monkeypatch, caplog):
+    from pretrain.arguments import TrainArguments
     from pretrain.run_control import RunControl
 
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")
-    with caplog.at_level("WARNING"), RunControl(1, None, 0) as control:
+    with caplog.at_level("WARNING"), RunControl(TrainArguments(), 1, 0, 0) as control:
         control.warn_if_a_stop_cannot_save(82.0)
         control.warn_if_a_stop_cannot_save(90.0)
     assert caplog.text.count("a step takes 82 s, longer than the 30 s the launcher gives workers after a signal") == 1
     assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=328" in caplog.text
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
-    with RunControl(1, None, 0) as control:
+    with RunControl(TrainArguments(), 1, 0, 0) as control:
         assert control.grace_s is None  # python train_loop.py: no launcher, no grace period

@@ -200,6 +200,7 @@ BAD_ARGUMENTS = [
     (["--resume_from_checkpoint", "nowhere/checkpoint-3"], "--resume_from_checkpoint nowhere/checkpoint-3"),
     (["--eval_strategy", "sometimes"], "sometimes"),
     (["--loss_chunk_size", "-1"], "--loss_chunk_size must be >= 0"),
+    (["--hang_timeout", "-1"], "--hang_timeout and --heartbeat_timeout must be >= 0"),
     (["--attn_implementation", "no_such_kernel"], "--attn_implementation no_such_kernel: "),
     (["--config_overrides", "hidden_size=abc"], "--config_overrides hidden_size=abc: "),
     (["--fp16", "--torch_dtype", "float16"], "--torch_dtype float16 with --fp16: fp16 weights cannot be loss-scaled"),

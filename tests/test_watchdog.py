@@ -1,0 +1,46 @@
+"""The watchdog (pretrain/watchdog.py): a hung rank ends the run with every rank's stack in a file and one line;
+evaluations and saves longer than the limit are no hang. A lost node is tests/test_distributed.py's two-node test."""
+
+import re
+
+import pytest
+from conftest import launch_in_background, read_metrics, tiny_flags
+
+from pretrain.errors import UsageError
+from pretrain.faults import parse_faults
+
+
+def test_a_fault_can_be_limited_to_one_rank():
+    assert [f.kind for f in parse_faults("hang@step=3@rank=1,spike@step=5", rank=1)] == ["hang", "spike"]
+    assert [f.kind for f in parse_faults("hang@step=3@rank=1,spike@step=5", rank=0)] == ["spike"]
+    with pytest.raises(UsageError, match="optionally followed by @rank=R"):
+        parse_faults("hang@step=3@rank=x", rank=0)
+
+
+@pytest.mark.slow
+def test_a_hung_rank_leaves_every_ranks_stack_and_one_line_and_long_evaluations_are_no_hang(assets, tmp_path):
+    output = tmp_path / "run"
+    argv = tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 40, "--eval_steps", 3, "--save_steps", 3,
+                      "--hang_timeout", 1, "--validation_files", assets["corpus"], "--max_eval_samples", 1000,
+                      "--per_device_eval_batch_size", 1)
+    process = launch_in_background("zero2.yaml", 2, argv, tmp_path / "launch.log",
+                                   extra_env={"PRETRAIN_FAULT": "hang@step=11@rank=1"})
+    out = process.output(timeout=240)
+    assert process.returncode == 1, out[-3000:]
+    pattern = (r"^error: no optimizer step finished for ([\d.]+) s after step 10 \(limit ([\d.]+) s, --hang_timeout\): "
+               r"every rank's Python stack is in (\S+)/hang-rank\{0\.\.1\}\.txt; the newest complete checkpoint is "
+               r"(\S+)/checkpoint-9: rerun every node's command to resume$")
+    lines = re.findall(pattern, out, re.M)
+    assert len(lines) == 1, out[-3000:]
+    waited, limit, folder, _ = lines[0]
+    assert folder == str(output) and float(waited) >= float(limit) >= 1
+    asleep, waiting = (output / "hang-rank1.txt").read_text(), (output / "hang-rank0.txt").read_text()
+    assert 'faults.py", line' in asleep and "in loss" in asleep  # where the hung rank sleeps
+    assert "in all_reduce" in waiting and "in train" in waiting  # where the other waits for it
+    assert "Traceback" not in out.split("error: no optimizer step")[0]
+
+    # No false alarm before the hang: an evaluation and a save every 3 steps, the evaluations longer than the limit.
+    train, evals = read_metrics(output)
+    assert sorted(train) == list(range(1, 11)) and [e["step"] for e in evals] == [3, 6, 9]
+    assert max(record["eval_s"] for record in train.values()) > float(limit), "the evaluations must outlast the " \
+        "limit, or this test shows nothing"
