@@ -28,7 +28,7 @@ from pretrain.demo_corpus import print_sample
 from pretrain.document_mask import BlockCollator, use_document_mask
 from pretrain.errors import SEEN_BY_EVERY_RANK, CheckpointError, DataError, NonFiniteLoss, UsageError, exit_with, \
     first_line
-from pretrain.evaluation import eval_blocks, evaluate_sources, validation_sets
+from pretrain.evaluation import eval_blocks, evaluate_sources, token_byte_lengths, validation_sets
 from pretrain.faults import FaultInjector
 from pretrain.launch import build_accelerator, create_output_dirs, deepspeed_config, fill_deepspeed_config, \
     run_program, warn_if_precision_is_emulated
@@ -67,6 +67,7 @@ class RunPlan:
     peak_tflops: float | None  # of one device, for MFU
     block_size: int
     mixture: Mixture | None  # --train_mixture's blend, whose reads per source are logged
+    token_bytes: torch.Tensor  # the text bytes of each token id, for eval_bpb
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> str:
         tokenizer, config, data = load_data(accelerator, model_args, data_args, args)
         train_loader, eval_loaders, global_batch_blocks = build_loaders(accelerator, data, tokenizer, model_args, args)
         model = build_model(model_args, config, tokenizer, args)
-        plan = plan_run(model, data.train, global_batch_blocks, data_args.block_size, args)
+        plan = plan_run(model, tokenizer, data.train, global_batch_blocks, data_args.block_size, args)
         optimizer = build_optimizer(model, args, deepspeed_config(accelerator))
         run = prepare(accelerator, model, optimizer, train_loader, eval_loaders, args, plan.total_steps)
 
@@ -158,7 +159,7 @@ def build_loaders(accelerator, data, tokenizer, model_args: ModelArguments, args
     return train_loader, eval_loaders, global_batch_blocks
 
 
-def plan_run(model, train, global_batch_blocks: int, block_size: int, args: TrainArguments) -> RunPlan:
+def plan_run(model, tokenizer, train, global_batch_blocks: int, block_size: int, args: TrainArguments) -> RunPlan:
     """The run's length (--max_steps, else --max_tokens, else epochs) and what its throughput is measured against.
     `train`: the training blocks, or a mixture (whose epoch is its epoch source read once)."""
     steps_per_epoch = len(train) // global_batch_blocks
@@ -173,7 +174,8 @@ def plan_run(model, train, global_batch_blocks: int, block_size: int, args: Trai
                 f"({steps_per_epoch} per epoch)")
     return RunPlan(total_steps, steps_per_epoch, tokens_per_step, flops_per_token=flops_per_token(model, block_size),
                    peak_tflops=device_peak_tflops(args), block_size=block_size,
-                   mixture=train if isinstance(train, Mixture) else None)
+                   mixture=train if isinstance(train, Mixture) else None,
+                   token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size))
 
 
 def build_model(model_args: ModelArguments, config, tokenizer, args: TrainArguments):
@@ -307,7 +309,7 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
             with window.set_aside("eval_s"), control.paused():
                 metrics.log({"step": state.step,
                              **evaluate_sources(accelerator, model, run.eval_loaders, plan.mixture,
-                                                args.loss_chunk_size)})
+                                                args.loss_chunk_size, plan.token_bytes)})
 
         # Save. The last step is saved too, so that rerunning a finished command (or raising --max_steps) resumes
         # from the end rather than redoing the tail after the last save_steps checkpoint.

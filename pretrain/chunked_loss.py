@@ -104,9 +104,10 @@ def block_sums_of_tokens(token_losses: torch.Tensor, labels: torch.Tensor) -> to
     return torch.stack([token_losses.view(len(labels), -1).sum(dim=1), counts], dim=1)
 
 
-def block_losses_in_chunks(model, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
-    """Each block's mean next-token loss over its counted targets, with the output projection on `chunk_size` tokens
-    at a time (evaluation: no gradients, so no autograd function is needed). `model` is the unwrapped model."""
+def token_losses_in_chunks(model, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+    """Each target's next-token loss, (blocks, block_size - 1) in fp32 and 0 where a target is not counted, with the
+    output projection on `chunk_size` tokens at a time (evaluation: no gradients, so no autograd function is
+    needed). `model` is the unwrapped model."""
     head = model.get_output_embeddings()
     inputs = {key: value for key, value in batch.items() if key not in ("input_ids", "labels")}
     hidden, targets = next_token_pairs(model, batch["input_ids"], batch["labels"], **inputs)
@@ -114,15 +115,7 @@ def block_losses_in_chunks(model, batch: dict[str, torch.Tensor], chunk_size: in
         torch.nn.functional.cross_entropy(head(hidden[start:start + chunk_size]).float(),
                                           targets[start:start + chunk_size], reduction="none")
         for start in range(0, len(targets), chunk_size)])
-    blocks = batch["input_ids"].shape[0]
-    return block_loss_of_tokens(token_losses.view(blocks, -1), targets.view(blocks, -1))
-
-
-def block_loss_of_tokens(token_losses: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The mean of the token losses over the counted targets, along the last dimension (cross_entropy's
-    reduction="none" gives 0 for a target of -100)."""
-    counted = (targets != -100)
-    return (token_losses * counted).sum(dim=-1) / counted.sum(dim=-1).clamp(min=1)
+    return token_losses.view(batch["input_ids"].shape[0], -1)
 
 
 def next_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,20 +1,23 @@
-"""Evaluation on the held-out blocks: how many each evaluation reads, and eval_loss and perplexity (per source of a
-mixture, and their mean weighted as the training mixture weights its sources), gathered across processes.
+"""Evaluation on the held-out blocks: how many each evaluation reads, and eval_loss, perplexity and bits per byte
+(per source of a mixture, and their mean weighted as the training mixture weights its sources), gathered across
+processes.
 
 It owns what an evaluation measures; the loop decides when to evaluate and sets its time aside.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
 import time
 from typing import Any
 
 import torch
 
 from pretrain.arguments import TrainArguments
-from pretrain.chunked_loss import block_loss_sums, block_losses_in_chunks
+from pretrain.chunked_loss import token_losses_in_chunks
 from pretrain.mixture import Mixture
 
 logger = logging.getLogger("train_loop")
@@ -54,46 +57,86 @@ def eval_blocks(args: TrainArguments, available: int, global_batch_blocks: int, 
 EVAL_PROGRESS_AFTER_S = 5.0  # an evaluation that lasts longer says how far it is, every so many seconds
 
 
-def evaluate_sources(accelerator, model, eval_loaders: dict[str, Any], mixture: Mixture | None,
-                     chunk_size: int) -> dict[str, float]:
-    """eval_loss and perplexity; for a mixture, each source's (eval_loss/NAME) and their mean weighted as the
-    training mixture weights its sources."""
+def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
+    """The UTF-8 bytes of text that each token id decodes to, for bits per byte: 0 for special tokens (an EOS is no
+    text) and for the model's ids past the tokenizer's. Exact for byte-level BPE (Qwen's, GPT-2's, LLaMA-3's), where
+    each character of a token's string stands for one byte; for SentencePiece, `<0xNN>` is one byte and `▁` a space."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = json.loads(backend.to_str()).get("decoder") or {} if backend is not None else {}
+    byte_level = "ByteLevel" in json.dumps(decoder)
+    added = {index: token for index, token in tokenizer.added_tokens_decoder.items()}
+    special = set(tokenizer.all_special_ids) | {index for index, token in added.items() if token.special}
+    lengths = torch.zeros(vocab_size, dtype=torch.int64)
+    for index, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(min(len(tokenizer), vocab_size))))):
+        if index in special or piece is None:
+            continue
+        if index in added:  # its text as written, not byte-level encoded
+            lengths[index] = len(added[index].content.encode())
+        elif byte_level:
+            lengths[index] = len(piece)
+        else:
+            lengths[index] = 1 if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece) else len(piece.replace("▁", " ").encode())
+    return lengths
+
+
+def evaluate_sources(accelerator, model, eval_loaders: dict[str, Any], mixture: Mixture | None, chunk_size: int,
+                     token_bytes: torch.Tensor) -> dict[str, float]:
+    """eval_loss, perplexity and eval_bpb; for a mixture, each source's (eval_loss/NAME, eval_bpb/NAME) and their
+    means weighted as the training mixture weights its sources."""
     if list(eval_loaders) == [""]:
-        return evaluate(accelerator, model, eval_loaders[""], chunk_size)
+        return evaluate(accelerator, model, eval_loaders[""], chunk_size, token_bytes)
     weights = mixture.weight_of()
-    record, mean = {}, 0.0
+    record, mean = {}, {"eval_loss": 0.0, "eval_bpb": 0.0}
     for name, loader in eval_loaders.items():
-        loss = evaluate(accelerator, model, loader, chunk_size)["eval_loss"]
-        record.update({f"eval_loss/{name}": loss, f"perplexity/{name}": math.exp(min(loss, 50.0))})
-        mean += weights[name] * loss / sum(weights[source] for source in eval_loaders)
-    return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50.0)), **record}
+        measured = evaluate(accelerator, model, loader, chunk_size, token_bytes)
+        record.update({f"eval_loss/{name}": measured["eval_loss"], f"eval_bpb/{name}": measured["eval_bpb"],
+                       f"perplexity/{name}": measured["perplexity"]})
+        for key in mean:
+            mean[key] += weights[name] * measured[key] / sum(weights[source] for source in eval_loaders)
+    return {**mean, "perplexity": math.exp(min(mean["eval_loss"], 50.0)), **record}
 
 
-def evaluate(accelerator, model, eval_loader, chunk_size: int) -> dict[str, float]:
-    """Mean token loss and perplexity over the evaluation blocks, gathered across processes."""
+def evaluate(accelerator, model, eval_loader, chunk_size: int, token_bytes: torch.Tensor) -> dict[str, float]:
+    """The mean of the blocks' mean token losses, its perplexity, and bits per byte over the evaluation blocks,
+    gathered across processes."""
     model.eval()
-    block_losses = []
+    block_sums = []
+    token_bytes = token_bytes.to(accelerator.device)
     start = shown = time.perf_counter()
     with torch.no_grad():
         for index, batch in enumerate(eval_loader, 1):
-            losses = eval_block_losses(accelerator, model, batch, chunk_size)
-            block_losses.append(accelerator.gather_for_metrics(losses))
+            sums = eval_block_sums(eval_token_losses(accelerator, model, batch, chunk_size), batch["labels"],
+                                   token_bytes)
+            block_sums.append(accelerator.gather_for_metrics(sums))
             if time.perf_counter() - shown >= EVAL_PROGRESS_AFTER_S and accelerator.is_main_process:
                 shown = time.perf_counter()
                 logger.info(f"evaluating: batch {index} of {len(eval_loader)}, {shown - start:.0f} s")
     model.train()
     if time.perf_counter() - start >= EVAL_PROGRESS_AFTER_S and accelerator.is_main_process:
         logger.info(f"evaluated {len(eval_loader)} batches in {time.perf_counter() - start:.0f} s")
-    loss = torch.cat(block_losses).mean().item()
-    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    loss_sums, counted, text_loss_sums, text_bytes = torch.cat(block_sums).double().unbind(dim=1)
+    loss = (loss_sums / counted.clamp(min=1)).mean().item()
+    bpb = (text_loss_sums.sum() / (math.log(2) * text_bytes.sum().clamp(min=1))).item()
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_bpb": bpb}
 
 
-def eval_block_losses(accelerator, model, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
-    """Each block's mean next-token loss over its counted targets (with the batch's positions and boundary labels),
-    in fp32 and never from a whole batch's fp32 logits (gigabytes at 150k)."""
+def eval_token_losses(accelerator, model, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+    """Each target's next-token loss (blocks, block_size - 1), 0 where it is not counted (with the batch's positions
+    and boundary labels), in fp32 and never from a whole batch's fp32 logits (gigabytes at 150k)."""
     if chunk_size:  # not even one batch's logits: the output projection runs on chunks of tokens
         with accelerator.autocast():
-            return block_losses_in_chunks(accelerator.unwrap_model(model), batch, chunk_size)
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
-    sums, counts = block_loss_sums(model(**inputs), batch["labels"]).unbind(dim=1)
-    return sums / counts.clamp(min=1)
+            return token_losses_in_chunks(accelerator.unwrap_model(model), batch, chunk_size)
+    logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
+    return torch.stack([torch.nn.functional.cross_entropy(block_logits[:-1].float(), block_targets, reduction="none")
+                        for block_logits, block_targets in zip(logits, batch["labels"][:, 1:])])
+
+
+def eval_block_sums(token_losses: torch.Tensor, labels: torch.Tensor, token_bytes: torch.Tensor) -> torch.Tensor:
+    """Per block, in fp32: the summed loss and the count of its counted targets (eval_loss), and the summed loss of
+    the targets that are text and their bytes (eval_bpb). Each token is the target of one block only, so a document
+    that spans blocks counts its bytes once; a block's first token is no target, and its bytes are not counted."""
+    targets = labels[:, 1:]
+    counted = targets != -100
+    target_bytes = token_bytes[targets.clamp(min=0)] * counted
+    return torch.stack([token_losses.sum(dim=1), counted.sum(dim=1).float(),
+                        (token_losses * (target_bytes > 0)).sum(dim=1), target_bytes.sum(dim=1).float()], dim=1)

@@ -1,10 +1,13 @@
 """The watchdog (pretrain/watchdog.py): a hung rank ends the run with every rank's stack in a file and one line;
-evaluations and saves longer than the limit are no hang. A lost node is tests/test_distributed.py's two-node test."""
+evaluations and saves longer than the limit are no hang; a frozen rank is found by its missing heartbeats. A lost
+node is tests/test_distributed.py's two-node test."""
 
 import re
+import time
 
+import psutil
 import pytest
-from conftest import launch_in_background, read_metrics, tiny_flags
+from conftest import kill_tree, launch_in_background, logged_steps, read_metrics, tiny_flags
 
 from pretrain.errors import UsageError
 from pretrain.faults import parse_faults
@@ -44,3 +47,27 @@ def test_a_hung_rank_leaves_every_ranks_stack_and_one_line_and_long_evaluations_
     assert sorted(train) == list(range(1, 11)) and [e["step"] for e in evals] == [3, 6, 9]
     assert max(record["eval_s"] for record in train.values()) > float(limit), "the evaluations must outlast the " \
         "limit, or this test shows nothing"
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_is_found_by_its_missing_heartbeats(assets, tmp_path):
+    """SIGSTOP one worker mid-run: its connections stay open, so the collective that waits for it neither fails nor
+    ends, as under NCCL; its heartbeats stop, and the run ends with the lost-rank line after --heartbeat_timeout."""
+    output = tmp_path / "run"
+    argv = tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 400, "--save_steps", 5,
+                      "--heartbeat_timeout", 5)
+    process = launch_in_background("zero2.yaml", 2, argv, tmp_path / "launch.log")
+    try:
+        process.wait_until(lambda: len(logged_steps(output)) >= 6)
+        worker = next(child for child in psutil.Process(process.pid).children(recursive=True)
+                      if "train_loop.py" in " ".join(child.cmdline()) and child.environ().get("RANK") == "1")
+        worker.suspend()
+        frozen_at = time.monotonic()
+        line = re.compile(r"^error: rank 1 \(node 0\) went away at step (\d+); the newest complete checkpoint is "
+                          r"(\S+)/checkpoint-(\d+): rerun every node's command to resume$", re.M)
+        process.wait_until(lambda: line.search(process.output()), timeout=60)
+        waited = time.monotonic() - frozen_at
+    finally:
+        kill_tree(process)
+    step, folder, saved = line.search(process.output()).groups()
+    assert 5 <= waited < 30 and folder == str(output) and int(saved) % 5 == 0 and 5 <= int(saved) < int(step)
