@@ -42,6 +42,7 @@ from pretrain.run_control import RunControl, ensure_finite, ensure_savable
 from pretrain.speedups import apply_liger_kernel, compile_layers
 from pretrain.state import TrainState
 from pretrain.step_guard import StepGuard, rewind
+from pretrain.tasks import Task, load_tasks, score_tasks
 from pretrain.tracking import check_tracker
 
 logger = logging.getLogger("train_loop")
@@ -68,6 +69,8 @@ class RunPlan:
     block_size: int
     mixture: Mixture | None  # --train_mixture's blend, whose reads per source are logged
     token_bytes: torch.Tensor  # the text bytes of each token id, for eval_bpb
+    tasks: list[Task]  # --eval_tasks, encoded
+    max_length: int  # the model's context, to which a task's prompt is cut on the left
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -175,7 +178,9 @@ def plan_run(model, tokenizer, train, global_batch_blocks: int, block_size: int,
     return RunPlan(total_steps, steps_per_epoch, tokens_per_step, flops_per_token=flops_per_token(model, block_size),
                    peak_tflops=device_peak_tflops(args), block_size=block_size,
                    mixture=train if isinstance(train, Mixture) else None,
-                   token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size))
+                   token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size),
+                   tasks=load_tasks(args.eval_tasks, args.eval_tasks_num_fewshot, tokenizer),
+                   max_length=model.config.max_position_embeddings)
 
 
 def build_model(model_args: ModelArguments, config, tokenizer, args: TrainArguments):
@@ -303,13 +308,16 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
         # Once any rank was asked to stop, only the save is left: the launcher kills workers 30 s after a signal.
         stopping = control.stop.agreed()
 
-        # Evaluate on the held-out blocks.
-        if run.eval_loaders and not stopping and \
-                (is_due(args.eval_strategy, args.eval_steps or args.save_steps, state, epoch_done) or last):
+        # Evaluate: loss and bits per byte on the held-out blocks, and the multiple-choice tasks.
+        blocks_due, tasks_due = evaluations_due(args, run, plan, state, epoch_done, last)
+        if (blocks_due or tasks_due) and not stopping:
             with window.set_aside("eval_s"), control.paused():
-                metrics.log({"step": state.step,
-                             **evaluate_sources(accelerator, model, run.eval_loaders, plan.mixture,
-                                                args.loss_chunk_size, plan.token_bytes)})
+                record = evaluate_sources(accelerator, model, run.eval_loaders, plan.mixture, args.loss_chunk_size,
+                                          plan.token_bytes) if blocks_due else {}
+                if tasks_due:
+                    record.update(score_tasks(accelerator, model, plan.tasks, args.per_device_eval_batch_size,
+                                              plan.max_length, args.output_dir, state.step))
+                metrics.log({"step": state.step, **record})
 
         # Save. The last step is saved too, so that rerunning a finished command (or raising --max_steps) resumes
         # from the end rather than redoing the tail after the last save_steps checkpoint.
@@ -379,6 +387,17 @@ def grad_norm_after_step(accelerator, model, clip_norm) -> float | None:
     if accelerator.state.deepspeed_plugin is not None:
         clip_norm = model.get_global_grad_norm()
     return None if clip_norm is None else float(clip_norm)
+
+
+def evaluations_due(args: TrainArguments, run: Prepared, plan: RunPlan, state: TrainState, epoch_done: bool,
+                    last: bool) -> tuple[bool, bool]:
+    """Whether the held-out blocks, and the tasks, are evaluated after this step (the tasks at each evaluation unless
+    --eval_tasks_steps says otherwise); both at the last step."""
+    evaluation = args.eval_strategy != "no" and (
+        is_due(args.eval_strategy, args.eval_steps or args.save_steps, state, epoch_done) or last)
+    every = args.eval_tasks_steps
+    return bool(run.eval_loaders) and evaluation, bool(plan.tasks) and (
+        state.step % every == 0 or last if every else evaluation)
 
 
 def is_due(strategy: str, every: int, state: TrainState, epoch_done: bool) -> bool:

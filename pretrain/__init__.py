@@ -22,7 +22,9 @@ chunked_loss  the output projection and cross-entropy a chunk of tokens at a tim
 document_mask  positions restarting at each document, boundary labels, the check that a model honours them
 speedups      regional torch.compile and Liger-Kernel, applied to the built model
 mixture       --train_mixture: the blend of several cached corpora, its positions and its resume
-evaluation    eval_loss and perplexity on the held-out blocks, per source of a mixture (chunked_loss, mixture)
+evaluation    eval_loss, perplexity and bits per byte on the held-out blocks, per source of a mixture (chunked_loss,
+              mixture)
+tasks         multiple-choice tasks from local files, scored as lm-eval-harness scores them
 universal     a ZeRO checkpoint resumed on another world size, through DeepSpeed's universal format
 checkpoints   atomic saves, choosing and loading a resume, the final model (launch, mixture, universal)
 output_lock   one run per output_dir

@@ -50,11 +50,9 @@ def argument_parser(dataclass_types: tuple, error: Callable[[str], Any]):
 
 @dataclass
 class DataArguments:
-    train_files: list[str] | None = field(
-        default=None,
-        metadata={"help": "Training corpus: paths or glob patterns (.jsonl/.json/.txt, optionally .gz, or .parquet). "
-                          "Empty: the built-in demo corpus.", "nargs": "+"},
-    )
+    train_files: list[str] | None = field(default=None, metadata={
+        "help": "Training corpus: paths or glob patterns (.jsonl/.json/.txt, optionally .gz, or .parquet). Empty: the "
+                "built-in demo corpus.", "nargs": "+"})
     train_mixture: list[str] | None = field(default=None, metadata={
         "help": "Several corpora blended by weight, each NAME=WEIGHT:FILES with FILES paths or globs separated by "
                 "commas, e.g. web_zh=0.7:'zh/*.jsonl' code=0.2:'code/*.parquet' books=0.1:books.txt (in a YAML "
@@ -71,14 +69,11 @@ class DataArguments:
     dataset_split: str = field(default="train", metadata={"help": "The dataset's split to train on."})
     dataset_revision: str | None = field(default=None, metadata={"help": "The dataset's revision on the Hub (a "
                                                                          "branch, tag or commit)."})
-    validation_files: list[str] | None = field(
-        default=None, metadata={"help": "Validation corpus, same formats. Default: held out from the training files.",
-                                "nargs": "+"},
-    )
-    validation_split_percentage: float = field(
-        default=5.0, metadata={"help": "Percent of training documents held out for validation when "
-                                       "--validation_files is not given (0 disables evaluation)."},
-    )
+    validation_files: list[str] | None = field(default=None, metadata={
+        "help": "Validation corpus, same formats. Default: held out from the training files.", "nargs": "+"})
+    validation_split_percentage: float = field(default=5.0, metadata={
+        "help": "Percent of training documents held out for validation when --validation_files is not given (0 "
+                "disables evaluation)."})
     text_column: str = field(default="text", metadata={"help": "Field holding the document text in JSON and Parquet."})
     block_size: int | None = field(default=None, metadata={
         "help": "Tokens per training block (sequence length). Training default: min(2048, the model's "
@@ -88,13 +83,11 @@ class DataArguments:
                 "as the control tokens themselves, for corpora of deliberately pre-formatted text. By default they are "
                 "encoded as ordinary text, so control tokens come only from the pipeline (the EOS after each "
                 "document)."})
-    preprocessing_num_workers: int | None = field(
-        default=None, metadata={"help": "Tokenizing processes, each single-threaded (default: the cores, divided "
-                                       "among the processes of a launch on this machine)."},
-    )
-    data_cache_dir: str | None = field(
-        default=None, metadata={"help": f"Where packed datasets are cached (default: {DEFAULT_CACHE_ROOT}/data)."},
-    )
+    preprocessing_num_workers: int | None = field(default=None, metadata={
+        "help": "Tokenizing processes, each single-threaded (default: the cores, divided among the processes of a "
+                "launch on this machine)."})
+    data_cache_dir: str | None = field(default=None, metadata={
+        "help": f"Where packed datasets are cached (default: {DEFAULT_CACHE_ROOT}/data)."})
 
 
 @dataclass
@@ -132,6 +125,12 @@ class TrainArguments:
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Blocks per device per eval step."})
     max_eval_samples: int | None = field(default=None, metadata={
         "help": "Evaluate on the first N validation blocks only (default: all of them)."})
+    eval_tasks: list[str] | None = field(default=None, metadata={
+        "help": "Multiple-choice tasks scored at each evaluation, NAME=TEST_FILE[,DEV_FILE] each: C-Eval/CMMLU CSV "
+                "or JSON Lines of question, choices, answer (docs/flags.md#multiple-choice-tasks).", "nargs": "+"})
+    eval_tasks_num_fewshot: int = field(default=0, metadata={"help": "Few-shot examples, the DEV_FILE's first."})
+    eval_tasks_steps: int | None = field(default=None, metadata={
+        "help": "Score the tasks every N steps (default: at each evaluation, and at the end)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer step."})
     learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate."})
     optim: str = field(default="adamw", metadata={
@@ -325,6 +324,8 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, args: Tr
         (args.rewind_after_skips < 0 or args.rewind_margin_steps < 0,
          "--rewind_after_skips and --rewind_margin_steps must be >= 0"),
         (args.loss_chunk_size < 0, "--loss_chunk_size must be >= 0 (0 turns chunking off)"),
+        (args.eval_tasks_num_fewshot < 0 or (args.eval_tasks_steps or 1) < 1,
+         "--eval_tasks_num_fewshot must be >= 0 and --eval_tasks_steps at least 1"),
         (min(args.hang_timeout, args.heartbeat_timeout) < 0, "--hang_timeout and --heartbeat_timeout must be >= 0"),
         (not 0 <= args.adam_beta1 < 1 or not 0 <= args.adam_beta2 < 1, "--adam_beta1/--adam_beta2 must be in [0, 1)"),
         (data_args.block_size is not None and data_args.block_size < 2, "--block_size must be at least 2"),
