@@ -75,6 +75,8 @@ class MetricsLogger:
         self.compiling = args.torch_compile
         self.graphs_before = compiled_graphs() if self.compiling else 0
         self.first_graphs: int | None = None
+        self.eval_every = args.eval_tasks_steps or args.eval_steps or args.save_steps
+        self.eval_cost_said = args.eval_strategy != "steps"
         if not self.enabled:
             return
         from tqdm.auto import tqdm
@@ -94,12 +96,21 @@ class MetricsLogger:
             self.losses.append((record["step"], record["loss"]))
         if self.compiling:
             self.count_graphs(record)
+        if not self.eval_cost_said and record.get("eval_s") and record.get("step_time_s"):
+            self.say_eval_cost(record["eval_s"], record["step_time_s"])
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
         self.progress.write(shown)
         self.accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
                              step=record["step"])
+
+    def say_eval_cost(self, eval_s: float, step_time_s: float) -> None:
+        """Once, after the first evaluation: its share of the run's time at this cadence."""
+        self.eval_cost_said = True
+        share = eval_s / (eval_s + self.eval_every * step_time_s)
+        logger.info(f"evaluation: {eval_s:.1f} s every {self.eval_every} steps of {step_time_s:.2f} s, {share:.1%} of "
+                    f"the run's time (--max_eval_samples, --eval_steps and --eval_tasks_steps set it)")
 
     def count_graphs(self, record: dict[str, Any]) -> None:
         """Add the graphs torch.compile has made so far; warn once when recompiles pile up.

@@ -156,8 +156,10 @@ def score_tasks(accelerator, model, tasks: list[Task], batch_size: int, max_leng
 
 
 def log_likelihoods(model, requests: list, batches: int, batch_size: int, max_length: int, device) -> list:
-    """(question, choice, log-likelihood of the continuation) for each request, `batches` forwards of right-padded
-    sequences (causal attention: padding on the right changes nothing before it), contexts cut on the left to fit."""
+    """(question, choice, log-likelihood of the continuation) for each request, in `batches` forwards, contexts cut on
+    the left to fit. Padded on the left, with the attention mask and each row's own positions, so that every
+    continuation ends at the last position: the output projection runs on the last few positions only
+    (`logits_to_keep`), not on every token times a 150k vocabulary."""
     results = []
     with torch.no_grad():
         for batch_index in range(batches):
@@ -166,12 +168,15 @@ def log_likelihoods(model, requests: list, batches: int, batch_size: int, max_le
             part = part or requests[:1] or [(0, 0, [0], [0])]
             sequences = [(context + continuation)[-(max_length + 1):][:-1] for _, _, context, continuation in part]
             width = max(map(len, sequences))
-            input_ids = torch.tensor([sequence + [0] * (width - len(sequence)) for sequence in sequences],
+            mask = torch.tensor([[0] * (width - len(sequence)) + [1] * len(sequence) for sequence in sequences],
+                                device=device)
+            input_ids = torch.tensor([[0] * (width - len(sequence)) + sequence for sequence in sequences],
                                      device=device)
-            logits = model(input_ids=input_ids).logits
-            for row, ((index, choice, _, continuation), sequence) in enumerate(zip(part, sequences)):
-                end = len(sequence)
-                picked = logits[row, end - len(continuation):end].float().log_softmax(dim=-1)
+            keep = max(len(continuation) for *_, continuation in part)
+            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                           logits_to_keep=keep).logits
+            for row, (index, choice, _, continuation) in enumerate(part):
+                picked = logits[row, keep - len(continuation):].float().log_softmax(dim=-1)
                 value = picked.gather(1, torch.tensor(continuation, device=device)[:, None]).sum().item()
                 if not padding:
                     results.append((index, choice, value))

@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -43,13 +44,14 @@ def test_the_bytes_of_a_texts_tokens_are_the_texts_utf8_bytes(assets, tmp_path, 
     assert int(lengths[rare].sum()) == 9 and all("\ufffd" in tokenizer.decode([index]) for index in rare)
 
 
-def test_eval_bpb_is_the_token_losses_over_the_held_out_bytes(assets, tmp_path):
+def test_eval_bpb_is_the_token_losses_over_the_held_out_bytes(assets, tmp_path, capfd):
     """Recomputed by hand from the final model: each held-out block's target losses over the UTF-8 bytes its targets
     decode to, summed over blocks (each token is the target of one block, so a document that crosses a block
     boundary is counted once)."""
     output = tmp_path / "run"
-    run_in_process(tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 6, "--eval_steps", 6,
+    run_in_process(tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 6, "--eval_steps", 3,
                               "--validation_split_percentage", 20, "--max_eval_samples", 40))
+    assert re.search(r"evaluation: [\d.]+ s every 3 steps of [\d.]+ s, [\d.]+% of the run's time", capfd.readouterr().err)
     _, evals = read_metrics(output)
     tokenizer = AutoTokenizer.from_pretrained(output)
     data_args = DataArguments(**json.loads((output / "run_config.json").read_text())["data"])
