@@ -171,5 +171,10 @@ def connect_to_store():
 
     if "MASTER_ADDR" not in os.environ:
         return None
-    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                         timeout=timedelta(seconds=10), wait_for_workers=False)
+    try:
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=timedelta(seconds=10), wait_for_workers=False)
+    except Exception as error:  # a launcher whose store is elsewhere: train on, without this check
+        logger.warning(f"no heartbeats: the launch's store at MASTER_ADDR:MASTER_PORT cannot be reached "
+                       f"({first_line(error)}); a lost node is noticed only at --ddp_timeout")
+        return None
