@@ -28,7 +28,7 @@ from pretrain.universal import load_universal, universal_copy
 logger = logging.getLogger("train_loop")
 
 # What a run writes before its first checkpoint.
-RUN_FILES = {"metrics.jsonl", "run_config.json", "swanlog", "tensorboard", "wandb", "logs", "run.lock"}
+RUN_FILES = {"metrics.jsonl", "run_config.json", "swanlog", "tensorboard", "wandb", "logs", "run.lock", "eval_tasks"}
 WATCHDOG_FILES = re.compile(r"^(hang|error)-rank\d+\.txt$")  # pretrain/watchdog.py's, from a run that failed
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"

@@ -283,6 +283,17 @@ def test_foreign_output_dir_is_refused(assets, tmp_path):
     assert (output / "notes.txt").exists() and (output / "model.safetensors").exists()
 
 
+def test_what_a_failed_run_leaves_before_its_first_checkpoint_is_no_foreign_file(assets, tmp_path):
+    """The task scores, the hang stacks and the error traceback of a run that ended before its first save: the
+    same command again starts, not refused."""
+    output = tmp_path / "out"
+    (output / "eval_tasks").mkdir(parents=True)
+    for name in ("eval_tasks/mmlu.jsonl", "hang-rank0.txt", "error-rank1.txt", "metrics.jsonl"):
+        (output / name).write_text("")
+    run_in_process(tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 1))
+    assert (output / "model.safetensors").exists()
+
+
 def test_command_line_error_is_one_line_without_traceback(assets, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "train_loop.py"), "--train_files", str(tmp_path / "none*.jsonl"),
                              "--config_name", str(assets["config"]), "--tokenizer_name", str(assets["tokenizer"]),
