@@ -397,7 +397,7 @@ def evaluations_due(args: TrainArguments, run: Prepared, plan: RunPlan, state: T
         is_due(args.eval_strategy, args.eval_steps or args.save_steps, state, epoch_done) or last)
     every = args.eval_tasks_steps
     return bool(run.eval_loaders) and evaluation, bool(plan.tasks) and (
-        state.step % every == 0 or last if every else evaluation)
+        is_due("steps", every, state, epoch_done) or last if every else evaluation)
 
 
 def is_due(strategy: str, every: int, state: TrainState, epoch_done: bool) -> bool:

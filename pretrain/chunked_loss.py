@@ -65,7 +65,7 @@ def compute_loss_in_chunks(model, chunk_size: int) -> None:
 
     The forward is replaced on this instance only, so DDP and DeepSpeed call it as usual, the state dict keeps its
     keys, and a call without labels (generation) is the model's own forward. Evaluation chunks its own way
-    (block_losses_in_chunks), with no gradients to make.
+    (token_losses_in_chunks), with no gradients to make.
     """
     from transformers.modeling_outputs import CausalLMOutput
 
@@ -132,19 +132,21 @@ def next_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
 
 def block_loss_sums(outputs, labels: torch.Tensor) -> torch.Tensor:
     """Each block's summed next-token loss and its count of counted targets, as a (blocks, 2) fp32 tensor without
-    gradients (training's per-source losses, evaluation's per-block ones): from the chunked loss's token losses, or
-    from the logits one block at a time (a whole batch's fp32
-    copy of the logits is gigabytes at a 150k vocabulary)."""
+    gradients (training's per-source losses): from the chunked loss's token losses, or from the logits."""
     token_losses = getattr(outputs, "token_losses", None)
-    if token_losses is not None:
-        return block_sums_of_tokens(token_losses, labels)
-    targets = labels[:, 1:]
-    counts = (targets != -100).sum(dim=1).float()
-    if getattr(outputs, "logits", None) is None:
-        raise UsageError("the model's forward returned neither logits nor token losses, which the mixture's "
-                         "per-source losses need; drop --use_liger_kernel (use --loss_chunk_size 4096)")
+    if token_losses is None:
+        if getattr(outputs, "logits", None) is None:
+            raise UsageError("the model's forward returned neither logits nor token losses, which the mixture's "
+                             "per-source losses need; drop --use_liger_kernel (use --loss_chunk_size 4096)")
+        token_losses = block_token_losses(outputs.logits, labels)
+    return block_sums_of_tokens(token_losses, labels)
+
+
+def block_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each target's next-token loss without gradients, (blocks, block_size - 1) in fp32 and 0 where a target is not
+    counted, from the logits one block at a time: a whole batch's fp32 copy of the logits is gigabytes at a 150k
+    vocabulary."""
     with torch.no_grad():
-        sums = torch.stack([torch.nn.functional.cross_entropy(block_logits[:-1].float(), block_targets,
-                                                              reduction="sum")
-                            for block_logits, block_targets in zip(outputs.logits, targets)])
-    return torch.stack([sums, counts], dim=1)
+        return torch.stack([torch.nn.functional.cross_entropy(block_logits[:-1].float(), block_targets,
+                                                              reduction="none")
+                            for block_logits, block_targets in zip(logits, labels[:, 1:])])

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from pretrain.arguments import TrainArguments
-from pretrain.chunked_loss import token_losses_in_chunks
+from pretrain.chunked_loss import block_token_losses, token_losses_in_chunks
 from pretrain.mixture import Mixture
 
 logger = logging.getLogger("train_loop")
@@ -65,7 +65,7 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     decoder = json.loads(backend.to_str()).get("decoder") or {} if backend is not None else {}
     byte_level = "ByteLevel" in json.dumps(decoder)
-    added = {index: token for index, token in tokenizer.added_tokens_decoder.items()}
+    added = tokenizer.added_tokens_decoder  # id -> AddedToken
     special = set(tokenizer.all_special_ids) | {index for index, token in added.items() if token.special}
     lengths = torch.zeros(vocab_size, dtype=torch.int64)
     for index, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(min(len(tokenizer), vocab_size))))):
@@ -127,9 +127,8 @@ def eval_token_losses(accelerator, model, batch: dict[str, torch.Tensor], chunk_
     if chunk_size:  # not even one batch's logits: the output projection runs on chunks of tokens
         with accelerator.autocast():
             return token_losses_in_chunks(accelerator.unwrap_model(model), batch, chunk_size)
-    logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
-    return torch.stack([torch.nn.functional.cross_entropy(block_logits[:-1].float(), block_targets, reduction="none")
-                        for block_logits, block_targets in zip(logits, batch["labels"][:, 1:])])
+    return block_token_losses(model(**{key: value for key, value in batch.items() if key != "labels"}).logits,
+                              batch["labels"])
 
 
 def eval_block_sums(token_losses: torch.Tensor, labels: torch.Tensor, token_bytes: torch.Tensor) -> torch.Tensor:

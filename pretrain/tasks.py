@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 
 from pretrain.errors import DataError, UsageError
 
@@ -139,7 +140,7 @@ def score_tasks(accelerator, model, tasks: list[Task], batch_size: int, max_leng
         batches = -(-len(task.requests) // (batch_size * accelerator.num_processes))
         scored = log_likelihoods(model, mine, batches, batch_size, max_length, accelerator.device)
         lls = [[0.0] * len(choices) for choices in task.choices]
-        for index, choice, value in (item for part in gather_objects(accelerator, scored) for item in part):
+        for index, choice, value in (item for part in gather_object([scored]) for item in part):
             lls[index][choice] = value
         best = [max(range(len(ll)), key=ll.__getitem__) for ll in lls]
         best_normed = [max(range(len(ll)), key=lambda c: ll[c] / len(labels[c])) for ll, labels in
@@ -181,11 +182,3 @@ def log_likelihoods(model, requests: list, batches: int, batch_size: int, max_le
                 if not padding:
                     results.append((index, choice, value))
     return results
-
-
-def gather_objects(accelerator, items: list) -> list[list]:
-    if accelerator.num_processes == 1:
-        return [items]
-    from accelerate.utils import gather_object
-
-    return gather_object([items])
