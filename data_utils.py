@@ -32,7 +32,7 @@ import torch
 
 from pretrain import corpus_build
 from pretrain.arguments import DEFAULT_CACHE_ROOT, DEFAULT_SPLIT_SEED, DataArguments, ModelArguments, \
-    argument_parser, check_mixture_flags, parse_mixture
+    argument_parser, check_mixture_flags
 from pretrain.cache_claims import main_reports_first
 from pretrain.corpus_cache import PackedData, cache_description, cache_key, load_cache, near_miss
 from pretrain.corpus_files import iter_documents, plan_pieces, resolve_files
@@ -41,6 +41,7 @@ from pretrain.errors import DataError, UsageError, unwritable
 from pretrain.hub_datasets import dataset_files
 from pretrain.loading import load_config, load_tokenizer
 from pretrain.mixture import Mixture, MixtureBlocks, MixtureData, MixtureSampler
+from pretrain.mixture_spec import parse_mixture
 
 logger = logging.getLogger("data_utils")
 

@@ -21,6 +21,7 @@ import torch
 import data_utils
 from pretrain.arguments import DataArguments, ModelArguments, TrainArguments, is_demo, order_seed, parse_args, \
     split_seed
+from pretrain.background_save import CheckpointWriter
 from pretrain.checkpoints import choose_checkpoint, launch_state, resume, save_checkpoint, save_final_model
 from pretrain.chunked_loss import block_loss_sums, block_sums_of_tokens, compute_loss_in_chunks, \
     next_token_losses
@@ -39,6 +40,7 @@ from pretrain.optimizers import build_optimizer
 from pretrain.output_lock import hold_output_dir
 from pretrain.preflight import describe_model, describe_run
 from pretrain.run_control import RunControl, ensure_finite, ensure_savable
+from pretrain.schedule import build_scheduler, schedule_of, warmup_steps_of
 from pretrain.speedups import apply_liger_kernel, compile_layers
 from pretrain.state import TrainState
 from pretrain.step_guard import StepGuard, rewind
@@ -105,8 +107,9 @@ def main(argv: list[str] | None = None) -> str:
                       "num_processes": accelerator.num_processes, "total_steps": plan.total_steps}
         with MetricsLogger(accelerator, args, plan.total_steps, state, run_config) as metrics, \
                 RunControl(args, accelerator.num_processes, accelerator.process_index,
-                           accelerator.local_process_index) as control:
-            ended = train(accelerator, run, plan, state, args, metrics, control)
+                           accelerator.local_process_index) as control, \
+                CheckpointWriter(accelerator, run.model, args.save_in_background) as writer:
+            ended = train(accelerator, run, plan, state, args, metrics, control, writer)
         if ended != "done":
             if accelerator.is_main_process:
                 logger.warning(f"stopped by {ended} at step {state.step}; checkpoint saved in {args.output_dir}: "
@@ -201,31 +204,6 @@ def build_model(model_args: ModelArguments, config, tokenizer, args: TrainArgume
     return model
 
 
-def warmup_steps_of(args: TrainArguments, total_steps: int) -> int:
-    return args.warmup_steps if args.warmup_steps > 0 else math.ceil(args.warmup_ratio * total_steps)
-
-
-def schedule_of(args: TrainArguments, total_steps: int) -> dict[str, Any]:
-    """What shapes the learning rate; a resume that changes it is warned about."""
-    return {"lr_scheduler_type": args.lr_scheduler_type, "learning_rate": args.learning_rate,
-            "total_steps": total_steps, "warmup_steps": warmup_steps_of(args, total_steps),
-            "lr_scheduler_kwargs": args.lr_scheduler_kwargs}
-
-
-def build_scheduler(optimizer, args: TrainArguments, total_steps: int):
-    from transformers import get_scheduler
-
-    kwargs = json.loads(args.lr_scheduler_kwargs) if args.lr_scheduler_kwargs else {}
-    warmup = warmup_steps_of(args, total_steps)
-    if args.lr_scheduler_type == "warmup_stable_decay":
-        kwargs.setdefault("num_decay_steps", max(1, (total_steps - warmup) // 10))
-    try:
-        return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                             num_training_steps=total_steps, scheduler_specific_kwargs=kwargs)
-    except (TypeError, ValueError) as error:
-        raise UsageError(f"--lr_scheduler_type {args.lr_scheduler_type} / --lr_scheduler_kwargs: {error}") from None
-
-
 def prepare(accelerator, model, optimizer, train_loader, eval_loaders: dict[str, Any], args: TrainArguments,
             total_steps: int) -> Prepared:
     """Wrap everything for the launch's layout (DDP, ZeRO-2/3 or one process)."""
@@ -258,12 +236,13 @@ def prepare(accelerator, model, optimizer, train_loader, eval_loaders: dict[str,
 # ======================================================================================================================
 
 def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: TrainArguments,
-          metrics: MetricsLogger, control: RunControl) -> str:
+          metrics: MetricsLogger, control: RunControl, writer: CheckpointWriter) -> str:
     """Optimizer steps until plan.total_steps; returns why the loop ended: 'done' or the stop signal's name."""
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
     window = LogWindow(accelerator.device, len(plan.mixture.names) if plan.mixture else 0)
     guard = StepGuard(accelerator, optimizer, args, state)
     faults = FaultInjector(accelerator.unwrap_model(model), accelerator.process_index)
+    stopping = False
     model.train()
     for micro_batches in optimizer_steps(accelerator, run.train_loader, state, plan, window):
         # Forward and backward on each micro-batch; at the last one the gradients are reduced and clipped, and the
@@ -296,6 +275,7 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
             guard.say_skipped(state, metrics)
         if guard.needs_rewind(args):  # skips in a row: back to the newest checkpoint before them, past the data
             with window.set_aside("save_s"), control.paused():
+                writer.wait()  # a checkpoint still being written may be the one to go back to
                 rewind(accelerator, scheduler, state, args, guard, plan.mixture)
                 metrics.log({"step": state.step, "event": "rewind", **guard.records["rewinds"][-1]})
 
@@ -327,10 +307,12 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
                 ensure_savable(accelerator, model, window.loss_sum, state.step, args)
                 state.lr = scheduler.get_last_lr()[0]
                 state.mixture = plan.mixture.state(state.position()) if plan.mixture else None
-                save_checkpoint(accelerator, state, args)
+                save_checkpoint(accelerator, state, args, writer)
         if stopping:
-            return control.stop.signal_name or "signal on another rank"
-    return "done"
+            break
+    with window.set_aside("save_s"), control.paused():
+        writer.wait()  # the last checkpoint is complete before the run ends
+    return (control.stop.signal_name or "signal on another rank") if stopping else "done"
 
 
 def optimizer_steps(accelerator, train_loader, state: TrainState, plan: RunPlan, window: LogWindow):

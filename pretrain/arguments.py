@@ -10,10 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +19,7 @@ import torch
 
 from pretrain.args_file import args_file_to_argv
 from pretrain.errors import UsageError, first_line
+from pretrain.mixture_spec import parse_mixture
 
 DEFAULT_SPLIT_SEED = 42  # the validation split's seed unless --data_seed is given: the cache outlives --seed
 DEFAULT_CACHE_ROOT = Path(os.environ.get("PRETRAIN_LOOP_CACHE", Path.home() / ".cache" / "pretrain_loop"))
@@ -156,6 +155,10 @@ class TrainArguments:
     eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (default: save_steps)."})
     save_steps: int = field(default=500, metadata={"help": "Checkpoint every N optimizer steps."})
     save_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints."})
+    save_in_background: bool = field(default=True, metadata={
+        "help": "Under DeepSpeed, a save copies the state into CPU memory and training goes on while a thread writes "
+                "it; the next save, a rewind and the end wait for it (docs/checkpoints.md). False: every save "
+                "blocks until written. One process and DDP always save synchronously."})
     resume_from_checkpoint: str | None = field(default=None, metadata={
         "help": "A checkpoint folder or 'latest'. Default: resume from output_dir's newest complete checkpoint."})
     seed: int = field(default=42, metadata={"help": "Seed of initialisation and data order."})
@@ -372,44 +375,6 @@ def check_mixture_flags(data_args: DataArguments) -> None:
         if data_args.epoch_source is not None and data_args.epoch_source not in [s.name for s in sources]:
             raise UsageError(f"--epoch_source {data_args.epoch_source}: no such source in --train_mixture (its "
                              f"sources: {', '.join(s.name for s in sources)})")
-
-
-@dataclass
-class MixtureSource:
-    """One source of --train_mixture, as written: its name, its weight (exact, as the decimal the user wrote) and
-    its files or globs."""
-    name: str
-    weight: Fraction
-    files: list[str]
-
-
-SOURCE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # a name that is also a chart name and a metrics.jsonl key
-
-
-def parse_mixture(specs: list[str]) -> list[MixtureSource]:
-    """NAME=WEIGHT:FILES[,FILES...] items into sources, refusing each bad item in one line that names it."""
-    sources: list[MixtureSource] = []
-    for spec in specs:
-        name, equals, rest = spec.partition("=")
-        weight_text, colon, files = rest.partition(":")
-        if not equals or not colon or not files.strip(","):
-            raise UsageError(f"--train_mixture '{spec}': write NAME=WEIGHT:FILES, e.g. code=0.2:'data/code/*.jsonl'")
-        if not SOURCE_NAME.match(name):
-            raise UsageError(f"--train_mixture '{spec}': the source name '{name}' may hold only letters, digits, "
-                             f"'_', '-' and '.'")
-        try:
-            weight = Fraction(weight_text.strip())
-        except (ValueError, ZeroDivisionError):
-            raise UsageError(f"--train_mixture source {name}: weight '{weight_text}' is not a number") from None
-        if weight <= 0:
-            raise UsageError(f"--train_mixture source {name}: weight {weight_text} must be positive (leave the "
-                             f"source out to drop it)")
-        if name in [source.name for source in sources]:
-            raise UsageError(f"--train_mixture source {name}: named twice; give each source one name")
-        sources.append(MixtureSource(name, weight, [f for f in files.split(",") if f]))
-    if not sources:
-        raise UsageError("--train_mixture: no sources given")
-    return sources
 
 
 def has_fp8_tensor_cores() -> bool:

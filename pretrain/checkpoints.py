@@ -19,6 +19,7 @@ from typing import Any
 from safetensors import SafetensorError
 
 from pretrain.arguments import TrainArguments
+from pretrain.background_save import sync_to_disk
 from pretrain.errors import CheckpointError, UsageError, first_line
 from pretrain.launch import zero_stage_of
 from pretrain.mixture import Mixture, resume_mixture
@@ -66,16 +67,19 @@ def checkpoint_damage(checkpoint: Path) -> str | None:
     return None
 
 
-def save_checkpoint(accelerator, state: TrainState, args: TrainArguments) -> Path:
-    """Every rank writes its part into checkpoint-N.tmp; the main process then renames it into place."""
+def save_checkpoint(accelerator, state: TrainState, args: TrainArguments, writer) -> Path:
+    """Every rank writes its part into checkpoint-N.tmp (now, or from a snapshot in the background: `writer`, a
+    pretrain.background_save.CheckpointWriter); the main process then renames it into place."""
     output_dir = Path(args.output_dir)
     final = output_dir / f"checkpoint-{state.step}"
     temporary = output_dir / f"checkpoint-{state.step}.tmp"
+    writer.wait()  # the previous save is complete (a background write ends its work before this one starts)
     if accelerator.is_main_process:
         shutil.rmtree(temporary, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(temporary))  # DeepSpeed's save has a barrier inside: every rank must call it
+        with writer.snapshots():
+            accelerator.save_state(str(temporary))  # DeepSpeed's save has a barrier inside: every rank must call it
     except (OSError, RuntimeError, SafetensorError) as error:  # a full disk or a failing filesystem
         shutil.rmtree(temporary, ignore_errors=True)
         complete = [c.name for c in list_checkpoints(output_dir) if checkpoint_damage(c) is None]
@@ -83,18 +87,26 @@ def save_checkpoint(accelerator, state: TrainState, args: TrainArguments) -> Pat
         raise CheckpointError(f"--output_dir {output_dir}: writing {temporary.name} failed ({first_line(error)}; the "
                               f"disk has {shutil.disk_usage(output_dir).free / 1e6:.1f} MB free); free space or fix "
                               f"the folder, then rerun the same command: {then}") from None
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (temporary / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
-        files = {str(p.relative_to(temporary)): p.stat().st_size for p in temporary.rglob("*") if p.is_file()}
-        (temporary / MANIFEST).write_text(json.dumps(files, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(temporary, final)
-        prune_checkpoints(output_dir, args.save_total_limit)
-        logger.info(f"saved {final}")
-    accelerator.wait_for_everyone()
+    trainer_state = json.dumps(asdict(state), indent=1)  # as it is now: the loop goes on while a background write runs
+    writer.finish(state.step, temporary, lambda: complete_checkpoint(temporary, final, trainer_state, args.save_total_limit))
     return final
+
+
+def complete_checkpoint(temporary: Path, final: Path, trainer_state: str, save_total_limit: int | None) -> None:
+    """On the main process, once every rank's files are written: the state and the manifest go in, everything is
+    forced to disk, and the folder is renamed into place (the moment resume can see it)."""
+    (temporary / TRAINER_STATE).write_text(trainer_state)
+    files = {str(p.relative_to(temporary)): p.stat().st_size for p in temporary.rglob("*") if p.is_file()}
+    (temporary / MANIFEST).write_text(json.dumps(files, indent=1))
+    for relative in files:
+        sync_to_disk(temporary / relative)
+    sync_to_disk(temporary / MANIFEST)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(temporary, final)
+    sync_to_disk(final.parent)
+    prune_checkpoints(final.parent, save_total_limit)
+    logger.info(f"saved {final}")
 
 
 def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
@@ -106,6 +118,9 @@ def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
 def find_resume_checkpoint(args: TrainArguments) -> Path | None:
     """The checkpoint to resume from, after refusing an output_dir that holds foreign files."""
     output_dir = Path(args.output_dir)
+    for leftover in output_dir.glob("checkpoint-*.tmp") if output_dir.is_dir() else ():  # the lock: none is ours
+        shutil.rmtree(leftover, ignore_errors=True)
+        logger.info(f"removed {leftover.name}, left by a save that did not finish")
     requested = args.resume_from_checkpoint
     if requested and requested != "latest":
         path = Path(requested)

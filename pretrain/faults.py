@@ -7,6 +7,8 @@ KIND is what goes wrong:
   nan_loss  the loss is NaN (so is every gradient)
   nan_grad  one gradient (the input embedding's) is NaN, the loss stays finite
   hang      the process sleeps for an hour before its backward (a stuck filesystem, a deadlock), saying so first
+  slow_write  the background write of the checkpoint saved at that step starts 10 s late (a slow disk: room to
+            see training go on, or to kill the run mid-write)
 WHEN is when: `step=K` or `step=K-L` (optimizer steps as logged, from 1), or `batch=K` / `batch=K-L` (the global
 batches of the data order, from 1: what a poisoned stretch of the corpus would do, which a rewind skips past).
 `@rank=R` limits the fault to the process of global rank R (default: every rank).
@@ -29,9 +31,10 @@ from pretrain.state import TrainState
 
 logger = logging.getLogger("train_loop")
 
-KINDS = ("spike", "nan_loss", "nan_grad", "hang")
+KINDS = ("spike", "nan_loss", "nan_grad", "hang", "slow_write")
 SPIKE_FACTOR = 1000.0
 HANG_S = 3600.0
+SLOW_WRITE_S = 10.0
 SPEC = re.compile(r"^(\w+)@(step|batch)=(\d+)(?:-(\d+))?(?:@rank=(\d+))?$")
 
 
@@ -83,3 +86,13 @@ class FaultInjector:
             logger.warning(f"PRETRAIN_FAULT: rank {self.rank} hangs at step {state.step + 1}")
             time.sleep(HANG_S)
         return loss
+
+
+def write_delay(step: int, rank: int) -> float:
+    """Seconds the background write of checkpoint-`step` waits on this rank (slow_write), said first; usually 0."""
+    if not any(f.kind == "slow_write" and f.first <= step <= f.last
+               for f in parse_faults(os.environ.get("PRETRAIN_FAULT", ""), rank)):
+        return 0.0
+    logger.warning(f"PRETRAIN_FAULT: rank {rank} starts writing checkpoint-{step} {SLOW_WRITE_S:.0f} s late")
+    return SLOW_WRITE_S
+

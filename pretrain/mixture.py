@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pretrain.arguments import MixtureSource
+from pretrain.mixture_spec import MixtureSource
 
 logger = logging.getLogger("train_loop")
 

@@ -174,70 +174,46 @@ def two_nodes(argv, logs, fault_on_node1=None):
 
 
 def test_two_machines_match_one_launch_and_a_lost_one_ends_the_run_in_a_line(assets, runs, tmp_path):
-    """(a) Two nodes build a new cache together and train as one launch of 2 processes does; (b) SIGKILL every
-    process of node 1 mid-run: node 0 ends within 60 s with one line, no summary, its checkpoint intact; (c) both
-    commands again resume, step for step as the run that was never interrupted; (d) the checkpoint resumes on one
-    machine too."""
-    straight, lost = tmp_path / "straight", tmp_path / "lost"
-    argv = flags(assets, straight, tmp_path / "cache", 2, 2, "--save_steps", 6)
-    nodes = two_nodes(argv, tmp_path / "a")
-    for node in nodes:
-        assert node.wait(400) == 0, node.output()[-4000:]
-    log = nodes[0].output()
-    assert "DeepSpeed ZeRO-2 on 2 processes, 2 nodes (CPU, gloo)" in log and not data_stats(log)["cache_hit"]
-    two_nodes_run, _ = read_metrics(straight)
-    one_launch, _ = read_metrics(runs / "zero2")
-    for step in range(1, STEPS + 1):
-        assert two_nodes_run[step]["loss"] == pytest.approx(one_launch[step]["loss"], rel=1e-6), step
-
-    lost_argv = flags(assets, lost, tmp_path / "cache", 2, 2, "--save_steps", 6)
-    nodes = two_nodes(lost_argv, tmp_path / "b", fault_on_node1="hang@step=8@rank=1")
-    nodes[1].wait_until(lambda: "PRETRAIN_FAULT: rank 1 hangs at step 8" in nodes[1].output())
+    """(a) Two nodes build a new cache together and train as one launch of 2 processes does, for 10 steps; (b) at
+    step 11 node 1's rank hangs and every process of node 1 is SIGKILLed: node 0 ends within 60 s with one line, no
+    summary, its checkpoint intact; (c) both commands again resume from checkpoint-6, step for step as the run
+    before the kill; (d) the checkpoint resumes on one machine too."""
+    output = tmp_path / "two_nodes"
+    argv = flags(assets, output, tmp_path / "cache", 2, 2, "--save_steps", 6)
+    nodes = two_nodes(argv, tmp_path / "a", fault_on_node1="hang@step=11@rank=1")
+    nodes[1].wait_until(lambda: "PRETRAIN_FAULT: rank 1 hangs at step 11" in nodes[1].output())
     kill_tree(nodes[1])
     killed_at = time.monotonic()
     out = nodes[0].output(timeout=60)
     assert time.monotonic() - killed_at < 60 and nodes[0].returncode == 1
-    line = (f"error: rank 1 (node 1) went away at step 8; the newest complete checkpoint is {lost / 'checkpoint-6'}: "
-            f"rerun every node's command to resume")
+    assert "DeepSpeed ZeRO-2 on 2 processes, 2 nodes (CPU, gloo)" in out and not data_stats(out)["cache_hit"]
+    before_kill, _ = read_metrics(output)
+    one_launch, _ = read_metrics(runs / "zero2")
+    assert sorted(before_kill) == list(range(1, 11))
+    for step in before_kill:
+        assert before_kill[step]["loss"] == pytest.approx(one_launch[step]["loss"], rel=1e-6), step
+    line = (f"error: rank 1 (node 1) went away at step 11; the newest complete checkpoint is "
+            f"{output / 'checkpoint-6'}: rerun every node's command to resume")
     ours = out.split("\n" + line + "\n")
     assert len(ours) == 2, out[-4000:]
     assert "Traceback" not in ours[0] and not re.search(r"INFO loss [\d.]+ at step", out)  # no summary
     assert f"traceback : {line}" in ours[1].split("Root Cause")[1]  # the launcher's report names it
-    assert (lost / "error-rank0.txt").read_text().startswith("Traceback")  # the whole story, kept in a file
-    assert checkpoint_damage(lost / "checkpoint-6") is None and not (lost / "checkpoint-12").exists()
+    assert (output / "error-rank0.txt").read_text().startswith("Traceback")  # the whole story, kept in a file
+    assert checkpoint_damage(output / "checkpoint-6") is None and not (output / "checkpoint-12").exists()
 
-    nodes = two_nodes(lost_argv, tmp_path / "c")
+    nodes = two_nodes(argv, tmp_path / "b")
     for node in nodes:
         assert node.wait(400) == 0, node.output()[-4000:]
-    assert f"resumed from {lost / 'checkpoint-6'} at step 6" in nodes[0].output()
-    resumed, _ = read_metrics(lost)
-    assert [resumed[step]["loss"] for step in range(7, STEPS + 1)] == \
-        [two_nodes_run[step]["loss"] for step in range(7, STEPS + 1)]
+    assert f"resumed from {output / 'checkpoint-6'} at step 6" in nodes[0].output()
+    resumed, _ = read_metrics(output)
+    assert [resumed[step]["loss"] for step in range(7, 11)] == [before_kill[step]["loss"] for step in range(7, 11)]
+    for step in range(11, STEPS + 1):
+        assert resumed[step]["loss"] == pytest.approx(one_launch[step]["loss"], rel=1e-6), step
 
     # The same world on one machine: nothing in the checkpoint depends on host names or local ranks.
     result = launch("zero2.yaml", 2, argv + ["--max_steps", str(STEPS + 2)])
-    assert f"resumed from {straight / f'checkpoint-{STEPS}'} at step {STEPS}" in result.stderr
-    assert "resharded" not in result.stderr and sorted(read_metrics(straight)[0])[-2:] == [STEPS + 1, STEPS + 2]
-
-
-def test_zero2_resume_after_sigkill_matches_straight_run(assets, runs, tmp_path):
-    """6 steps, SIGKILL, the same command again: steps 7-12 as in the straight run (mid-epoch resume, then the
-    epoch boundary at step 10)."""
-    output = tmp_path / "resumed"
-    argv = flags(assets, output, runs / "cache", 2, 2, "--save_steps", 6)
-    process = launch_in_background("zero2.yaml", 2, argv, tmp_path / "launch.log")
-    process.wait_until(lambda: (output / "checkpoint-6").is_dir())
-    kill_tree(process)
-    process.wait()
-    assert (output / "checkpoint-6").is_dir() and not (output / "model.safetensors").exists()
-    launch("zero2.yaml", 2, argv)
-    resumed, _ = read_metrics(output)
-    straight, _ = read_metrics(runs / "zero2")
-    steps_per_epoch = 10  # the tiny corpus holds 87 blocks: 10 global batches of 8
-    assert resumed[STEPS]["epoch"] > 1 and straight[steps_per_epoch]["epoch"] == 1
-    for step in range(7, STEPS + 1):
-        assert resumed[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-6), step
-        assert resumed[step]["lr"] == straight[step]["lr"]
+    assert f"resumed from {output / f'checkpoint-{STEPS}'} at step {STEPS}" in result.stderr
+    assert "resharded" not in result.stderr and sorted(read_metrics(output)[0])[-2:] == [STEPS + 1, STEPS + 2]
 
 
 def test_plain_checkpoint_resumes_on_another_process_count(assets, runs, tmp_path):
@@ -434,3 +410,69 @@ def test_the_universal_conversion_is_reused_and_a_damaged_one_redone(assets, run
     third, _ = read_metrics(tmp_path / "third")
     first, _ = read_metrics(tmp_path / "first")
     assert third[7]["loss"] == first[7]["loss"]
+
+
+def same_contents(a, b, where=""):
+    """Every tensor equal bit for bit, and every other value equal, through nested dicts and lists."""
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            same_contents(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b)):
+            same_contents(x, y, f"{where}[{index}]")
+    elif not callable(a) and type(a).__module__ == "builtins":
+        assert a == b, where
+
+
+def test_background_saves_hold_what_synchronous_saves_hold(assets, runs, tmp_path):
+    """The ZeRO-2 run saved in the background (the default) while it trained on; the same run saving synchronously
+    wrote the same weights, optimizer shards and step counts at steps 6 and 12."""
+    log = (runs / "zero2.log").read_text()
+    assert re.search(r"snapshot of [\d.]+ GB \(this process's part\) taken in [\d.]+ s; writing it in the background",
+                     log) and "written in the background in" in log
+    sync = tmp_path / "sync"
+    result = launch("zero2.yaml", 2, flags(assets, sync, runs / "cache", 2, 2, "--save_steps", 6,
+                                           "--save_in_background", "false"))
+    assert "in the background" not in result.stderr
+    for step in (6, STEPS):
+        files = sorted(p.relative_to(sync) for p in (sync / f"checkpoint-{step}").rglob("*.pt"))
+        assert len(files) == 3  # the weights, and one optimizer shard per rank
+        for relative in files:
+            same_contents(torch.load(sync / relative, weights_only=False),
+                          torch.load(runs / "zero2" / relative, weights_only=False), str(relative))
+
+
+def test_training_goes_on_during_a_background_write_and_a_kill_mid_write_resumes_from_the_one_before(
+        assets, runs, tmp_path):
+    """The write of checkpoint-6 starts 10 s late (PRETRAIN_FAULT=slow_write): steps 7 and 8 train meanwhile, then
+    SIGKILL. checkpoint-6 never became visible; the rerun of the same command resumes from checkpoint-3 mid-epoch,
+    crosses the epoch boundary at step 10 bit for bit as the run never interrupted, and, with its last write slow
+    too, ends only once checkpoint-12 is complete."""
+    output = tmp_path / "killed"
+    argv = flags(assets, output, runs / "cache", 2, 2, "--save_steps", 3)
+    process = launch_in_background("zero2.yaml", 2, argv, tmp_path / "killed.log",
+                                   extra_env={"PRETRAIN_FAULT": "slow_write@step=6"})
+    process.wait_until(lambda: max(logged_steps(output), default=0) >= 8)
+    assert (output / "checkpoint-6.tmp").is_dir() and not (output / "checkpoint-6").exists()
+    kill_tree(process)
+    process.wait()
+    assert checkpoint_damage(output / "checkpoint-3") is None and not (output / "checkpoint-6").exists()
+
+    rerun = launch_in_background("zero2.yaml", 2, argv, tmp_path / "rerun.log",
+                                 extra_env={"PRETRAIN_FAULT": "slow_write@step=12"})
+    out = rerun.output(timeout=400)
+    assert rerun.returncode == 0, out[-4000:]
+    assert f"resumed from {output / 'checkpoint-3'} at step 3" in out
+    assert out.index("starts writing checkpoint-12 10 s late") < out.index(f"saved {output / 'checkpoint-12'}") < \
+        out.index("saved the final model")
+    resumed, _ = read_metrics(output)
+    straight, _ = read_metrics(runs / "zero2")
+    steps_per_epoch = 10  # the tiny corpus holds 87 blocks: 10 global batches of 8
+    assert resumed[STEPS]["epoch"] > 1 and straight[steps_per_epoch]["epoch"] == 1
+    for step in range(4, STEPS + 1):
+        assert resumed[step]["loss"] == straight[step]["loss"] and resumed[step]["lr"] == straight[step]["lr"], step

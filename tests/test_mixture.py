@@ -12,7 +12,8 @@ import pytest
 from conftest import ROOT, LoggedProcess, kill_tree, launch, read_metrics, run_in_process, tiny_flags
 
 from pretrain import demo_corpus
-from pretrain.arguments import MixtureSource, parse_args, parse_mixture
+from pretrain.arguments import parse_args
+from pretrain.mixture_spec import MixtureSource, parse_mixture
 from pretrain.errors import UsageError
 from pretrain.mixture import Blend, Mixture, MixtureSampler, resume_mixture
 

@@ -1,7 +1,7 @@
 """Skipped steps and rewinds, provoked with PRETRAIN_FAULT (pretrain/faults.py): a loss spike and NaN gradients are
 skipped with weights and optimizer state unchanged to the bit, on one process and under ZeRO-2; a poisoned stretch of
-data is rewound past; trouble that comes back stops the run in one line; SIGKILL right after a skip or a rewind
-resumes to the bit."""
+data is rewound past; trouble that comes back stops the run in one line; SIGKILL right after a skip and after a
+rewind resumes to the bit."""
 
 import json
 import os
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, LoggedProcess, kill_tree, launch, read_metrics, tiny_flags
+from conftest import ROOT, LoggedProcess, kill_tree, launch, read_metrics, run_in_process, tiny_flags
 
 STEPS = 60
 SPIKE, NAN_GRAD = 40, 44  # after the rolling window (32 steps) is full, at a third of the peak learning rate
@@ -102,11 +102,13 @@ def one_process(assets, tmp_path_factory):
     states; with the spike alone (skipped); and with the spike and skipping off."""
     root = tmp_path_factory.mktemp("guard")
     cache = root / "cache"
-    train(flags(assets, root / "clean", cache))
     log = train(flags(assets, root / "faulted", cache, "--save_steps", 1),
-                fault=f"spike@step={SPIKE},nan_grad@step={NAN_GRAD}")
-    train(flags(assets, root / "spiked", cache), fault=f"spike@step={SPIKE}")
-    train(flags(assets, root / "unguarded", cache, "--skip_bad_steps", "false"), fault=f"spike@step={SPIKE}")
+                fault=f"spike@step={SPIKE},nan_grad@step={NAN_GRAD}")  # as a user runs it: its lines are checked
+    run_in_process(list(map(str, flags(assets, root / "clean", cache))))  # the others in this process
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PRETRAIN_FAULT", f"spike@step={SPIKE}")
+        run_in_process(list(map(str, flags(assets, root / "spiked", cache))))
+        run_in_process(list(map(str, flags(assets, root / "unguarded", cache, "--skip_bad_steps", "false"))))
     return root, log
 
 
@@ -196,24 +198,30 @@ def test_trouble_that_comes_back_after_a_rewind_stops_with_one_line(assets, tmp_
     assert "Traceback" not in log
 
 
-@pytest.mark.parametrize("after", ["skipped", "rewind"])
-def test_sigkill_right_after_a_skip_or_a_rewind_resumes_to_the_bit(assets, tmp_path, after):
+def test_sigkill_right_after_a_skip_and_right_after_a_rewind_resumes_to_the_bit(assets, tmp_path, monkeypatch):
+    """One run killed twice, right after its skip at step 8 and, rerun, right after its rewind at step 17, then
+    rerun to the end: every step from the first kill on equals the run never killed, to the bit."""
     argv = flags(assets, tmp_path / "x", tmp_path / "cache", *SLOW, "--save_steps", 5, "--rewind_after_skips", 3,
                  "--max_steps", 22)
     fault = "nan_loss@step=8," + POISONED  # a skip at 8, then the rewind at 17 to checkpoint-10
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train([*argv, "--output_dir", straight], fault=fault)
+    monkeypatch.setenv("PRETRAIN_FAULT", fault)
+    run_in_process([*map(str, argv), "--output_dir", str(straight)])  # the reference, in this process
     command = [sys.executable, str(ROOT / "train_loop.py"), *map(str, argv), "--output_dir", str(resumed)]
-    process = LoggedProcess(command, tmp_path / "run.log", cwd=ROOT, env=dict(os.environ, PRETRAIN_FAULT=fault))
-    process.wait_until(lambda: (resumed / "metrics.jsonl").is_file() and events(resumed, after), poll_s=0.005)
-    kill_tree(process)
-    process.wait()
-    killed_at = max(read_metrics(resumed)[0])
-    assert killed_at < 22, "the run ended before the kill"
+    killed_at = []
+    for after in ("skipped", "rewind"):
+        process = LoggedProcess(command, tmp_path / f"{after}.log", cwd=ROOT,
+                                env=dict(os.environ, PRETRAIN_FAULT=fault))
+        process.wait_until(lambda: (resumed / "metrics.jsonl").is_file() and events(resumed, after), poll_s=0.005)
+        kill_tree(process)
+        process.wait()
+        killed_at.append(max(read_metrics(resumed)[0]))
+    assert killed_at[1] < 22, "the run ended before the kill"
+    assert "resumed from" in (tmp_path / "rewind.log").read_text()
     log = train([*argv, "--output_dir", resumed], fault=fault)
     assert "resumed from" in log
     expected, got = read_metrics(straight)[0], read_metrics(resumed)[0]
-    for step in range(killed_at, 23):
+    for step in range(killed_at[0], 23):
         assert got[step]["loss"] == expected[step]["loss"], step  # exact, not approximate
         assert got[step]["skipped_steps"] == expected[step]["skipped_steps"]
     assert final_eval_loss(resumed) == final_eval_loss(straight)
