@@ -2,8 +2,8 @@
 
 A save takes a snapshot: DeepSpeed hands each file's state dict to `SnapshotEngine.save` (its checkpoint-engine
 interface), which copies the tensors into CPU memory (pinned when they live on a GPU) and returns. A writer thread
-then writes the files with DeepSpeed's own engine, so the format is unchanged, forces them to disk, and marks this
-rank's part written. The main process's writer waits for every rank's mark and completes the checkpoint as a
+then writes the files as DeepSpeed's torch engine does (the same torch.save format), past the page cache where the
+filesystem allows it, forces them to disk, and marks this rank's part written. The main process's writer waits for every rank's mark and completes the checkpoint as a
 synchronous save does (trainer state, manifest, rename), so resume sees it only when it is whole: a crash during the
 write resumes from the previous checkpoint.
 

@@ -102,7 +102,7 @@ def complete_checkpoint(temporary: Path, final: Path, trainer_state: str, save_t
         sync_to_disk(temporary / relative)
     sync_to_disk(temporary / MANIFEST)
     if final.exists():
-        shutil.rmtree(final)
+        remove_checkpoint(final)
     os.rename(temporary, final)
     sync_to_disk(final.parent)
     prune_checkpoints(final.parent, save_total_limit)
@@ -112,15 +112,25 @@ def complete_checkpoint(temporary: Path, final: Path, trainer_state: str, save_t
 def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
     checkpoints = list_checkpoints(output_dir)
     for old in checkpoints[: max(0, len(checkpoints) - limit)] if limit else []:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_checkpoint(old)
+
+
+def remove_checkpoint(checkpoint: Path) -> None:
+    """Renamed out of resume's sight first: a run killed half-way through the deletion leaves a folder that resume
+    ignores (and the next start removes), never a damaged checkpoint-N."""
+    doomed = checkpoint.with_name(checkpoint.name + ".deleting")
+    os.rename(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def find_resume_checkpoint(args: TrainArguments) -> Path | None:
     """The checkpoint to resume from, after refusing an output_dir that holds foreign files."""
     output_dir = Path(args.output_dir)
-    for leftover in output_dir.glob("checkpoint-*.tmp") if output_dir.is_dir() else ():  # the lock: none is ours
+    leftovers = [*output_dir.glob("checkpoint-*.tmp"), *output_dir.glob("checkpoint-*.deleting")] \
+        if output_dir.is_dir() else []
+    for leftover in leftovers:  # the output lock says that no run is writing them
         shutil.rmtree(leftover, ignore_errors=True)
-        logger.info(f"removed {leftover.name}, left by a save that did not finish")
+        logger.info(f"removed {leftover.name}, left by a save or a deletion that did not finish")
     requested = args.resume_from_checkpoint
     if requested and requested != "latest":
         path = Path(requested)

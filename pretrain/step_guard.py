@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import statistics
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,8 @@ from typing import Any
 import torch
 
 from pretrain.arguments import TrainArguments
-from pretrain.checkpoints import TRAINER_STATE, checkpoint_damage, checkpoint_step, list_checkpoints
+from pretrain.checkpoints import TRAINER_STATE, checkpoint_damage, checkpoint_step, list_checkpoints, \
+    remove_checkpoint
 from pretrain.errors import NonFiniteLoss, private_api
 from pretrain.launch import deepspeed_config
 from pretrain.state import TrainState
@@ -178,7 +178,7 @@ def rewind(accelerator, scheduler, state: TrainState, args: TrainArguments, guar
     if accelerator.is_main_process:
         for newer in list_checkpoints(Path(args.output_dir)):  # saved during the trouble: never resume from them
             if checkpoint_step(newer) > saved.step:
-                shutil.rmtree(newer, ignore_errors=True)
+                remove_checkpoint(newer)
         by_source = f" ({', '.join(f'{n} {c}' for n, c in skipped['sources'].items())})" if mixture else ""
         logger.warning(f"rewind: {tried}; reloaded {target.name} (step {saved.step}) and skipped blocks "
                        f"{start}-{end} of the data order{by_source}, {args.rewind_margin_steps} global "
