@@ -275,7 +275,7 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
             guard.say_skipped(state, metrics)
         if guard.needs_rewind(args):  # skips in a row: back to the newest checkpoint before them, past the data
             with window.set_aside("save_s"), control.paused():
-                writer.wait()  # a checkpoint still being written may be the one to go back to
+                writer.wait_everywhere()  # a checkpoint still being written may be the one to go back to
                 rewind(accelerator, scheduler, state, args, guard, plan.mixture)
                 metrics.log({"step": state.step, "event": "rewind", **guard.records["rewinds"][-1]})
 

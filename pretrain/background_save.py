@@ -277,6 +277,11 @@ class CheckpointWriter:
                                          f"then rerun the same command: it resumes from the newest complete "
                                          f"checkpoint")
 
+    def wait_everywhere(self) -> None:
+        """wait() on every rank, then a barrier: every rank then sees the last checkpoint renamed into place."""
+        self.wait()
+        self.accelerator.wait_for_everyone()
+
     def wait(self) -> None:
         """Until the last save is written (and complete, on the main process); raises what its write raised."""
         if self.thread is not None:
