@@ -146,6 +146,25 @@ def test_interrupted_save_is_never_picked(assets, tmp_path):
     assert not (output / "checkpoint-8.tmp").exists()  # its gigabytes are not left behind
 
 
+def test_a_deletion_cut_short_never_leaves_a_damaged_checkpoint_under_its_name(assets, tmp_path, monkeypatch,
+                                                                              capfd):
+    """--save_total_limit's deletion killed half-way (here: rmtree fails after the rename): the old checkpoint is
+    out of resume's sight at once, and the next start removes what is left, saying so."""
+    output = tmp_path / "run"
+    argv = flags(assets, output, tmp_path / "cache", "--max_steps", 4, "--save_steps", 2)
+    run_in_process(argv)
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoints.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            checkpoints.prune_checkpoints(output, 1)
+    assert [c.name for c in checkpoints.list_checkpoints(output)] == ["checkpoint-4"]
+    assert (output / "checkpoint-2.deleting").is_dir()
+    capfd.readouterr()
+    assert checkpoints.find_resume_checkpoint(parse_args(argv)[2]) == output / "checkpoint-4"
+    assert not (output / "checkpoint-2.deleting").exists()
+    assert "removed checkpoint-2.deleting, left by a save or a deletion that did not finish" in capfd.readouterr().err
+
+
 def test_save_total_limit_keeps_the_newest(assets, tmp_path):
     output = tmp_path / "run"
     run_in_process(flags(assets, output, tmp_path / "cache", "--max_steps", 8, "--save_steps", 2,
