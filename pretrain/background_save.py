@@ -3,9 +3,9 @@
 A save takes a snapshot: DeepSpeed hands each file's state dict to `SnapshotEngine.save` (its checkpoint-engine
 interface), which copies the tensors into CPU memory (pinned when they live on a GPU) and returns. A writer thread
 then writes the files as DeepSpeed's torch engine does (the same torch.save format), past the page cache where the
-filesystem allows it, forces them to disk, and marks this rank's part written. The main process's writer waits for every rank's mark and completes the checkpoint as a
-synchronous save does (trainer state, manifest, rename), so resume sees it only when it is whole: a crash during the
-write resumes from the previous checkpoint.
+filesystem allows it, forces them to disk, and marks this rank's part written. The main process's writer waits for
+every rank's mark and completes the checkpoint as a synchronous save does (trainer state, manifest, rename), so
+resume sees it only when it is whole: a crash during the write resumes from the previous checkpoint.
 
 The next save, a rewind and the end of the loop (a stop signal's too) wait for the write. A snapshot that the free
 memory cannot hold is written synchronously, with one line. One process and DDP always save synchronously:
@@ -148,7 +148,7 @@ def snapshot(value: Any, memo: dict[Any, Any]) -> Any:
         copied.copy_(value.detach(), non_blocking=value.is_cuda)
     elif isinstance(value, dict):
         copied = type(value)((key, snapshot(item, memo)) for key, item in value.items())
-    elif isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+    elif type(value) in (list, tuple):  # a namedtuple is deep-copied whole below
         copied = type(value)(snapshot(item, memo) for item in value)
     else:
         copied = copy.deepcopy(value)
@@ -182,6 +182,7 @@ class CheckpointWriter:
         self.engine = model if background and accelerator.state.deepspeed_plugin is not None else None
         self.original = None  # DeepSpeed's checkpoint engine, which writes the files
         self.files: list[tuple[Any, str]] = []  # this save's snapshots and their paths
+        self.files_bytes = 0  # their tensors' bytes
         self.thread: threading.Thread | None = None
         self.error: CheckpointError | None = None
         self.too_big_said = False
@@ -216,9 +217,8 @@ class CheckpointWriter:
             self.engine.checkpoint_engine = self.original
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the copies to pinned memory have landed
-        size = sum(tensor_bytes(state) for state, _ in self.files)
         if self.files and self.accelerator.is_main_process:
-            logger.info(f"snapshot of {size / 1e9:.2f} GB (this process's part) taken in "
+            logger.info(f"snapshot of {self.files_bytes / 1e9:.2f} GB (this process's part) taken in "
                         f"{time.perf_counter() - begin:.2f} s; writing it in the background")
 
     def take(self, state_dict: dict[str, Any], path: str) -> None:
@@ -231,6 +231,7 @@ class CheckpointWriter:
             self.original.save(state_dict, path)
             return
         self.files.append((snapshot(state_dict, {}), path))
+        self.files_bytes += size
 
     def finish(self, step: int, temporary: Path, complete: Callable[[], None]) -> None:
         """After `save_state`: write this rank's snapshots and mark them written; the main process then waits for
@@ -242,7 +243,7 @@ class CheckpointWriter:
                 complete()
             self.accelerator.wait_for_everyone()
             return
-        files, self.files = self.files, []
+        files, self.files, self.files_bytes = self.files, [], 0
         rank, ranks = self.accelerator.process_index, self.accelerator.num_processes
         main = self.accelerator.is_main_process
         self.thread = threading.Thread(target=self.write, args=(files, step, temporary, rank, ranks, main, complete),

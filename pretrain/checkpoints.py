@@ -88,7 +88,8 @@ def save_checkpoint(accelerator, state: TrainState, args: TrainArguments, writer
                               f"disk has {shutil.disk_usage(output_dir).free / 1e6:.1f} MB free); free space or fix "
                               f"the folder, then rerun the same command: {then}") from None
     trainer_state = json.dumps(asdict(state), indent=1)  # as it is now: the loop goes on while a background write runs
-    writer.finish(state.step, temporary, lambda: complete_checkpoint(temporary, final, trainer_state, args.save_total_limit))
+    writer.finish(state.step, temporary,
+                  lambda: complete_checkpoint(temporary, final, trainer_state, args.save_total_limit))
     return final
 
 
@@ -143,7 +144,7 @@ def find_resume_checkpoint(args: TrainArguments) -> Path | None:
     checkpoints = list_checkpoints(output_dir)
     if args.overwrite_output_dir:
         for checkpoint in checkpoints:
-            shutil.rmtree(checkpoint, ignore_errors=True)
+            remove_checkpoint(checkpoint)
         return None
     for checkpoint in reversed(checkpoints):
         damage = checkpoint_damage(checkpoint)
