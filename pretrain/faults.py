@@ -7,7 +7,7 @@ KIND is what goes wrong:
   nan_loss  the loss is NaN (so is every gradient)
   nan_grad  one gradient (the input embedding's) is NaN, the loss stays finite
   hang      the process sleeps for an hour before its backward (a stuck filesystem, a deadlock), saying so first
-  slow_write  the background write of the checkpoint saved at that step starts 10 s late (a slow disk: room to
+  slow_write  the background write of the checkpoint saved at that step starts 5 s late (a slow disk: room to
             see training go on, or to kill the run mid-write)
 WHEN is when: `step=K` or `step=K-L` (optimizer steps as logged, from 1), or `batch=K` / `batch=K-L` (the global
 batches of the data order, from 1: what a poisoned stretch of the corpus would do, which a rewind skips past).
@@ -34,7 +34,7 @@ logger = logging.getLogger("train_loop")
 KINDS = ("spike", "nan_loss", "nan_grad", "hang", "slow_write")
 SPIKE_FACTOR = 1000.0
 HANG_S = 3600.0
-SLOW_WRITE_S = 10.0
+SLOW_WRITE_S = 5.0
 SPEC = re.compile(r"^(\w+)@(step|batch)=(\d+)(?:-(\d+))?(?:@rank=(\d+))?$")
 
 

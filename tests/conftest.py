@@ -181,3 +181,17 @@ def checkpoint_estimate_error(log, checkpoint):
     estimate = float(number) * (1e6 if unit == "MB" else 1e9)
     real = sum(p.stat().st_size for p in Path(checkpoint).rglob("*") if p.is_file())
     return abs(estimate - real) / real
+
+
+def scalars(folder):
+    """{tag: [steps]} of the TensorBoard events under `folder`, as TensorBoard shows them (orphans purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = [path.parent for path in folder.rglob("events.out.tfevents.*")]
+    assert runs, f"no event files under {folder}"
+    steps = {}
+    for run in set(runs):
+        events = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
+        for tag in events.Tags()["scalars"]:
+            steps.setdefault(tag, []).extend(event.step for event in events.Scalars(tag))
+    return steps

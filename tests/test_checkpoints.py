@@ -9,7 +9,8 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, LoggedProcess, checkpoint_estimate_error, kill_tree, logged_steps, read_metrics, run_in_process, tiny_flags
+from conftest import ROOT, LoggedProcess, checkpoint_estimate_error, kill_tree, logged_steps, read_metrics, run_in_process, \
+    scalars, tiny_flags
 
 import train_loop
 from pretrain import checkpoints
@@ -40,15 +41,20 @@ def finish(argv, timeout=300):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_exact_across_an_epoch_boundary(assets, tmp_path, mask="block_causal"):
-    """12 steps straight against 6 steps, SIGKILL, the same command again: steps 7-12 identical to the bit.
-    The tiny corpus holds 10 steps per epoch, so the resumed run starts mid-epoch and crosses into epoch 2. With
+    """12 steps straight against 6 steps, SIGKILL after step 7, the same command again: steps 7-12 identical to the
+    bit. The tiny corpus holds 10 steps per epoch, so the resumed run starts mid-epoch and crosses into epoch 2. With
     attention masked at documents, whose positions come with each batch; the causal default resumes to the bit in
-    test_step_guard.py and test_mixture.py, and under ZeRO-2 in test_distributed.py."""
+    test_step_guard.py and test_mixture.py, and under ZeRO-2 in test_distributed.py. Both report to TensorBoard:
+    step 7, logged and lost with the kill, shows once after the resume."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_in_process(flags(assets, straight, tmp_path / "cache", *SLOW, "--attn_mask_type", mask))
-    argv = flags(assets, resumed, tmp_path / "cache", *SLOW, "--save_steps", 6, "--attn_mask_type", mask)
+    extra = (*SLOW, "--attn_mask_type", mask, "--report_to", "tensorboard", "--eval_steps", 4, "--validation_files",
+             assets["small"], "--max_eval_samples", 16)
+    run_in_process(flags(assets, straight, tmp_path / "cache", *extra, "--logging_dir", tmp_path / "straight_logs"))
+    logs = tmp_path / "logs"
+    argv = flags(assets, resumed, tmp_path / "cache", *extra, "--save_steps", 6, "--logging_dir", logs)
     process = start(argv, tmp_path / "run.log")
-    process.wait_until(lambda: (resumed / "checkpoint-6").is_dir(), timeout=120, poll_s=0.005)
+    process.wait_until(lambda: (resumed / "checkpoint-6").is_dir() and max(logged_steps(resumed), default=0) >= 7,
+                       timeout=120, poll_s=0.005)
     kill_tree(process)
     process.wait()
     assert not (resumed / "model.safetensors").exists(), "the run ended before the kill"
@@ -60,12 +66,16 @@ def test_resume_after_sigkill_is_bit_exact_across_an_epoch_boundary(assets, tmp_
     for step in range(7, STEPS + 1):
         assert got[step]["loss"] == expected[step]["loss"], step  # exact, not approximate
         assert got[step]["lr"] == expected[step]["lr"] and got[step]["tokens_seen"] == expected[step]["tokens_seen"]
+    steps = scalars(logs / "tensorboard")
+    assert sorted(steps["loss"]) == list(range(1, STEPS + 1)), steps["loss"]
+    assert sorted(steps["lr"]) == list(range(1, STEPS + 1)) and sorted(steps["eval_loss"]) == [4, 8, 12]
+    assert len(list((logs / "tensorboard").rglob("hparams.yml"))) == 1  # the configuration once, not per launch
 
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_a_rerun_continues(assets, tmp_path):
     output = tmp_path / "run"
-    argv = flags(assets, output, tmp_path / "cache", *SLOW, "--max_steps", 60, "--save_steps", 1000)
+    argv = flags(assets, output, tmp_path / "cache", *SLOW, "--max_steps", 24, "--save_steps", 1000)
     process = start(argv, tmp_path / "run.log")
     process.wait_until(lambda: len(logged_steps(output)) >= 3, timeout=120, poll_s=0.005)
     process.send_signal(signal.SIGTERM)
@@ -73,11 +83,11 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_continues(assets, tmp_path):
     assert process.returncode == 0, out[-3000:]
     assert "stopped by SIGTERM" in out and "rerun the same command to resume" in out
     stopped_at = max(logged_steps(output))
-    assert stopped_at < 60 and [p.name for p in output.glob("checkpoint-*")] == [f"checkpoint-{stopped_at}"]
+    assert stopped_at < 24 and [p.name for p in output.glob("checkpoint-*")] == [f"checkpoint-{stopped_at}"]
     log = finish(argv)
     assert f"checkpoint-{stopped_at}" in log
     train, _ = read_metrics(output)
-    assert sorted(train) == list(range(1, 61)) and (output / "model.safetensors").exists()
+    assert sorted(train) == list(range(1, 25)) and (output / "model.safetensors").exists()
 
 
 @pytest.mark.slow

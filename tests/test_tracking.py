@@ -1,51 +1,14 @@
-"""--report_to through Accelerate's trackers: TensorBoard events under --logging_dir with no step twice after a
-SIGKILL and a resume, W&B offline runs that keep one id across a resume, `all`, and one line for a tracker that is
-not installed. SwanLab's own behaviour is tested where it always was (test_demo, test_train_loop)."""
+"""--report_to through Accelerate's trackers: W&B offline runs that keep one id across a resume, `all`, and one line
+for a tracker that is not installed. TensorBoard's events with no step twice after a SIGKILL and a resume are
+checked by the SIGKILL test of test_checkpoints.py; SwanLab's own behaviour in test_demo and test_train_loop."""
 
 import importlib.util
 import json
 
 import pytest
-from conftest import ROOT, LoggedProcess, kill_tree, logged_steps, run_in_process, tiny_flags
+from conftest import run_in_process, tiny_flags
 
 from pretrain.errors import UsageError
-
-
-def scalars(folder):
-    """{tag: [steps]} of the TensorBoard events under `folder`, as TensorBoard shows them (orphans purged)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    runs = [path.parent for path in folder.rglob("events.out.tfevents.*")]
-    assert runs, f"no event files under {folder}"
-    steps = {}
-    for run in set(runs):
-        events = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
-        for tag in events.Tags()["scalars"]:
-            steps.setdefault(tag, []).extend(event.step for event in events.Scalars(tag))
-    return steps
-
-
-@pytest.mark.slow
-def test_tensorboard_logs_every_step_once_across_a_sigkill_and_a_resume(assets, tmp_path):
-    import sys
-
-    output, logs = tmp_path / "run", tmp_path / "logs"
-    argv = [sys.executable, str(ROOT / "train_loop.py"),
-            *map(str, tiny_flags(assets, output, tmp_path / "cache", "--report_to", "tensorboard", "--logging_dir",
-                                 logs, "--save_steps", 4, "--eval_steps", 4, "--validation_split_percentage", 10,
-                                 "--max_steps", 100000))]
-    first = LoggedProcess(argv, tmp_path / "first.log", cwd=ROOT)
-    first.wait_until(lambda: (output / "checkpoint-4").is_dir() and max(logged_steps(output), default=0) >= 6)
-    kill_tree(first)  # steps 5 and 6 are logged, and lost with the run: the resume redoes them
-    first.wait()
-    second = LoggedProcess(argv[:-1] + ["8"], tmp_path / "second.log", cwd=ROOT)
-    assert second.wait(timeout=300) == 0, second.output()[-3000:]
-    steps = scalars(logs / "tensorboard")
-    assert sorted(steps["loss"]) == list(range(1, 9)), steps["loss"]
-    assert sorted(steps["lr"]) == list(range(1, 9))
-    assert sorted(steps["eval_loss"]) == [4, 8]
-    hparams = [path for path in (logs / "tensorboard").rglob("hparams.yml")]
-    assert len(hparams) == 1, hparams  # the run's configuration once, not once per launch
 
 
 def test_wandb_offline_keeps_one_run_id_across_a_resume(assets, tmp_path, monkeypatch):
