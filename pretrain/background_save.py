@@ -7,7 +7,8 @@ filesystem allows it, forces them to disk, and marks this rank's part written. T
 every rank's mark and completes the checkpoint as a synchronous save does (trainer state, manifest, rename), so
 resume sees it only when it is whole: a crash during the write resumes from the previous checkpoint.
 
-The next save, a rewind and the end of the loop (a stop signal's too) wait for the write. A snapshot that the free
+The next save, a rewind and the end of the loop (a stop signal's too) wait for the write. Each snapshot is copied
+into the buffers of the one before (StagingBuffers), so only the first save allocates. A snapshot that the free
 memory cannot hold is written synchronously, with one line. One process and DDP always save synchronously:
 Accelerate writes their files itself, with no engine to hand the state to, and theirs are the small runs.
 """
@@ -136,7 +137,35 @@ def tensor_bytes(value: Any, seen: set | None = None) -> int:
     return 0
 
 
-def snapshot(value: Any, memo: dict[Any, Any]) -> Any:
+class StagingBuffers:
+    """The CPU tensors that snapshots are copied into, kept from one save for the next. A copy into memory touched
+    before runs at memory speed; into a fresh allocation it first takes every page from the operating system, 4 KiB
+    at a time, which made the copy several times slower and most of the time a save held training (bench/README.md,
+    "Saves in the background"); pinned memory on a GPU machine is slower still to allocate. The price: a snapshot's
+    size stays allocated between saves."""
+
+    def __init__(self) -> None:
+        self.spare: dict[tuple, list[torch.Tensor]] = {}  # by (shape, dtype, pinned): the last snapshot's buffers
+        self.in_use: list[torch.Tensor] = []  # this snapshot's, until its write is done
+
+    def take(self, shape: torch.Size, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+        spare = self.spare.get((tuple(shape), dtype, pinned))
+        buffer = spare.pop() if spare else torch.empty(shape, dtype=dtype, pin_memory=pinned)
+        self.in_use.append(buffer)
+        return buffer
+
+    def spare_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for buffers in self.spare.values() for b in buffers)
+
+    def written(self) -> None:
+        """The snapshot is on disk: its buffers serve the next one; spares it did not use (another shape) go."""
+        self.spare = {}
+        for buffer in self.in_use:
+            self.spare.setdefault((tuple(buffer.shape), buffer.dtype, buffer.is_pinned()), []).append(buffer)
+        self.in_use = []
+
+
+def snapshot(value: Any, memo: dict[Any, Any], staging: StagingBuffers) -> Any:
     """A copy of a state dict that training cannot change: tensors copied to CPU memory (a view only as large as
     itself; the same view reached twice, as a tied weight is, copied once, as torch.save stores it once),
     containers rebuilt, the rest deep-copied."""
@@ -144,12 +173,12 @@ def snapshot(value: Any, memo: dict[Any, Any]) -> Any:
     if key in memo:
         return memo[key]
     if isinstance(value, torch.Tensor):
-        copied = torch.empty(value.shape, dtype=value.dtype, pin_memory=value.is_cuda)
+        copied = staging.take(value.shape, value.dtype, pinned=value.is_cuda)
         copied.copy_(value.detach(), non_blocking=value.is_cuda)
     elif isinstance(value, dict):
-        copied = type(value)((key, snapshot(item, memo)) for key, item in value.items())
+        copied = type(value)((key, snapshot(item, memo, staging)) for key, item in value.items())
     elif type(value) in (list, tuple):  # a namedtuple is deep-copied whole below
-        copied = type(value)(snapshot(item, memo) for item in value)
+        copied = type(value)(snapshot(item, memo, staging) for item in value)
     else:
         copied = copy.deepcopy(value)
     memo[key] = copied
@@ -183,6 +212,7 @@ class CheckpointWriter:
         self.original = None  # DeepSpeed's checkpoint engine, which writes the files
         self.files: list[tuple[Any, str]] = []  # this save's snapshots and their paths
         self.files_bytes = 0  # their tensors' bytes
+        self.staging = StagingBuffers()
         self.thread: threading.Thread | None = None
         self.error: CheckpointError | None = None
         self.too_big_said = False
@@ -223,14 +253,14 @@ class CheckpointWriter:
 
     def take(self, state_dict: dict[str, Any], path: str) -> None:
         size, available = tensor_bytes(state_dict), psutil.virtual_memory().available
-        if size > MEMORY_HEADROOM * available:
+        if size - self.staging.spare_bytes() > MEMORY_HEADROOM * available:
             if not self.too_big_said:
                 logger.warning(f"the snapshot of {Path(path).name} ({size / 1e9:.2f} GB) does not fit in the free "
                                f"memory ({available / 1e9:.2f} GB): saved synchronously")
                 self.too_big_said = True
             self.original.save(state_dict, path)
             return
-        self.files.append((snapshot(state_dict, {}), path))
+        self.files.append((snapshot(state_dict, {}, self.staging), path))
         self.files_bytes += size
 
     def finish(self, step: int, temporary: Path, complete: Callable[[], None]) -> None:
@@ -288,6 +318,7 @@ class CheckpointWriter:
         if self.thread is not None:
             self.thread.join()
             self.thread = None
+            self.staging.written()
         if self.error is not None:
             error, self.error = self.error, None
             raise error

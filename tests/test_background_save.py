@@ -10,7 +10,7 @@ import torch
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
 from pretrain import background_save
-from pretrain.background_save import CheckpointWriter, snapshot
+from pretrain.background_save import CheckpointWriter, StagingBuffers, snapshot
 from pretrain.errors import CheckpointError
 
 
@@ -19,7 +19,7 @@ def test_a_snapshot_is_a_compact_copy_that_training_cannot_change():
     flat = torch.zeros(1000)
     view = flat[10:20]  # a parameter that lives in a flat buffer, as under ZeRO
     state = {"embed": weight.detach(), "head": weight.detach(), "partition": view, "step": [3], "config": {"lr": 1e-3}}
-    copied = snapshot(state, {})
+    copied = snapshot(state, {}, StagingBuffers())
     assert copied["embed"] is copied["head"]  # a tied weight (two views of one storage) once, as torch.save stores it
     assert copied["partition"].untyped_storage().nbytes() == 10 * 4  # the view, not its 1000-element buffer
     weight.add_(1.0)
@@ -51,12 +51,34 @@ def test_the_write_waits_for_finish_and_a_snapshot_too_big_for_memory_is_written
     assert torch.equal(torch.load(folder / "a.pt")["w"], torch.ones(3)) and completed == [True]
     assert not list(folder.glob(".written-rank*"))
 
-    monkeypatch.setattr(background_save, "MEMORY_HEADROOM", 0.0)
+    monkeypatch.setattr(background_save, "MEMORY_HEADROOM", 0.0)  # (the buffer of a.pt would take 3 of them)
     with caplog.at_level(logging.WARNING, logger="train_loop"), writer.snapshots():
-        engine.checkpoint_engine.save({"w": torch.ones(3)}, str(folder / "b.pt"))
+        engine.checkpoint_engine.save({"w": torch.ones(5)}, str(folder / "b.pt"))
         assert (folder / "b.pt").is_file()  # written before save_state returns
     said = [r.getMessage() for r in caplog.records if "does not fit in the free memory" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("the snapshot of b.pt (0.00 GB)") and "saved synchronously" in said[0]
+
+
+def test_the_next_snapshot_is_copied_into_the_buffers_of_the_last_once_it_is_written(tmp_path):
+    writer, engine = writer_for(tmp_path)
+    weight, moments = torch.zeros(64, 8), torch.zeros(2, 100)
+    buffers = []
+    for step in (1, 2, 3):
+        weight.fill_(step)
+        moments.fill_(-step)
+        folder = tmp_path / f"checkpoint-{step}.tmp"
+        folder.mkdir()
+        with writer.snapshots():
+            engine.checkpoint_engine.save({"w": weight, "m": moments, "m0": moments[0]}, str(folder / "s.pt"))
+        buffers.append(list(writer.staging.in_use))  # kept alive: a fresh allocation cannot reuse their memory
+        weight.fill_(99)  # training goes on during the write
+        writer.finish(step, folder, lambda: None)
+        writer.wait()
+        state = torch.load(folder / "s.pt")
+        assert torch.equal(state["w"], torch.full((64, 8), float(step)))
+        assert torch.equal(state["m"], torch.full((2, 100), -float(step))) and torch.equal(state["m0"], state["m"][0])
+    assert len(buffers[0]) == 3  # no allocation after the first save:
+    assert all({id(b) for b in buffers[0]} == {id(b) for b in later} for later in buffers[1:])
 
 
 def test_a_failed_background_write_is_one_line_at_the_next_wait(tmp_path):

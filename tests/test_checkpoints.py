@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import ROOT, LoggedProcess, checkpoint_estimate_error, kill_tree, logged_steps, read_metrics, run_in_process, \
     scalars, tiny_flags
 
@@ -422,6 +423,26 @@ def test_non_finite_loss_stops_without_overwriting_a_good_checkpoint(assets, tmp
     for checkpoint in saved:  # every step until the failure was saved, and no weights are NaN or inf
         assert all(t.isfinite().all() for t in load_file(checkpoint / "model.safetensors").values())
     assert not (output / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_weight_that_is_not_finite_anywhere_stops_the_save(bad):
+    """The check before every save: one bad value anywhere in any weight (here the last value of a large bf16
+    matrix beside fp32 ones), or in the unlogged losses, is found; finite weights pass."""
+    import types
+
+    from pretrain.run_control import ensure_savable
+
+    model = torch.nn.Sequential(torch.nn.LayerNorm(300), torch.nn.Linear(300, 4000).to(torch.bfloat16))
+    accelerator = types.SimpleNamespace(reduce=lambda tensor, reduction: tensor)
+    args = parse_args(["--output_dir", "unused"])[2]
+    ensure_savable(accelerator, model, torch.zeros(2), 5, args)
+    with pytest.raises(NonFiniteLoss, match="loss or weights"):
+        ensure_savable(accelerator, model, torch.tensor([0.0, bad]), 5, args)
+    with torch.no_grad():
+        model[1].weight[-1, -1] = bad
+    with pytest.raises(NonFiniteLoss, match="loss or weights"):
+        ensure_savable(accelerator, model, torch.zeros(2), 5, args)
 
 
 def test_resume_inside_a_later_epoch_keeps_that_epochs_order(assets, tmp_path):
