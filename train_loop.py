@@ -311,7 +311,7 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
         if stopping:
             break
     with window.set_aside("save_s"), control.paused():
-        writer.wait()  # the last checkpoint is complete before the run ends
+        writer.wait(last=True)  # the last checkpoint is complete before the run ends
     return (control.stop.signal_name or "signal on another rank") if stopping else "done"
 
 

@@ -313,12 +313,15 @@ class CheckpointWriter:
         self.wait()
         self.accelerator.wait_for_everyone()
 
-    def wait(self) -> None:
-        """Until the last save is written (and complete, on the main process); raises what its write raised."""
+    def wait(self, last: bool = False) -> None:
+        """Until the last save is written (and complete, on the main process); raises what its write raised.
+        `last`: no save follows, so the memory kept for the next snapshot goes back."""
         if self.thread is not None:
             self.thread.join()
             self.thread = None
             self.staging.written()
+        if last:
+            self.staging = StagingBuffers()
         if self.error is not None:
             error, self.error = self.error, None
             raise error

@@ -119,9 +119,10 @@ def ensure_savable(accelerator, model, loss_sum: torch.Tensor, step: int, args: 
     """Never write NaN or inf over a good checkpoint: check the unlogged losses and the weights (one sync). Each
     weight's smallest and largest values are NaN or infinite when any of its values is: one pass over the weights
     without a temporary, where counting the non-finite values took 0.9 s for 90M parameters on a CPU core."""
-    ends = [end.float() for p in model.parameters() if p.numel() for end in torch.aminmax(p.detach())]
+    local = [getattr(p, "ds_tensor", p).detach() for p in model.parameters()]  # ZeRO-3: this rank's partition
+    ends = [end.float().to(loss_sum.device) for part in local if part.numel() for end in torch.aminmax(part)]
     bad = (~torch.isfinite(loss_sum)).sum().float()
-    if ends:  # none on a rank that holds no weights (ZeRO-3 partitions them outside the module)
+    if ends:
         bad += (~torch.isfinite(torch.stack(ends))).sum()
     if accelerator.reduce(bad, reduction="sum").item():
         raise non_finite("loss or weights", step, args)
