@@ -33,15 +33,16 @@ def start(argv, log):
     return LoggedProcess([sys.executable, str(ROOT / "train_loop.py"), *map(str, argv)], log, cwd=ROOT)
 
 
-def finish(argv, timeout=300):
-    result = subprocess.run([sys.executable, str(ROOT / "train_loop.py"), *map(str, argv)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stderr
+def finish(argv, capfd):
+    """The rerun that resumes, to the end, in this process (a new process proves nothing more: the killed run was
+    one); what it logged."""
+    capfd.readouterr()
+    run_in_process(list(map(str, argv)))
+    return capfd.readouterr().err
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_is_bit_exact_across_an_epoch_boundary(assets, tmp_path, mask="block_causal"):
+def test_resume_after_sigkill_is_bit_exact_across_an_epoch_boundary(assets, tmp_path, capfd, mask="block_causal"):
     """12 steps straight against 6 steps, SIGKILL after step 8, the same command again: steps 7-12 identical to the
     bit. The tiny corpus holds 10 steps per epoch, so the resumed run starts mid-epoch and crosses into epoch 2. With
     attention masked at documents, whose positions come with each batch; the causal default resumes to the bit in
@@ -61,7 +62,7 @@ def test_resume_after_sigkill_is_bit_exact_across_an_epoch_boundary(assets, tmp_
     process.wait()
     assert not (resumed / "model.safetensors").exists(), "the run ended before the kill"
     assert 7 in scalars(logs / "tensorboard")["loss"]  # logged, then lost with the kill: the resume logs it again
-    log = finish(argv)
+    log = finish(argv, capfd)
     assert "resumed from" in log and "checkpoint-6" in log
     expected, _ = read_metrics(straight)
     got, _ = read_metrics(resumed)
@@ -76,7 +77,7 @@ def test_resume_after_sigkill_is_bit_exact_across_an_epoch_boundary(assets, tmp_
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_a_rerun_continues(assets, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_a_rerun_continues(assets, tmp_path, capfd):
     output = tmp_path / "run"
     argv = flags(assets, output, tmp_path / "cache", *SLOW, "--max_steps", 24, "--save_steps", 1000)
     process = start(argv, tmp_path / "run.log")
@@ -87,14 +88,14 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_continues(assets, tmp_path):
     assert "stopped by SIGTERM" in out and "rerun the same command to resume" in out
     stopped_at = max(logged_steps(output))
     assert stopped_at < 24 and [p.name for p in output.glob("checkpoint-*")] == [f"checkpoint-{stopped_at}"]
-    log = finish(argv)
+    log = finish(argv, capfd)
     assert f"checkpoint-{stopped_at}" in log
     train, _ = read_metrics(output)
     assert sorted(train) == list(range(1, 25)) and (output / "model.safetensors").exists()
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_always_resumes_from_a_complete_checkpoint(assets, tmp_path):
+def test_sigkill_at_random_moments_always_resumes_from_a_complete_checkpoint(assets, tmp_path, capfd):
     output = tmp_path / "run"
     argv = flags(assets, output, tmp_path / "cache", *SLOW, "--max_steps", 40, "--save_steps", 1,
                  "--save_total_limit", 2)
@@ -125,7 +126,7 @@ def test_sigkill_at_random_moments_always_resumes_from_a_complete_checkpoint(ass
         assert complete and all(checkpoints.checkpoint_damage(c) is None for c in complete)
     assert killed_mid_save >= 1 and resumed_steps == sorted(resumed_steps)
     assert not (output / "model.safetensors").exists()
-    log = finish(argv)
+    log = finish(argv, capfd)
     assert "resumed from" in log
     train, _ = read_metrics(output)
     assert sorted(train) == list(range(1, 41)) and (output / "model.safetensors").exists()
@@ -207,7 +208,8 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_whose_checkpoints_do_not_fit_on_the_disk_is_warned_and_the_advice_fits(assets, tmp_path, small_disk):
+def test_a_run_whose_checkpoints_do_not_fit_on_the_disk_is_warned_and_the_advice_fits(assets, tmp_path, small_disk,
+                                                                                      capfd):
     argv = flags(assets, small_disk / "run", tmp_path / "cache", "--max_steps", 8, "--save_steps", 1,
                  "--validation_split_percentage", 0)
     full = subprocess.run([sys.executable, str(ROOT / "train_loop.py"), *map(str, argv)], cwd=ROOT,
@@ -222,7 +224,7 @@ def test_a_run_whose_checkpoints_do_not_fit_on_the_disk_is_warned_and_the_advice
     assert full.returncode == 1 and "free space or fix the folder, then rerun the same command: it resumes from " \
         "checkpoint-" in full.stderr
     # The advice fits: the rerun resumes, keeps only that many checkpoints before its first save, and finishes.
-    log = finish(argv + ["--save_total_limit", warning.group(1)])
+    log = finish(argv + ["--save_total_limit", warning.group(1)], capfd)
     assert "resumed from" in log and "will not fit" not in log and (small_disk / "run" / "model.safetensors").is_file()
     assert len(checkpoints.list_checkpoints(small_disk / "run")) == int(warning.group(1))
 

@@ -133,22 +133,27 @@ def test_a_changed_schedule_is_said_on_resume(assets, tmp_path, capfd):
     assert "schedule changed" not in capfd.readouterr().err
 
 
-@pytest.mark.slow
-def test_help_shows_each_default_once_and_flag_prefixes_are_refused(assets, tmp_path):
-    help_text = subprocess.run([sys.executable, str(ROOT / "train_loop.py"), "--help"], capture_output=True,
-                               text=True, timeout=60).stdout
-    assert "(default: the model's or config's own)." in help_text
+def test_help_shows_each_default_once_and_flag_prefixes_are_refused(assets, tmp_path, capsys):
+    """`--help` of train_loop.py and of data_utils.py, and their errors, each called as its command line calls it."""
+    import data_utils
+
+    with pytest.raises(SystemExit) as exited:
+        run_in_process(["--help"], entry="cli")
+    help_text = capsys.readouterr().out
+    assert exited.value.code == 0 and "(default: the model's or config's own)." in help_text
     assert "(default: None)" not in help_text and "(default: 8)" in help_text
     with pytest.raises(SystemExit) as exited:
         run_in_process(tiny_flags(assets, tmp_path / "run", tmp_path / "cache", "--max_steps", 4, "--max_step", 5),
                        entry="cli")
     assert exited.value.code == "error: unknown argument(s): --max_step 5; see python train_loop.py --help"
-    cli = subprocess.run([sys.executable, str(ROOT / "data_utils.py"), "--tokenizer_name", str(assets["tokenizer"]),
-                          "--train_files", str(assets["tiny"])], capture_output=True, text=True, timeout=60)
-    assert cli.stderr.strip().splitlines()[-1] == ("error: --block_size is required: the tokens per training block; "
-                                                   "pass the training run's value, e.g. --block_size 2048")
-    assert "dataloader" not in subprocess.run([sys.executable, str(ROOT / "data_utils.py"), "--help"],
-                                              capture_output=True, text=True, timeout=60).stdout
+    with pytest.raises(SystemExit) as exited:
+        data_utils.main(["--tokenizer_name", str(assets["tokenizer"]), "--train_files", str(assets["tiny"])])
+    assert exited.value.code == ("error: --block_size is required: the tokens per training block; pass the "
+                                 "training run's value, e.g. --block_size 2048")
+    with pytest.raises(SystemExit) as exited:
+        data_utils.main(["--help"])
+    data_help = capsys.readouterr().out
+    assert exited.value.code == 0 and "--block_size" in data_help and "dataloader" not in data_help
 
 
 def test_a_warmup_as_long_as_the_run_is_said(assets, tmp_path, capfd):

@@ -170,10 +170,12 @@ def test_zero3_skips_a_spike_and_nan_gradients_with_state_untouched(assets, one_
 POISONED = "nan_loss@batch=15-17"  # three global batches of the data order
 
 
-def test_a_poisoned_stretch_is_rewound_past_and_the_run_finishes(assets, tmp_path):
+def test_a_poisoned_stretch_is_rewound_past_and_the_run_finishes(assets, tmp_path, monkeypatch, capfd):
     output = tmp_path / "run"
-    log = train(flags(assets, output, tmp_path / "cache", "--save_steps", 5, "--rewind_after_skips", 3),
-                fault=POISONED)
+    monkeypatch.setenv("PRETRAIN_FAULT", POISONED)
+    run_in_process(list(map(str, flags(assets, output, tmp_path / "cache", "--save_steps", 5,
+                                       "--rewind_after_skips", 3))))
+    log = capfd.readouterr().err
     rewind = [line for line in log.splitlines() if "rewind:" in line]
     assert len(rewind) == 1 and "steps 15-17 were skipped (the last: loss nan); reloaded checkpoint-10 (step 10) " \
         "and skipped blocks 40-76 of the data order, 2 global batches past the trouble; training goes on at step " \
@@ -187,18 +189,22 @@ def test_a_poisoned_stretch_is_rewound_past_and_the_run_finishes(assets, tmp_pat
     assert train_records[STEPS]["skipped_steps"] == 3
 
 
-def test_trouble_that_comes_back_after_a_rewind_stops_with_one_line(assets, tmp_path):
+def test_trouble_that_comes_back_after_a_rewind_stops_with_one_line(assets, tmp_path, monkeypatch, capfd):
+    """Through cli(), as the command line runs it: the one line is what the process exits with."""
     output = tmp_path / "run"
-    log = train(flags(assets, output, tmp_path / "cache", "--save_steps", 5, "--rewind_after_skips", 2),
-                fault="nan_loss@step=12-30", expect=1)
-    assert log.count("rewind:") == 1
-    assert log.strip().splitlines()[-1] == (
+    monkeypatch.setenv("PRETRAIN_FAULT", "nan_loss@step=12-30")
+    with pytest.raises(SystemExit) as exited:
+        run_in_process(list(map(str, flags(assets, output, tmp_path / "cache", "--save_steps", 5,
+                                           "--rewind_after_skips", 2))), entry="cli")
+    assert exited.value.code == (
         "error: steps 14-15 were skipped (the last: loss nan), after a rewind at step 13 to checkpoint-10 that "
         "skipped blocks 40-60: the trouble came back; lower --learning_rate, or check the data from block 40 on")
-    assert "Traceback" not in log
+    log = capfd.readouterr().err
+    assert log.count("rewind:") == 1 and "Traceback" not in log
 
 
-def test_sigkill_right_after_a_skip_and_right_after_a_rewind_resumes_to_the_bit(assets, tmp_path, monkeypatch):
+def test_sigkill_right_after_a_skip_and_right_after_a_rewind_resumes_to_the_bit(assets, tmp_path, monkeypatch,
+                                                                             capfd):
     """One run killed twice, right after its skip at step 8 and, rerun, right after its rewind at step 17, then
     rerun to the end: every step from the first kill on equals the run never killed, to the bit."""
     argv = flags(assets, tmp_path / "x", tmp_path / "cache", *SLOW, "--save_steps", 5, "--rewind_after_skips", 3,
@@ -218,8 +224,9 @@ def test_sigkill_right_after_a_skip_and_right_after_a_rewind_resumes_to_the_bit(
         killed_at.append(max(read_metrics(resumed)[0]))
     assert killed_at[1] < 22, "the run ended before the kill"
     assert "resumed from" in (tmp_path / "rewind.log").read_text()
-    log = train([*argv, "--output_dir", resumed], fault=fault)
-    assert "resumed from" in log
+    capfd.readouterr()
+    run_in_process([*map(str, argv), "--output_dir", str(resumed)])  # the last rerun, in this process
+    assert "resumed from" in capfd.readouterr().err
     expected, got = read_metrics(straight)[0], read_metrics(resumed)[0]
     for step in range(killed_at[0], 23):
         assert got[step]["loss"] == expected[step]["loss"], step  # exact, not approximate
