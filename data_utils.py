@@ -365,8 +365,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return packed.stats
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> None:
+    """main() with the errors a user can fix as one line (and exit status 1) instead of a traceback."""
     try:
-        main()
+        main(argv)
     except (DataError, UsageError) as error:
         sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    cli()

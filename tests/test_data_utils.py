@@ -205,13 +205,10 @@ def test_skipping_batches_reads_nothing_skipped(assets, tokenizer, tmp_path):
     assert len(reads) <= 4  # the first kept batch and one look-ahead: none of the 10 skipped blocks
 
 
-def test_cli_prints_stats_as_last_line(assets, tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "data_utils.py"), "--train_files", str(assets["small"]),
-                             "--tokenizer_name", str(assets["tokenizer"]), "--block_size", "64",
-                             "--preprocessing_num_workers", "2", "--data_cache_dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    stats = json.loads(result.stdout.strip().splitlines()[-1])
+def test_cli_prints_stats_as_last_line(assets, tmp_path, capsys):
+    data_utils.cli(["--train_files", str(assets["small"]), "--tokenizer_name", str(assets["tokenizer"]),
+                    "--block_size", "64", "--preprocessing_num_workers", "2", "--data_cache_dir", str(tmp_path)])
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("documents", "tokens", "blocks", "dropped_tokens", "skipped_documents", "seconds", "cache_dir"):
         assert key in stats
     assert stats["documents"] == 800 and stats["cache_dir"].startswith(str(tmp_path))
@@ -310,20 +307,18 @@ def test_tokenizer_without_eos(assets, tokenizer, tmp_path):
 
 
 def test_cli_error_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "data_utils.py"), "--train_files", str(tmp_path / "x.jsonl"),
-                             "--tokenizer_name", "unused", "--block_size", "8", "--bogus", "1"],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == ["error: unrecognized arguments: --bogus 1"]
+    """What `python data_utils.py` runs (cli()): the one line is what the process exits with, nothing else raised."""
+    with pytest.raises(SystemExit) as exited:
+        data_utils.cli(["--train_files", str(tmp_path / "x.jsonl"), "--tokenizer_name", "unused", "--block_size", "8",
+                        "--bogus", "1"])
+    assert exited.value.code == "error: unrecognized arguments: --bogus 1"
 
 
 def test_cli_tokenizer_that_cannot_load_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "data_utils.py"), "--train_files", str(tmp_path / "x.jsonl"),
-                             "--tokenizer_name", str(tmp_path / "no_tokenizer"), "--block_size", "8"],
-                            capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: --tokenizer_name {tmp_path / 'no_tokenizer'}: cannot be loaded (")
+    with pytest.raises(SystemExit) as exited:
+        data_utils.cli(["--train_files", str(tmp_path / "x.jsonl"), "--tokenizer_name", str(tmp_path / "no_tokenizer"),
+                        "--block_size", "8"])
+    assert exited.value.code.startswith(f"error: --tokenizer_name {tmp_path / 'no_tokenizer'}: cannot be loaded (")
 
 
 def test_a_cache_built_beforehand_is_reused_whatever_the_training_seed(assets, tmp_path, capfd):
