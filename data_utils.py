@@ -46,6 +46,19 @@ from pretrain.mixture_spec import parse_mixture
 logger = logging.getLogger("data_utils")
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes each line to sys.stderr as it is then, not as it was when the handler was made: after a caller (a test
+    that captures the output, a redirect) has put it back, the lines still go somewhere open."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _ignored) -> None:
+        pass
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Tokenizing and packing
 # ----------------------------------------------------------------------------------------------------------------------
@@ -346,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         error(f"unrecognized arguments: {' '.join(unknown)}")
     if not logger.handlers:  # the build's progress lines when stderr is not a terminal
-        handler = logging.StreamHandler()
+        handler = StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

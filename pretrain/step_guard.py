@@ -1,7 +1,7 @@
 """Steps that would hurt the run are not taken, and repeated trouble is rewound past, with no person at hand.
 
 A step whose global-batch loss or gradient norm is more than --spike_sigma standard deviations above the mean of
-the last --spike_window applied steps (OLMo-core's SkipStepOptimizer rule), or is not finite, is skipped: weights,
+the last --spike_window steps (OLMo-core's SkipStepOptimizer rule), or is not finite, is skipped: weights,
 optimizer moments and the optimizer's step count stay as they were. --rewind_after_skips skips in a row reload the
 newest checkpoint from before them (PaLM's answer to spikes) and move the data --rewind_margin_steps global batches
 past the stretch read since then. Trouble again within --spike_window steps of a rewind stops the run in one line.
@@ -77,12 +77,15 @@ class StepGuard:
         return self.skipped is not None
 
     def judge(self, grad_norm: float | None) -> bool:
-        """Decide the step from its loss and gradient norm, and count it; True when it is skipped."""
+        """Decide the step from its loss and gradient norm, and count it; True when it is skipped. Every finite value
+        joins the window, a skipped step's too, as in OLMo-core: a change of level (the one-process demo's gradient
+        norm, 0.9 to 7-9 at step 199) is absorbed within a few steps, where a window of applied steps alone skipped
+        every step after it until a rewind threw away data that was fine."""
         self.skipped = self.why_skip(self.loss, grad_norm)
+        for name, value in (("losses", self.loss), ("norms", grad_norm)):
+            if value is not None and math.isfinite(value):
+                self.records[name] = (self.records[name] + [value])[-self.window:]
         if self.skipped is None:
-            for name, value in (("losses", self.loss), ("norms", grad_norm)):
-                if value is not None:
-                    self.records[name] = (self.records[name] + [value])[-self.window:]
             self.records["in_a_row"] = 0
         else:
             self.records["skipped_steps"] += 1
