@@ -232,3 +232,29 @@ def test_sigkill_right_after_a_skip_and_right_after_a_rewind_resumes_to_the_bit(
         assert got[step]["loss"] == expected[step]["loss"], step  # exact, not approximate
         assert got[step]["skipped_steps"] == expected[step]["skipped_steps"]
     assert final_eval_loss(resumed) == final_eval_loss(straight)
+
+
+def test_a_change_of_level_is_taken_in_after_a_few_skips_and_never_causes_a_rewind():
+    """The window takes in every finite value, a skipped step's too (OLMo-core's rule): a gradient norm that jumps
+    from about 0.9 to about 8 and stays there, as on the one-process demo at step 199, is skipped for a few steps, not
+    until a rewind; a NaN never enters the window."""
+    import random
+    import types
+
+    from pretrain.arguments import TrainArguments
+    from pretrain.state import TrainState
+    from pretrain.step_guard import StepGuard
+
+    accelerator = types.SimpleNamespace(device="cpu", state=types.SimpleNamespace(deepspeed_plugin=None))
+    guard = StepGuard(accelerator, None, TrainArguments(), TrainState())
+    noise = random.Random(0)
+    skipped = []
+    for step in range(1, 301):
+        guard.loss = 2.0 + noise.gauss(0, 0.01)
+        norm = (0.9 if step < 200 else 8.0) + noise.gauss(0, 0.05)
+        guard.judge(float("nan") if step == 150 else norm)
+        if guard.skipped:
+            skipped.append(step)
+    assert skipped[0] == 150 and 200 in skipped  # the NaN, and the jump
+    assert max(skipped) < 200 + guard.window // 32 and guard.records["in_a_row"] == 0
+    assert all(value == value for value in guard.records["norms"])  # no NaN in the window
