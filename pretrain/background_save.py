@@ -155,7 +155,7 @@ class StagingBuffers:
         return buffer
 
     def spare_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for buffers in self.spare.values() for b in buffers)
+        return tensor_bytes(self.spare)
 
     def written(self) -> None:
         """The snapshot is on disk: its buffers serve the next one; spares it did not use (another shape) go."""
