@@ -282,7 +282,7 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
         # Log: the loss over the window's micro-batches and processes (and per source of a mixture), throughput, memory.
         if is_due(args.logging_strategy, args.logging_steps, state, epoch_done) or last:
             record = log_window(accelerator, window, plan, state, args, metrics, lr=scheduler.get_last_lr()[0],
-                                grad_norm=grad_norm_after_step(accelerator, model, clip_norm))
+                                grad_norm=grad_norm_after_step(accelerator, model, clip_norm, args.optim))
             control.warn_if_a_stop_cannot_save(record["step_time_s"])
 
         # Once any rank was asked to stop, only the save is left: the launcher kills workers 30 s after a signal.
@@ -365,9 +365,10 @@ def clip_gradients(accelerator, model, max_grad_norm: float):
     return accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
 
 
-def grad_norm_after_step(accelerator, model, clip_norm) -> float | None:
+def grad_norm_after_step(accelerator, model, clip_norm, optim: str) -> float | None:
+    """The gradient norm of the step. None under ZeRO-2's Muon, whose norm covers the orthogonalized updates."""
     if accelerator.state.deepspeed_plugin is not None:
-        clip_norm = model.get_global_grad_norm()
+        clip_norm = model.get_global_grad_norm() if optim != "muon" else None
     return None if clip_norm is None else float(clip_norm)
 
 

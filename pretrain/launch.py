@@ -29,6 +29,8 @@ def build_accelerator(args: TrainArguments):
     from accelerate import Accelerator
     from accelerate.utils import AORecipeKwargs, DeepSpeedPlugin, InitProcessGroupKwargs
 
+    from pretrain.optimizers import refuse_muon_where_deepspeed_differs
+
     plugin = None
     launched_with = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if launched_with and not Path(launched_with).is_file() and (REPOSITORY / launched_with).is_file():
@@ -68,6 +70,7 @@ def build_accelerator(args: TrainArguments):
         # `cpu=True` would drop a DeepSpeed plugin, so it is set only for runs without DeepSpeed.
         cpu=not torch.cuda.is_available() and launched and not uses_deepspeed,
     )
+    refuse_muon_where_deepspeed_differs(args, deepspeed_config(accelerator))
     if args.loss_chunk_size and zero_stage_of(accelerator) == 3:
         raise UsageError("--loss_chunk_size with ZeRO-3: the output projection's weight is partitioned outside its "
                          "own forward; use accelerate_configs/zero2.yaml or --loss_chunk_size 0")
@@ -173,8 +176,8 @@ def fill_deepspeed_config(accelerator, args: TrainArguments) -> None:
 def load_deepspeed_muon_uncompiled() -> None:
     """DeepSpeed's ZeRO optimizer check imports its Muon module in every run, and that module wraps its kernels in
     torch.compile as it is imported, which loads inductor: about 1.5 s of every rank's start on a 2-core CPU, for an
-    optimizer that the run does not use (--optim muon is refused under DeepSpeed; a DeepSpeed config that names Muon
-    skips this). Loaded first with torch.compile as a no-op, the module is found already loaded."""
+    optimizer whose kernels the run does not use (--optim muon replaces them with torch's; a DeepSpeed config that
+    names Muon skips this). Loaded first with torch.compile as a no-op, the module is found already loaded."""
     if "deepspeed.runtime.zero.muon.muon_optimizer" in sys.modules:
         return
     import torch

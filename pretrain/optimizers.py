@@ -9,18 +9,22 @@ with AdamW. Muon's step is scaled to AdamW's update RMS (0.2 x sqrt(max(rows, co
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
 import torch
 
 from pretrain.arguments import TrainArguments
-from pretrain.errors import UsageError
+from pretrain.errors import UsageError, private_api
 from pretrain.metrics import numel
 
 logger = logging.getLogger("train_loop")
 
 MUON_MOMENTUM = 0.95  # Nesterov momentum, torch's and the published runs' default
+DEEPSPEED_TESTED = "0.19.8"  # ZeRO-2's Muon hook, torch_muon_update's place, is checked against this release
+# torch's Newton-Schulz coefficients and epsilon, read from its Muon so that ZeRO-2's step cannot drift from it
+TORCH_MUON = {name: parameter.default for name, parameter in inspect.signature(torch.optim.Muon).parameters.items()}
 
 
 def layer_shape(parameter: torch.Tensor) -> tuple[int, ...]:
@@ -103,13 +107,77 @@ def build_optimizer(model, args: TrainArguments, deepspeed: dict[str, Any] | Non
         updates = "Muon and AdamW update" if args.optim == "muon" else "AdamW updates"
         logger.warning(f"the weights are {low_precision.pop()} and, without DeepSpeed, {updates} them in place: "
                        f"updates smaller than their precision are lost; keep --torch_dtype float32 and pass --bf16")
-    if args.optim == "muon" and deepspeed is not None:
-        raise UsageError("--optim muon runs on one process and under DDP (accelerate_configs/ddp.yaml); DeepSpeed's "
-                         "own Muon does not yet give torch's update (docs/muon.md), so it is refused under ZeRO")
     groups = parameter_groups(model, args)
     hyper = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    if args.optim == "muon" and deepspeed is not None:
+        return zero2_muon(model, groups, args, deepspeed, **hyper)
     if "optimizer" in (deepspeed or {}):
         return DummyOptim(groups, weight_decay=args.weight_decay, **hyper)
     if args.optim == "muon":
         return MuonWithAdamW(groups, **hyper)
     return torch.optim.AdamW(groups, fused=True, **hyper)
+
+
+def refuse_muon_where_deepspeed_differs(args: TrainArguments, deepspeed: dict[str, Any] | None) -> None:
+    """One line, before any work, where --optim muon under DeepSpeed would not take torch's step: ZeRO stages other
+    than 2 (stage 0 has no ZeRO optimizer to orthogonalize, stage 3 is not checked against torch's step), a
+    DeepSpeed optimizer block (DeepSpeed's own Muon, other scaling), and gradient clipping (ZeRO-2 measures the
+    norm after orthogonalizing, so a clip would shrink every update)."""
+    if args.optim != "muon" or deepspeed is None:
+        return
+    stage = deepspeed.get("zero_optimization", {}).get("stage", 0)
+    if stage != 2:
+        raise UsageError(f"--optim muon under DeepSpeed runs on ZeRO stage 2 (accelerate_configs/zero2.yaml), and this "
+                         f"config has stage {stage}: at stage 0 and 3 DeepSpeed's Muon is not yet checked against "
+                         f"torch's; use zero2.yaml, or ddp.yaml (docs/muon.md)")
+    if "optimizer" in deepspeed:
+        raise UsageError("--optim muon builds its own optimizer, and the DeepSpeed config has an optimizer block "
+                         "of its own: remove the block, or leave out --optim muon to train with that one")
+    clipping = deepspeed.get("gradient_clipping", 0.0)
+    clipping = args.max_grad_norm if clipping == "auto" else float(clipping)
+    if clipping > 0:
+        raise UsageError(f"--optim muon under DeepSpeed cannot clip the gradient (--max_grad_norm or the config's "
+                         f"gradient_clipping: {clipping:g}): ZeRO-2 measures the norm after Muon has orthogonalized "
+                         f"it, so a clip would shrink every update; pass --max_grad_norm 0, or use ddp.yaml "
+                         f"(docs/muon.md)")
+
+
+def zero2_muon(model, groups: list[dict[str, Any]], args: TrainArguments, deepspeed: dict[str, Any], *, lr: float,
+               betas: tuple[float, float], eps: float):
+    """DeepSpeed's MuonWithAuxAdam for ZeRO-2, stepping torch's Muon update.
+
+    ZeRO-2 all-reduces each Muon matrix whole to every rank that holds a slice of it, and orthogonalizes the whole
+    matrix there before it keeps its slice (`get_flat_partition` in DeepSpeed's stage_1_and_2.py), so no rank
+    orthogonalizes a shard. The update it computes is DeepSpeed's own (another Newton-Schulz variant, another
+    scaling): `torch_muon_update` replaces it, so that every engine takes torch's step. Where that cannot hold, the
+    launch was refused already (`refuse_muon_where_deepspeed_differs`)."""
+    from pretrain.launch import load_deepspeed_muon_uncompiled
+
+    load_deepspeed_muon_uncompiled()  # its own kernels are replaced by torch's: no need to compile them
+    from deepspeed.runtime.zero.muon import muon_optimizer, original_muon
+
+    private_api(original_muon, "muon_update", "deepspeed", DEEPSPEED_TESTED, "--optim muon under ZeRO-2")
+    original_muon.muon_update = torch_muon_update
+    muon = {id(p) for group in groups if group["muon"] for p in group["params"]}
+    for parameter in model.parameters():
+        parameter.use_muon = id(parameter) in muon  # what ZeRO-2 reads to gather and orthogonalize whole matrices
+    ds_groups = [{"params": group["params"], "use_muon": group["muon"], "weight_decay": group["weight_decay"],
+                  "lr": lr, **({"momentum": MUON_MOMENTUM} if group["muon"] else {"betas": betas, "eps": eps})}
+                 for group in groups if group["params"]]
+    return muon_optimizer.MuonWithAuxAdam(ds_groups, adam_optimizer=torch.optim.AdamW,
+                                          adam_optimizer_kwargs={"fused": True})
+
+
+def torch_muon_update(grad: torch.Tensor, momentum: torch.Tensor, beta: float = MUON_MOMENTUM, ns_steps: int = 5,
+                      nesterov: bool = True, **_ignored) -> torch.Tensor:
+    """torch.optim.Muon's update of one whole matrix, in the place of DeepSpeed's `muon_update`, whose signature it
+    takes: momentum folded in place, Nesterov, torch's Newton-Schulz, and the RMS-matching scale of
+    `adjust_lr_fn="match_rms_adamw"` (DeepSpeed then applies weight decay and the group's learning rate, as torch
+    does). DeepSpeed's per-head and expert options are never set here."""
+    from torch.optim import _muon
+
+    momentum.lerp_(grad, 1 - beta)
+    update = grad.lerp(momentum, beta) if nesterov else momentum
+    orthogonal = _muon._zeropower_via_newtonschulz(update, TORCH_MUON["ns_coefficients"], ns_steps,
+                                                   TORCH_MUON["eps"])
+    return orthogonal.to(grad.dtype) * _muon._adjust_lr(1.0, "match_rms_adamw", grad.shape)  # bf16 until here

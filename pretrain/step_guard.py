@@ -53,7 +53,8 @@ class StepGuard:
         self.skipped: str | None = None  # why the step under way was skipped
         self.inside_engine = self.enabled and deepspeed_config(accelerator) is not None
         if self.inside_engine:
-            decide_inside_deepspeed(optimizer.optimizer, self)
+            # Under ZeRO-2's Muon, DeepSpeed's norm covers the orthogonalized updates, no gradient: the loss decides
+            decide_inside_deepspeed(optimizer.optimizer, self, norm_is_the_gradients=args.optim != "muon")
 
     def add_loss(self, loss: torch.Tensor, last: bool) -> None:
         """A micro-batch's loss; at the step's last one, the global-batch loss (one all-reduce per step)."""
@@ -118,7 +119,7 @@ class StepGuard:
         return self.enabled and 0 < args.rewind_after_skips <= self.records["in_a_row"]
 
 
-def decide_inside_deepspeed(zero_optimizer, guard: StepGuard) -> None:
+def decide_inside_deepspeed(zero_optimizer, guard: StepGuard, norm_is_the_gradients: bool = True) -> None:
     """Under DeepSpeed the update happens inside the engine's step. Its ZeRO optimizer computes the gradient norm,
     then calls `_update_scale(overflow)` and, on an overflow, clears the gradients and returns before any update
     (the fp16 overflow path, which leaves weights, moments and the optimizer's step count untouched). The guard
@@ -142,6 +143,8 @@ def decide_inside_deepspeed(zero_optimizer, guard: StepGuard) -> None:
                 from deepspeed.runtime.utils import combine_grad_norm_groups
                 norm = combine_grad_norm_groups(norm)
             norm = None if norm is None else float(norm) / zero_optimizer.loss_scale
+            if not norm_is_the_gradients and math.isfinite(norm or 0.0):
+                norm = None  # a non-finite norm still says a gradient was not finite
         if guard.judge(norm):
             zero_optimizer.overflow = True  # DeepSpeed's own skip path from here on
 

@@ -2,12 +2,14 @@
 it resumes to the bit."""
 
 import math
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_MODEL, checkpoint_estimate_error, launch, read_metrics, run_in_process, tiny_flags
+from conftest import ROOT, TINY_MODEL, checkpoint_estimate_error, launch, read_metrics, run_in_process, \
+    tiny_flags
 
 from pretrain.arguments import TrainArguments
 from pretrain.errors import UsageError
@@ -136,27 +138,83 @@ def test_a_muon_run_calls_newton_schulz_once_per_matrix_and_step_and_resumes_to_
                        + flags[flags.index("--output_dir") + 2:] + ["--optim", "adamw"])
 
 
-def test_muon_under_deepspeed_is_refused_in_one_line(assets, tmp_path):
+def test_zero2s_muon_update_is_torchs_step_on_the_whole_matrix(monkeypatch):
+    """The update that replaces DeepSpeed's inside ZeRO-2 (which then applies weight decay and the learning rate, as
+    its MuonWithAuxAdam does) gives exactly torch.optim.Muon's step, momentum included, over three steps."""
+    from pretrain.optimizers import torch_muon_update
+
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(48, 32))
+    ours, momentum = weight.detach().clone(), torch.zeros(48, 32)
+    lr, decay = 0.02, 0.1
+    reference = torch.optim.Muon([weight], lr=lr, weight_decay=decay, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        gradient = torch.randn(48, 32)
+        weight.grad = gradient.clone()
+        reference.step()
+        update = torch_muon_update(gradient.clone(), momentum, 0.95, ns_method="gram", is_expert_group=False)
+        ours.mul_(1 - lr * decay).add_(update, alpha=-lr)  # DeepSpeed's MuonWithAuxAdam.step on a flat partition
+        torch.testing.assert_close(ours, weight.detach(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(momentum, reference.state[weight]["momentum_buffer"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config, error", [
+    ({"zero_optimization": {"stage": 3}}, "--optim muon under DeepSpeed runs on ZeRO stage 2 "
+                                          "(accelerate_configs/zero2.yaml), and this config has stage 3"),
+    ({}, "and this config has stage 0: at stage 0 and 3"),
+    ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "Muon"}},
+     "--optim muon builds its own optimizer, and the DeepSpeed config has an optimizer block of its own"),
+    ({"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0},
+     "--optim muon under DeepSpeed cannot clip the gradient (--max_grad_norm or the config's gradient_clipping: 1)"),
+    ({"zero_optimization": {"stage": 2}, "gradient_clipping": "auto"}, "gradient_clipping: 0.5): ZeRO-2 measures"),
+])
+def test_muon_where_deepspeed_cannot_take_torchs_step_is_refused(config, error):
+    """ZeRO-3 (zero.Init's flat parameters), stage 0 (no ZeRO optimizer to orthogonalize), DeepSpeed's own Muon
+    block and a clip of the orthogonalized update are refused; ZeRO-2 without a clip, and AdamW anywhere, are not."""
+    from pretrain.optimizers import refuse_muon_where_deepspeed_differs
+
+    with pytest.raises(UsageError, match=re.escape(error)):
+        refuse_muon_where_deepspeed_differs(muon_args(max_grad_norm=0.5), config)
+    refuse_muon_where_deepspeed_differs(TrainArguments(), config)
+    refuse_muon_where_deepspeed_differs(muon_args(max_grad_norm=0.0), {"zero_optimization": {"stage": 2},
+                                                                       "gradient_clipping": "auto"})
+
+
+def test_muon_under_zero3_is_refused_in_one_line_before_any_work(assets, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "train_loop.py"),
                              *tiny_flags(assets, tmp_path / "out", tmp_path / "cache", "--max_steps", 1, "--optim",
-                                         "muon", "--deepspeed", ROOT / "ds_config_zero2.json")],
+                                         "muon", "--deepspeed", ROOT / "ds_config_zero3.json")],
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "error: --optim muon runs on one process and under DDP (accelerate_configs/ddp.yaml)" in result.stderr
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "error: --optim muon under DeepSpeed runs on ZeRO stage 2" in result.stderr
+    assert not (tmp_path / "cache").exists()  # refused before the data was read
 
 
 @pytest.mark.slow
-def test_ddp_with_muon_gives_the_losses_of_one_process(assets, tmp_path):
-    """ddp.yaml x 2 processes x micro-batch 2 against one process x micro-batch 2 x accumulation 2: Muon
-    orthogonalizes the same all-reduced gradient on each process."""
+def test_one_process_ddp_and_zero2_take_the_same_muon_steps_and_zero2_resumes_exactly(assets, tmp_path):
+    """One process x micro-batch 2 x accumulation 2 (torch's Muon) against ddp.yaml and zero2.yaml x 2 processes x
+    micro-batch 2 (the same global batch): the same losses over 10 steps, so ZeRO-2 took torch's update on whole
+    matrices (a shard's, DeepSpeed's own scaling, SGD or AdamW would not). ZeRO-2's checkpoint at step 5 resumes on
+    2 processes to the bit."""
     def argv(output, *layout):
         return tiny_flags(assets, output, tmp_path / "cache", "--train_files", assets["tiny"], "--optim", "muon",
-                          "--max_steps", 8, "--validation_split_percentage", 0, *layout)
+                          "--max_grad_norm", 0, "--max_steps", 10, "--num_train_epochs", 2, "--save_steps", 5,
+                          "--validation_split_percentage", 0, *layout)
 
     run_in_process(argv(tmp_path / "single", "--gradient_accumulation_steps", 2))
     launch("ddp.yaml", 2, argv(tmp_path / "ddp"))
+    log = launch("zero2.yaml", 2, argv(tmp_path / "zero2")).stderr
+    assert "optimizer: Muon on the hidden matrices (14 tensors" in log and "DeepSpeed ZeRO-2" in log, log[-3000:]
     single, _ = read_metrics(tmp_path / "single")
-    ddp, _ = read_metrics(tmp_path / "ddp")
-    assert sorted(ddp) == sorted(single) == list(range(1, 9))
-    for step in single:
-        assert ddp[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-5), step
+    assert sorted(single) == list(range(1, 11))
+    for layout in ("ddp", "zero2"):
+        other, _ = read_metrics(tmp_path / layout)
+        for step in single:
+            assert other[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-5), (layout, step)
+    straight, _ = read_metrics(tmp_path / "zero2")
+    launch("zero2.yaml", 2, argv(tmp_path / "resumed", "--resume_from_checkpoint",
+                                 tmp_path / "zero2" / "checkpoint-5"))
+    resumed, _ = read_metrics(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(6, 11))
+    for step in resumed:
+        assert resumed[step]["loss"] == straight[step]["loss"], step
