@@ -199,6 +199,9 @@ def resume(accelerator, checkpoint: Path | None, state: TrainState, args: TrainA
     except (OSError, RuntimeError, ValueError, KeyError, AssertionError) as error:  # another model shape, etc.
         raise UsageError(f"checkpoint {checkpoint} does not fit this run ({' '.join(str(error).split())[:240]}); "
                          f"rerun with the flags it was saved with, or use another --output_dir") from None
+    # Accelerate restores its count of micro-batches, the saved run's: under another accumulation (another process
+    # count) the optimizer steps would fall between this run's boundaries. Every resume starts at a boundary.
+    accelerator.step = 0
     logger.info(f"resumed from {checkpoint} at step {saved.step} (epoch {saved.epoch}, step {saved.step_in_epoch})"
                 + (f", resharded from {saved.num_processes} to {state.num_processes} processes" if reshard else ""))
     if accelerator.is_main_process:

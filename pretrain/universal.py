@@ -70,15 +70,79 @@ def convert(checkpoint: Path, target: Path) -> None:
     shutil.rmtree(target, ignore_errors=True)
     skipped = {tag, UNIVERSAL, temporary.name, FAILED, "manifest.json"}
     shutil.copytree(checkpoint, temporary, ignore=lambda folder, names: skipped if Path(folder) == checkpoint else [])
-    with contextlib.redirect_stdout(io.StringIO()):  # its progress prints
+    momenta: list[tuple[list[str], torch.Tensor]] = []
+    with contextlib.redirect_stdout(io.StringIO()), muon_groups_set_aside(momenta):  # its progress prints
         ds_to_universal(SimpleNamespace(input_folder=str(checkpoint / tag), output_folder=str(temporary / tag),
                                         num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                                         strict=True, inject_missing_state=True))
+    write_muon_momenta(momenta, temporary / tag / "zero")
     files = {str(p.relative_to(temporary)): p.stat().st_size for p in temporary.rglob("*") if p.is_file()}
     (temporary / "manifest.json").write_text(json.dumps(files, indent=1))
     temporary.rename(target)
     logger.info(f"converted {checkpoint.name} to DeepSpeed's universal format in {time.perf_counter() - start:.1f} s "
                 f"({sum(files.values()) / 1e9:.2f} GB): {target}")
+
+
+@contextlib.contextmanager
+def muon_groups_set_aside(momenta: list[tuple[list[str], torch.Tensor]]):
+    """ds_to_universal with ZeRO-2's Muon groups: it reads AdamW's two moments in every group, and a Muon group
+    holds one momentum instead, laid out as the whole matrices that touch the rank's partition, not as the
+    partition. While it runs, each rank's Muon groups show it zero moments (their files are removed afterwards),
+    and their momenta, read unstripped of padding, are set aside as (names in order, buffer) for
+    `write_muon_momenta`."""
+    from deepspeed.checkpoint import DeepSpeedCheckpoint
+
+    what = "resuming a Muon checkpoint on another process count"
+    original = private_api(DeepSpeedCheckpoint, "get_zero_checkpoint_state", "deepspeed", DEEPSPEED_TESTED, what)
+
+    def with_muon_set_aside(self, pp_index, tp_index, dp_index, strip_tensor_paddings=True):
+        state = original(self, pp_index=pp_index, tp_index=tp_index, dp_index=dp_index,
+                         strip_tensor_paddings=strip_tensor_paddings)
+        optimizer = state["optimizer_state_dict"]
+        groups = optimizer["base_optimizer_state"]["state"]
+        muon = [index for index, group in groups.items() if "momentum_buffer" in group and "exp_avg" not in group]
+        if muon:
+            whole = original(self, pp_index=pp_index, tp_index=tp_index, dp_index=dp_index,
+                             strip_tensor_paddings=False)["optimizer_state_dict"]["base_optimizer_state"]["state"]
+        for index in muon:
+            names = list(optimizer["param_slice_mappings"][index])
+            momenta.append((names, whole[index]["momentum_buffer"]))
+            fp32 = optimizer["single_partition_of_fp32_groups"][index]
+            groups[index].update(exp_avg=torch.zeros_like(fp32), exp_avg_sq=torch.zeros_like(fp32))
+        return state
+
+    DeepSpeedCheckpoint.get_zero_checkpoint_state = with_muon_set_aside
+    try:
+        yield
+    finally:
+        DeepSpeedCheckpoint.get_zero_checkpoint_state = original
+
+
+def write_muon_momenta(momenta: list[tuple[list[str], torch.Tensor]], zero: Path) -> None:
+    """Each Muon matrix's momentum as zero/<name>/momentum_buffer.pt, in place of the zero moments; a layout other
+    than whole matrices in the partition's order stops the conversion."""
+    for names, buffer in momenta:
+        offset = 0
+        for name in names:
+            shape = torch.load(zero / name / "fp32.pt", weights_only=False)["param"].shape
+            torch.save({"param": buffer[offset:offset + shape.numel()].view(shape).clone()},
+                       zero / name / "momentum_buffer.pt")
+            offset += shape.numel()
+            for moment in ("exp_avg.pt", "exp_avg_sq.pt"):
+                (zero / name / moment).unlink(missing_ok=True)
+        if offset != buffer.numel():
+            raise ValueError(f"a Muon momentum of {buffer.numel()} values for matrices of {offset}")
+
+
+def restore_muon_momenta(zero_optimizer, zero: Path) -> None:
+    """After the universal load, each ZeRO-2 Muon group's momentum as its rank keeps it: the whole matrices that
+    touch the new partition, in its order (DeepSpeed's load cut it like the partition)."""
+    for index, group in enumerate(zero_optimizer.optimizer.param_groups):
+        if group.get("use_muon"):
+            matrices = [torch.load(zero / zero_optimizer.param_names[p] / "momentum_buffer.pt",
+                                   weights_only=False)["param"].flatten()
+                        for p in zero_optimizer.params_in_partition[index]]
+            zero_optimizer.optimizer.state[group["params"][0]]["momentum_buffer"] = torch.cat(matrices)
 
 
 def load_universal(accelerator, universal: Path) -> None:
@@ -91,6 +155,7 @@ def load_universal(accelerator, universal: Path) -> None:
         accelerator.load_state(str(universal))
     finally:
         engine._config.load_universal_checkpoint = False  # this run's own checkpoints are ordinary ones
+    restore_muon_momenta(engine.optimizer, universal / (universal / "latest").read_text().strip() / "zero")
     if engine.zero_optimization_stage() == 3:
         saved_state = universal / "pytorch_model" / "zero" / "optimizer_state.pt"
         inner = getattr(engine.optimizer, "optimizer", None)

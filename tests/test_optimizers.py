@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_MODEL, checkpoint_estimate_error, launch, read_metrics, run_in_process, \
+from conftest import ROOT, TINY_MODEL, checkpoint_estimate_error, launch, launch_env, read_metrics, run_in_process, \
     tiny_flags
 
 from pretrain.arguments import TrainArguments
@@ -195,7 +195,7 @@ def test_one_process_ddp_and_zero2_take_the_same_muon_steps_and_zero2_resumes_ex
     """One process x micro-batch 2 x accumulation 2 (torch's Muon) against ddp.yaml and zero2.yaml x 2 processes x
     micro-batch 2 (the same global batch): the same losses over 10 steps, so ZeRO-2 took torch's update on whole
     matrices (a shard's, DeepSpeed's own scaling, SGD or AdamW would not). ZeRO-2's checkpoint at step 5 resumes on
-    2 processes to the bit."""
+    2 processes to the bit, and on 1 process (through DeepSpeed's universal format) within 1e-5."""
     def argv(output, *layout):
         return tiny_flags(assets, output, tmp_path / "cache", "--train_files", assets["tiny"], "--optim", "muon",
                           "--max_grad_norm", 0, "--max_steps", 10, "--num_train_epochs", 2, "--save_steps", 5,
@@ -218,3 +218,13 @@ def test_one_process_ddp_and_zero2_take_the_same_muon_steps_and_zero2_resumes_ex
     assert sorted(resumed) == list(range(6, 11))
     for step in resumed:
         assert resumed[step]["loss"] == straight[step]["loss"], step
+    one = subprocess.run([sys.executable, str(ROOT / "train_loop.py"),
+                          *map(str, argv(tmp_path / "on_one", "--gradient_accumulation_steps", 2,
+                                         "--resume_from_checkpoint", tmp_path / "zero2" / "checkpoint-5",
+                                         "--deepspeed", ROOT / "ds_config_zero2.json"))],
+                         cwd=tmp_path, env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    on_one, _ = read_metrics(tmp_path / "on_one")
+    assert sorted(on_one) == list(range(6, 11))
+    for step in on_one:
+        assert on_one[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-5), step
