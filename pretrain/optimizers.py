@@ -110,7 +110,7 @@ def build_optimizer(model, args: TrainArguments, deepspeed: dict[str, Any] | Non
     groups = parameter_groups(model, args)
     hyper = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     if args.optim == "muon" and deepspeed is not None:
-        return zero2_muon(model, groups, args, deepspeed, **hyper)
+        return zero2_muon(model, groups, **hyper)
     if "optimizer" in (deepspeed or {}):
         return DummyOptim(groups, weight_decay=args.weight_decay, **hyper)
     if args.optim == "muon":
@@ -142,8 +142,7 @@ def refuse_muon_where_deepspeed_differs(args: TrainArguments, deepspeed: dict[st
                          f"(docs/muon.md)")
 
 
-def zero2_muon(model, groups: list[dict[str, Any]], args: TrainArguments, deepspeed: dict[str, Any], *, lr: float,
-               betas: tuple[float, float], eps: float):
+def zero2_muon(model, groups: list[dict[str, Any]], *, lr: float, betas: tuple[float, float], eps: float):
     """DeepSpeed's MuonWithAuxAdam for ZeRO-2, stepping torch's Muon update.
 
     ZeRO-2 all-reduces each Muon matrix whole to every rank that holds a slice of it, and orthogonalizes the whole
