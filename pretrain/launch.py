@@ -163,6 +163,8 @@ def fill_deepspeed_config(accelerator, args: TrainArguments) -> None:
     if config is None:
         return
     if str(config.get("optimizer", {}).get("type", "")).lower() != "muon":
+        from pretrain.optimizers import load_deepspeed_muon_uncompiled
+
         load_deepspeed_muon_uncompiled()
     if config.get("gradient_clipping") == "auto":
         config["gradient_clipping"] = args.max_grad_norm
@@ -171,25 +173,6 @@ def fill_deepspeed_config(accelerator, args: TrainArguments) -> None:
             config["optimizer"]["params"][key] = {
                 "lr": args.learning_rate, "betas": [args.adam_beta1, args.adam_beta2], "eps": args.adam_epsilon,
                 "weight_decay": args.weight_decay}[key]
-
-
-def load_deepspeed_muon_uncompiled() -> None:
-    """DeepSpeed's ZeRO optimizer check imports its Muon module in every run, and that module wraps its kernels in
-    torch.compile as it is imported, which loads inductor: about 1.5 s of every rank's start on a 2-core CPU, for an
-    optimizer whose kernels the run does not use (--optim muon replaces them with torch's; a DeepSpeed config that
-    names Muon skips this). Loaded first with torch.compile as a no-op, the module is found already loaded."""
-    if "deepspeed.runtime.zero.muon.muon_optimizer" in sys.modules:
-        return
-    import torch
-
-    compile_as_imported = torch.compile
-    torch.compile = lambda model=None, **options: model if model is not None else (lambda function: function)
-    try:
-        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
-    except ImportError:
-        pass
-    finally:
-        torch.compile = compile_as_imported
 
 
 def stop_with_the_launcher() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 from typing import Any
 
 import torch
@@ -142,6 +143,23 @@ def refuse_muon_where_deepspeed_differs(args: TrainArguments, deepspeed: dict[st
                          f"(docs/muon.md)")
 
 
+def load_deepspeed_muon_uncompiled() -> None:
+    """DeepSpeed's ZeRO optimizer check imports its Muon module in every run, and that module wraps its kernels in
+    torch.compile as it is imported, which loads inductor: about 1.5 s of every rank's start on a 2-core CPU, for an
+    optimizer whose kernels the run does not use (--optim muon replaces them with torch's; a DeepSpeed config that
+    names Muon skips this). Loaded first with torch.compile as a no-op, the module is found already loaded."""
+    if "deepspeed.runtime.zero.muon.muon_optimizer" in sys.modules:
+        return
+    compile_as_imported = torch.compile
+    torch.compile = lambda model=None, **options: model if model is not None else (lambda function: function)
+    try:
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        torch.compile = compile_as_imported
+
+
 def zero2_muon(model, groups: list[dict[str, Any]], *, lr: float, betas: tuple[float, float], eps: float):
     """DeepSpeed's MuonWithAuxAdam for ZeRO-2, stepping torch's Muon update.
 
@@ -150,8 +168,6 @@ def zero2_muon(model, groups: list[dict[str, Any]], *, lr: float, betas: tuple[f
     orthogonalizes a shard. The update it computes is DeepSpeed's own (another Newton-Schulz variant, another
     scaling): `torch_muon_update` replaces it, so that every engine takes torch's step. Where that cannot hold, the
     launch was refused already (`refuse_muon_where_deepspeed_differs`)."""
-    from pretrain.launch import load_deepspeed_muon_uncompiled
-
     load_deepspeed_muon_uncompiled()  # its own kernels are replaced by torch's: no need to compile them
     from deepspeed.runtime.zero.muon import muon_optimizer, original_muon
 

@@ -396,10 +396,10 @@ def test_fp8_is_refused_in_one_line_where_it_cannot_run(assets, tmp_path, monkey
 
 def test_a_deepspeed_start_does_not_load_inductor_for_a_muon_it_does_not_use():
     """DeepSpeed's ZeRO check imports its Muon module, whose torch.compile decorators load inductor (about 1.5 s of
-    every rank's start). Loaded through pretrain.launch, the module is there, inductor is not, and torch.compile is
+    every rank's start). Loaded through pretrain.optimizers, the module is there, inductor is not, and torch.compile is
     torch's own again."""
     script = ("import sys, torch; compile = torch.compile\n"
-              "from pretrain.launch import load_deepspeed_muon_uncompiled\n"
+              "from pretrain.optimizers import load_deepspeed_muon_uncompiled\n"
               "load_deepspeed_muon_uncompiled()\n"
               "from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS\n"
               "print('deepspeed.runtime.zero.muon.muon_optimizer' in sys.modules,\n"
