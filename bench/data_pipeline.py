@@ -7,16 +7,18 @@ The chapter's pipeline, re-implemented here from its description (section 6.1.3)
 Python lists in 40,000-document batches, and `labels` stored as a copy of `input_ids`; no EOS between
 documents. Every measurement runs in a fresh process (cold: empty cache; warm: cache present).
 
-    pip install -r bench/requirements.txt     # datatrove, for its row
-    python bench/data_pipeline.py [--documents 75000] [--workers 2] [--block_size 2048] [--cjk_documents 100000] \
-        [--repeats 3]
+    pip install -r bench/requirements.txt     # datatrove, for its row (skipped, with a line, without it)
+    python bench/data_pipeline.py [--documents 75000] [--workers 2] [--block_size 2048] [--cjk_documents 150000] \
+        [--cjk_vocab_size 151936] [--repeats 3] [--sections cjk] [--counts 2] [--no-baselines]
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,7 +26,8 @@ import time
 from itertools import chain
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+# DATA_BENCH_ROOT: measure another checkout's data_utils with this script (set by --compare_with, never by hand)
+ROOT = Path(os.environ.get("DATA_BENCH_ROOT") or Path(__file__).resolve().parents[1])
 sys.path.insert(0, str(ROOT))
 
 import data_utils  # noqa: E402
@@ -95,13 +98,14 @@ def ours_before(corpus: str, tokenizer, cache: str, workers: int, block_size: in
 def encoder_alone(corpus: str, tokenizer, cache: str, workers: int, block_size: int) -> int:
     """The Rust batch encoder over texts already in memory, with `workers` threads: the floor for any build."""
     texts = [json.loads(line)["text"] for line in open(corpus, encoding="utf-8")]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     tokens = 0
     for offset in range(0, len(texts), 10_000):
         encodings = tokenizer.backend_tokenizer.encode_batch_fast(texts[offset: offset + 10_000],
                                                                   add_special_tokens=False)
         tokens += sum(len(encoding.ids) for encoding in encodings) + len(encodings)
     globals()["_seconds_override"] = time.perf_counter() - start  # reading the texts is not the encoder's time
+    globals()["_cpu_override"] = cpu_seconds() - cpu
     return tokens
 
 
@@ -119,36 +123,47 @@ def datatrove_tokenizer(corpus: str, tokenizer, cache: str, workers: int, block_
         (inputs / f"part{part}.jsonl").write_text("".join(lines[part::workers]), encoding="utf-8")
     tokenizer_file = Path(cache) / "tokenizer.json"
     tokenizer.backend_tokenizer.save(str(tokenizer_file))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     LocalPipelineExecutor(
         [JsonlReader(str(inputs)), DocumentTokenizer(str(Path(cache) / "out"), str(tokenizer_file),
                                                      eos_token=tokenizer.eos_token, shuffle_documents=False)],
         tasks=workers, workers=workers, logging_dir=str(Path(cache) / "logs")).run()
     globals()["_seconds_override"] = time.perf_counter() - start
+    globals()["_cpu_override"] = cpu_seconds() - cpu
     token_bytes = 4 if len(tokenizer) > 2**16 else 2
     return sum(p.stat().st_size for p in (Path(cache) / "out").rglob("*.ds")) // token_bytes
 
 
 EARLIER_BUILD = "87a61fb"  # data_utils.py before the streamed build, where the history has it
 
+SECTIONS = ("chapter", "memory", "scaling", "cjk", "startup")
 PIPELINES = {"data_utils (ours)": ours, "ours, tokenized by datasets.map": ours_with_datasets_map,
              "chapter (datasets.map + chain)": chapter, "datatrove DocumentTokenizer": datatrove_tokenizer,
              "tokenizer batch encoder alone": encoder_alone, "data_utils, earlier build": ours_before}
 
 
+def cpu_seconds() -> float:
+    """User and system time of this process and of its children that have ended."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def one_run(name: str, corpus: str, tokenizer_name: str, cache: str, workers: int, block_size: int) -> dict:
     """Times the pipeline from raw files to packed blocks (or from its cache); imports and tokenizer loading
-    are outside the timing for every side. Peak RSS: this process, and the largest of its child processes."""
-    import datasets  # noqa: F401
+    are outside the timing for every side. CPU seconds: this process's and its children's over the same span (less
+    sensitive than wall time to another load on the machine). Peak RSS: this process, and the largest of its child
+    processes."""
+    importlib.import_module("datasets")  # imported before the timing, as transformers is
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     tokens = PIPELINES[name](corpus, tokenizer, cache, workers, block_size)
     seconds = globals().get("_seconds_override") or time.perf_counter() - start
+    cpu = globals().get("_cpu_override") or cpu_seconds() - cpu
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    return {"seconds": seconds, "tokens": tokens, "peak_rss_gb": own + child, "own_rss_gb": own,
+    return {"seconds": seconds, "cpu_s": cpu, "tokens": tokens, "peak_rss_gb": own + child, "own_rss_gb": own,
             "child_rss_gb": child}
 
 
@@ -211,31 +226,68 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+COMPARED = "data_utils at "  # a side "data_utils at PATH": our build as another checkout (--compare_with) has it
+
+
 def measure(name: str, corpus: Path, tokenizer_name: str, cache: Path, workers: int, block_size: int) -> dict:
     """One fresh process, with `workers` processes or threads of the Rust encoder's pool (for the sides that use it)."""
     job = json.dumps({"corpus": str(corpus), "tokenizer_name": tokenizer_name, "cache": str(cache),
                       "workers": workers, "block_size": block_size})
     env = dict(os.environ, TOKENIZERS_PARALLELISM="true", RAYON_NUM_THREADS=str(workers),
                RAYON_RS_NUM_CPUS=str(workers))
+    if name.startswith(COMPARED):
+        name, env["DATA_BENCH_ROOT"] = "data_utils (ours)", name.removeprefix(COMPARED)
     output = subprocess.run([sys.executable, __file__, "--one", name, "--job", job], env=env, check=True,
-                            capture_output=True, text=True, cwd=ROOT).stdout
+                            capture_output=True, text=True, cwd=env.get("DATA_BENCH_ROOT", ROOT)).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
+def machine_idle(limit_s: float, share: float = 0.9) -> bool:
+    """Wait, up to `limit_s`, for a second in which the machine's CPUs were at least `share` idle (/proc/stat: a
+    load from outside this process tree, which `ps` may not show); whether one came."""
+    def idle_and_total() -> tuple[int, int]:
+        with open("/proc/stat") as handle:
+            fields = [int(value) for value in handle.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields[:8])
+
+    deadline = time.monotonic() + limit_s
+    while True:
+        idle, total = idle_and_total()
+        time.sleep(1.0)
+        idle_after, total_after = idle_and_total()
+        if (idle_after - idle) >= share * max(1, total_after - total):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+
+
 def best_of(repeats: int, sides: list[tuple[str, int]], corpus: Path, tokenizer_name: str, caches, block_size: int,
-            ) -> dict[tuple[str, int], dict]:
-    """Each (pipeline, workers) side measured `repeats` times, the sides interleaved so that a burst of load from
-    elsewhere hits them alike; the fastest run of each, with the slowest run's seconds as `slowest_s`."""
+            wait_idle: float = 0.0) -> dict[tuple[str, int], dict]:
+    """Each (pipeline, workers) side measured `repeats` times in rounds, the sides interleaved and their order
+    rotated from one round to the next so that a burst of load from elsewhere hits them alike; the fastest run of
+    each, with the slowest run's seconds as `slowest_s` and every run's seconds, in round order, as `rounds_s`.
+    `wait_idle`: each run first waits up to that long for an idle machine (`busy_starts` counts the runs that did not
+    get one)."""
     tries: dict[tuple[str, int], list[dict]] = {side: [] for side in sides}
-    for _ in range(repeats):
-        for name, workers in sides:
-            tries[(name, workers)].append(measure(name, corpus, tokenizer_name, next(caches), workers, block_size))
-    return {side: {**min(runs, key=lambda run: run["seconds"]), "slowest_s": max(run["seconds"] for run in runs)}
-            for side, runs in tries.items()}
+    for round_index in range(repeats):
+        shift = round_index % len(sides)
+        for name, workers in sides[shift:] + sides[:shift]:
+            quiet = machine_idle(wait_idle) if wait_idle and os.path.exists("/proc/stat") else True
+            run = measure(name, corpus, tokenizer_name, next(caches), workers, block_size)
+            tries[(name, workers)].append({**run, "busy_start": not quiet})
+    return {side: {**min(runs, key=lambda run: run["seconds"]), "slowest_s": max(run["seconds"] for run in runs),
+                   "rounds_s": [run["seconds"] for run in runs], "rounds_cpu_s": [run["cpu_s"] for run in runs],
+                   "busy_starts": sum(run["busy_start"] for run in runs)} for side, runs in tries.items()}
 
 
 def rate(run: dict) -> str:
     return f"{run['tokens'] / run['seconds']:,.0f}"
+
+
+def can_import(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def main() -> None:
@@ -243,9 +295,23 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=75000, help="generated documents (about 140 bytes each)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--block_size", type=int, default=2048)
-    parser.add_argument("--cjk_documents", type=int, default=100000, help="CJK documents (about 540 bytes each)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each scaling and CJK side; the fastest is "
-                        "shown (this machine's load comes in bursts)")
+    parser.add_argument("--cjk_documents", type=int, default=150000, help="CJK documents (about 540 bytes each; "
+                        "150,000 make about 11 M tokens with the default vocabulary)")
+    parser.add_argument("--cjk_vocab_size", type=int, default=151936, help="entries of the CJK byte-level BPE "
+                        "(default: Qwen's 151,936)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of each scaling and CJK side, the sides "
+                        "rotated in each; the fastest is shown (this machine's load comes in bursts)")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
+                        help="which tables to print (default: all)")
+    parser.add_argument("--counts", type=int, nargs="+", default=None, help="worker counts of the scaling and CJK "
+                        "tables (default: 1, 2, --workers, and 4, 8, ... up to the cores)")
+    parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                        help="the CJK table's earlier build, chapter and datatrove rows")
+    parser.add_argument("--wait_idle", type=float, default=0.0, metavar="SECONDS", help="before each run of the "
+                        "scaling and CJK tables, wait up to this long for a second of idle CPUs (a shared machine)")
+    parser.add_argument("--compare_with", nargs="+", default=[], metavar="PATH", help="other checkouts of this "
+                        "project (git worktree add PATH COMMIT): the build of each is a side of the CJK table, in the "
+                        "same rounds")
     parser.add_argument("--tokenizer_name", default=None, help="default: the demo tokenizer trained on the corpus")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
@@ -257,30 +323,56 @@ def main() -> None:
     if options.startup:
         print(json.dumps(startup(options.startup)))
         return
-    workers, block = options.workers, options.block_size
+    workers, sections = options.workers, set(options.sections)
+    counts = sorted(set(options.counts or [1, 2, workers] + [n for n in (4, 8, 16, 32) if n <= (os.cpu_count() or 1)]))
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as work_dir:
         work = Path(work_dir)
         before = subprocess.run(["git", "show", f"{EARLIER_BUILD}:data_utils.py"], cwd=ROOT, capture_output=True,
                                 text=True)
         (work / "data_utils_before.py").write_text(before.stdout)
-        if before.returncode:  # a clone whose history lacks that commit
+        if before.returncode and "cjk" in sections and options.baselines:  # a clone whose history lacks that commit
             print(f"the earlier build (commit {EARLIER_BUILD}) is not in this clone's history: its row is skipped")
-        corpus = demo_corpus.write_demo_corpus(work / "corpus.jsonl", documents=options.documents, seed=11)
-        tokenizer_name = options.tokenizer_name or str(demo_corpus.ensure_demo_assets(work / "demo")[1])
-        print(f"corpus: {corpus.stat().st_size / 1e6:.1f} MB, {options.documents} documents; tokenizer "
-              f"{Path(tokenizer_name).name}; {workers} workers; block {block}; os.cpu_count() = {os.cpu_count()}")
         caches = iter(work / f"cache_{n}" for n in range(1000))
+        if sections - {"cjk"}:
+            small_cache = demo_tables(options, sections, work, caches, counts)
 
-        # 1. Against the chapter (cold and warm)
-        rows = {}
-        for name in ("data_utils (ours)", "ours, tokenized by datasets.map", "chapter (datasets.map + chain)"):
-            cache = next(caches)
-            cold, warm = (measure(name, corpus, tokenizer_name, cache, workers, block) for _ in ("cold", "warm"))
-            rows[name] = {"tokens_per_s": cold["tokens"] / cold["seconds"], "cold_s": cold["seconds"],
-                          "warm_s": warm["seconds"], "rss": cold["peak_rss_gb"],
-                          "bytes_per_token": folder_bytes(cache) / cold["tokens"], "tokens": cold["tokens"]}
-            if name == "data_utils (ours)":
-                small_cache = next(p for p in cache.iterdir() if (p / "meta.json").exists())
+        # 5. Large vocabulary, CJK: the tokenizer dominates
+        if "cjk" in sections:
+            cjk_table(options, work, caches, counts, with_earlier=not before.returncode)
+
+        # 6. Start-up on a 10 B-token cache (sparse) against the small one
+        if "startup" in sections:
+            fake = fake_cache(work / "fake_10b", 10e9)
+            print("\n| start-up: load the cache, build the loader, skip half an epoch, first batch | blocks | "
+                  "seconds | peak RSS GB |")
+            print("|---|---:|---:|---:|")
+            for label, folder in (("small cache (1x corpus)", small_cache), ("10 B tokens (sparse int32 file)", fake)):
+                output = subprocess.run([sys.executable, __file__, "--startup", str(folder)], check=True,
+                                        capture_output=True, text=True, cwd=ROOT).stdout
+                run = json.loads(output.strip().splitlines()[-1])
+                print(f"| {label} | {run['blocks']:,} | {run['seconds']:.2f} | {run['peak_rss_gb']:.2f} |")
+
+
+def demo_tables(options, sections: set[str], work: Path, caches, counts: list[int]) -> Path:
+    """Tables 1-4 on the demo corpus; returns the folder of its cache (for the start-up table)."""
+    workers, block = options.workers, options.block_size
+    corpus = demo_corpus.write_demo_corpus(work / "corpus.jsonl", documents=options.documents, seed=11)
+    tokenizer_name = options.tokenizer_name or str(demo_corpus.ensure_demo_assets(work / "demo")[1])
+    print(f"corpus: {corpus.stat().st_size / 1e6:.1f} MB, {options.documents} documents; tokenizer "
+          f"{Path(tokenizer_name).name}; {workers} workers; block {block}; os.cpu_count() = {os.cpu_count()}")
+
+    # 1. Against the chapter (cold and warm)
+    rows = {}
+    names = ("data_utils (ours)", "ours, tokenized by datasets.map", "chapter (datasets.map + chain)")
+    for name in names if "chapter" in sections else names[:1]:
+        cache = next(caches)
+        cold, warm = (measure(name, corpus, tokenizer_name, cache, workers, block) for _ in ("cold", "warm"))
+        rows[name] = {"tokens_per_s": cold["tokens"] / cold["seconds"], "cold_s": cold["seconds"],
+                      "warm_s": warm["seconds"], "rss": cold["peak_rss_gb"],
+                      "bytes_per_token": folder_bytes(cache) / cold["tokens"], "tokens": cold["tokens"]}
+        if name == "data_utils (ours)":
+            small_cache = next(p for p in cache.iterdir() if (p / "meta.json").exists())
+    if "chapter" in sections:
         print("\n| pipeline | tokens | tokens/s (cold) | cold s | warm load s | warm/cold | peak RSS GB | "
               "cache B/token |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -292,67 +384,89 @@ def main() -> None:
         print(f"ours / chapter: {ours_row['tokens_per_s'] / chapter_row['tokens_per_s']:.2f}x tokens/s, "
               f"{ours_row['bytes_per_token'] / chapter_row['bytes_per_token']:.3f}x cache bytes per token")
 
-        # 2. Memory at 1x and 8x; 3. scaling with workers; 4. datatrove
+    # 2. Memory at 1x and 8x
+    if "memory" in sections:
         big = work / "corpus_8x.jsonl"
         big.write_bytes(corpus.read_bytes() * 8)
-        runs = {("1x", workers): measure("data_utils (ours)", corpus, tokenizer_name, next(caches), workers, block),
-                ("8x", workers): measure("data_utils (ours)", big, tokenizer_name, next(caches), workers, block)}
+        runs = {"1x": measure("data_utils (ours)", corpus, tokenizer_name, next(caches), workers, block),
+                "8x": measure("data_utils (ours)", big, tokenizer_name, next(caches), workers, block)}
         print(f"\n| build (ours, {workers} workers) | tokens | tokens/s | coordinator peak RSS GB | largest worker "
               f"peak RSS GB |")
         print("|---|---:|---:|---:|---:|")
-        for (size, _), run in runs.items():
+        for size, run in runs.items():
             print(f"| {size} corpus | {run['tokens']:,} | {rate(run)} | {run['own_rss_gb']:.3f} | "
                   f"{run['child_rss_gb']:.3f} |")
-        one, eight = runs[("1x", workers)], runs[("8x", workers)]
+        one, eight = runs["1x"], runs["8x"]
         print(f"8x / 1x peak RSS: coordinator {eight['own_rss_gb'] / one['own_rss_gb']:.3f}, worker "
               f"{eight['child_rss_gb'] / one['child_rss_gb']:.3f} (goal: within 1.10)")
-        counts = sorted({1, 2, workers} | {n for n in (4, 8, 16, 32) if n <= (os.cpu_count() or 1)})
+
+    # 3. Scaling with workers; 4. datatrove
+    if "scaling" in sections:
         scaling = best_of(options.repeats, [(name, n) for n in counts for name in (
-            "tokenizer batch encoder alone", "data_utils (ours)")], corpus, tokenizer_name, caches, block)
-        datatrove = measure("datatrove DocumentTokenizer", corpus, tokenizer_name, next(caches), workers, block)
-        print(f"\n| the 1x corpus | N | tokens | seconds (best of {options.repeats}; slowest) | tokens/s | vs N = 1 | "
-              f"peak RSS GB (process + largest child) |")
+            "tokenizer batch encoder alone", "data_utils (ours)")], corpus, tokenizer_name, caches, block,
+            options.wait_idle)
+        print(f"\n| the 1x corpus | N | tokens | seconds (best of {options.repeats}; slowest) | tokens/s | vs N = "
+              f"{counts[0]} | peak RSS GB (process + largest child) |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for (name, n), run in scaling.items():
-            single = scaling[(name, 1)]
+            single = scaling[(name, counts[0])]
             print(f"| {name} | {n} | {run['tokens']:,} | {run['seconds']:.2f}; {run['slowest_s']:.2f} | {rate(run)} | "
                   f"{single['seconds'] / run['seconds']:.2f}x | {run['peak_rss_gb']:.2f} |")
-        print(f"| datatrove | {workers} | {datatrove['tokens']:,} | {datatrove['seconds']:.2f} (one run) | "
-              f"{rate(datatrove)} | - | {datatrove['peak_rss_gb']:.2f} |")
+        if can_import("datatrove"):
+            datatrove = measure("datatrove DocumentTokenizer", corpus, tokenizer_name, next(caches), workers, block)
+            print(f"| datatrove | {workers} | {datatrove['tokens']:,} | {datatrove['seconds']:.2f} (one run) | "
+                  f"{rate(datatrove)} | - | {datatrove['peak_rss_gb']:.2f} |")
+        else:
+            print("datatrove is not installed (pip install -r bench/requirements.txt): its row is skipped")
+    return small_cache
 
-        # 5. Large vocabulary, CJK: the tokenizer dominates
-        cjk = cjk_corpus(work / "cjk.jsonl", options.cjk_documents)
-        cjk_tok = str(cjk_tokenizer(cjk, work / "cjk_tokenizer"))
-        print(f"\nCJK corpus: {cjk.stat().st_size / 1e6:.1f} MB, {options.cjk_documents} documents; byte-level BPE "
-              f"of 70,000 entries (int32 ids); N worker processes against the encoder's N threads")
-        print(f"| CJK build | N | tokens | seconds (best of {options.repeats}; slowest) | tokens/s | / encoder alone | "
-              f"vs N = 1 |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        repeated = [(name, n) for n in counts for name in ("tokenizer batch encoder alone", "data_utils (ours)")]
-        if not before.returncode:
-            repeated.append(("data_utils, earlier build", workers))
-        cjk_runs = best_of(options.repeats, repeated, cjk, cjk_tok, caches, block)
-        cjk_runs.update(best_of(1, [("chapter (datasets.map + chain)", workers), ("datatrove DocumentTokenizer",
-                                                                                  workers)], cjk, cjk_tok, caches, block))
-        for (name, n), run in cjk_runs.items():
-            floor = cjk_runs[("tokenizer batch encoder alone", n)]["seconds"]
-            spread = f"; {run['slowest_s']:.2f}" if (name, n) in repeated else " (one run)"
-            single = cjk_runs.get((name, 1))
-            speedup = f"{single['seconds'] / run['seconds']:.2f}x" if single else "-"
-            print(f"| {name} | {n} | {run['tokens']:,} | {run['seconds']:.2f}{spread} | {rate(run)} | "
-                  f"{run['seconds'] / floor:.2f}x | {speedup} |")
 
-        # 6. Start-up on a 10 B-token cache (sparse) against the small one
-        fake = fake_cache(work / "fake_10b", 10e9)
-        print("\n| start-up: load the cache, build the loader, skip half an epoch, first batch | blocks | seconds | "
-              "peak RSS GB |")
-        print("|---|---:|---:|---:|")
-        for label, folder in (("small cache (1x corpus)", small_cache), ("10 B tokens (sparse int32 file)", fake)):
-            output = subprocess.run([sys.executable, __file__, "--startup", str(folder)], check=True,
-                                    capture_output=True, text=True, cwd=ROOT).stdout
-            run = json.loads(output.strip().splitlines()[-1])
-            print(f"| {label} | {run['blocks']:,} | {run['seconds']:.2f} | {run['peak_rss_gb']:.2f} |")
-
+def cjk_table(options, work: Path, caches, counts: list[int], with_earlier: bool) -> None:
+    """Our build against the Rust batch encoder alone (N processes against N threads) on a generated Chinese
+    corpus with a large byte-level BPE, in rotated rounds; the ratio of every round's pair beside the best."""
+    workers, block = options.workers, options.block_size
+    cjk = cjk_corpus(work / "cjk.jsonl", options.cjk_documents)
+    cjk_tok = str(cjk_tokenizer(cjk, work / "cjk_tokenizer", vocab_size=options.cjk_vocab_size))
+    print(f"\nCJK corpus: {cjk.stat().st_size / 1e6:.1f} MB, {options.cjk_documents} documents; byte-level BPE "
+          f"of {options.cjk_vocab_size:,} entries (int32 ids); N worker processes against the encoder's N threads")
+    names = ["tokenizer batch encoder alone", "data_utils (ours)"]
+    names += [COMPARED + str(Path(path).resolve()) for path in options.compare_with]
+    repeated = [(name, n) for n in counts for name in names]
+    if with_earlier and options.baselines:
+        repeated.append(("data_utils, earlier build", workers))
+    cjk_runs = best_of(options.repeats, repeated, cjk, cjk_tok, caches, block, options.wait_idle)
+    once = [("chapter (datasets.map + chain)", workers)]
+    if can_import("datatrove"):
+        once.append(("datatrove DocumentTokenizer", workers))
+    elif options.baselines:
+        print("datatrove is not installed (pip install -r bench/requirements.txt): its row is skipped")
+    if options.baselines:
+        cjk_runs.update(best_of(1, once, cjk, cjk_tok, caches, block))
+    print(f"| CJK build | N | tokens | seconds (best of {options.repeats}; slowest) | tokens/s | / encoder alone "
+          f"(best; slowest) | vs N = {counts[0]} | CPU s (least) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for (name, n), run in cjk_runs.items():
+        floor = cjk_runs[("tokenizer batch encoder alone", n)]
+        spread = f"; {run['slowest_s']:.2f}" if (name, n) in repeated else " (one run)"
+        ratio = f"{run['seconds'] / floor['seconds']:.2f}x" + (
+            f"; {run['slowest_s'] / floor['slowest_s']:.2f}x" if (name, n) in repeated else "")
+        single = cjk_runs.get((name, counts[0]))
+        speedup = f"{single['seconds'] / run['seconds']:.2f}x" if single else "-"
+        cpu = min(run.get("rounds_cpu_s") or [run["cpu_s"]])
+        print(f"| {name} | {n} | {run['tokens']:,} | {run['seconds']:.2f}{spread} | {rate(run)} | {ratio} | "
+              f"{speedup} | {cpu:.1f} |")
+    for name, n in repeated:
+        if name == "tokenizer batch encoder alone":
+            continue
+        alone = cjk_runs[("tokenizer batch encoder alone", n)]
+        for what, key in (("wall", "rounds_s"), ("CPU", "rounds_cpu_s")):
+            ratios = [a / b for a, b in zip(cjk_runs[(name, n)][key], alone[key])]
+            print(f"{name}, N = {n}, / encoder alone in each round, {what} time: "
+                  + ", ".join(f"{r:.3f}" for r in ratios) + f"; median {statistics.median(ratios):.3f}")
+    if options.wait_idle:
+        busy = sum(run.get("busy_starts", 0) for run in cjk_runs.values())
+        print(f"runs that started without {options.wait_idle:.0f} s of waiting giving an idle second: {busy} of "
+              f"{sum(len(run.get('rounds_s', [1])) for run in cjk_runs.values())}")
 
 if __name__ == "__main__":
     main()
