@@ -48,22 +48,35 @@ def write_config(work: Path, options, tokenizer) -> Path:
     return work / "config"
 
 
-def state_bytes_per_parameter(config: Path, optim: str) -> tuple[float, float]:
-    """(optimizer-state bytes per trained parameter after one step, share of parameters on Muon's side)."""
+def model_and_optimizer(config: Path, optim: str):
+    """The model of `config` from seed 0 and the loop's optimizer for it (one process, --optim `optim`)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pretrain.arguments import TrainArguments
-    from pretrain.background_save import tensor_bytes
-    from pretrain.optimizers import build_optimizer, parameter_groups
+    from pretrain.optimizers import build_optimizer
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config))
-    args = TrainArguments(optim=optim)
-    optimizer = build_optimizer(model, args, None)
-    ids = torch.randint(0, model.config.vocab_size, (1, 16))
+    return model, build_optimizer(model, TrainArguments(optim=optim), None)
+
+
+def train_step(model, optimizer, ids) -> None:
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def state_bytes_per_parameter(config: Path, optim: str) -> tuple[float, float]:
+    """(optimizer-state bytes per trained parameter after one step, share of parameters on Muon's side)."""
+    import torch
+
+    from pretrain.arguments import TrainArguments
+    from pretrain.background_save import tensor_bytes
+    from pretrain.optimizers import parameter_groups
+
+    model, optimizer = model_and_optimizer(config, optim)
+    train_step(model, optimizer, torch.randint(0, model.config.vocab_size, (1, 16)))
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     held = tensor_bytes(list(optimizer.state.values()))
     muon = sum(p.numel() for group in parameter_groups(model, TrainArguments(optim="muon")) if group["muon"]
@@ -98,23 +111,13 @@ def step_seconds(config: Path, options, rounds: int) -> dict[str, float]:
     in turn in this one process, so that a load from elsewhere slows both alike (the per-run tokens/s above are
     minutes apart)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pretrain.arguments import TrainArguments
-    from pretrain.optimizers import build_optimizer
-
-    sides = {}
-    for optim in ("adamw", "muon"):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config))
-        sides[optim] = (model, build_optimizer(model, TrainArguments(optim=optim), None), [])
+    sides = {optim: (*model_and_optimizer(config, optim), []) for optim in ("adamw", "muon")}
     ids = torch.randint(0, sides["adamw"][0].config.vocab_size, (options.batch, options.block_size))
     for round_index in range(rounds + 2):  # the first two warm up
         for model, optimizer, times in sides.values():
             started = time.perf_counter()
-            model(input_ids=ids, labels=ids).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, optimizer, ids)
             if round_index >= 2:
                 times.append(time.perf_counter() - started)
     return {optim: statistics.median(times) for optim, (_, _, times) in sides.items()}
