@@ -6,9 +6,9 @@
 
 Only token ids are stored (uint16 when the vocabulary allows it): no attention mask, no labels. Memory stays
 bounded whatever the corpus size; a build killed half-way resumes from its finished pieces; every rank of a launch
-helps build and waits by watching the cache folder. The reading lives in pretrain/corpus_files.py, the build in
-pretrain/corpus_build.py, the folder sharing in pretrain/cache_claims.py, the cache's key and loading in
-pretrain/corpus_cache.py and the demo corpus in pretrain/demo_corpus.py; this module is the entry point.
+helps build and waits by watching the cache folder. The reading lives in pretrain/data/corpus_files.py, the build in
+pretrain/data/corpus_build.py, the folder sharing in pretrain/data/cache_claims.py, the cache's key and loading in
+pretrain/data/corpus_cache.py and the demo corpus in pretrain/data/demo_corpus.py; this module is the entry point.
 
 Run on its own to build the cache before a GPU job (or each source's, with --train_mixture):
 
@@ -30,18 +30,18 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pretrain import corpus_build
-from pretrain.arguments import DEFAULT_CACHE_ROOT, DEFAULT_SPLIT_SEED, DataArguments, ModelArguments, \
+from pretrain.base.arguments import DEFAULT_CACHE_ROOT, DEFAULT_SPLIT_SEED, DataArguments, ModelArguments, \
     argument_parser, check_mixture_flags
-from pretrain.cache_claims import main_reports_first
-from pretrain.corpus_cache import PackedData, cache_description, cache_key, load_cache, near_miss
-from pretrain.corpus_files import iter_documents, plan_pieces, resolve_files
-from pretrain.document_mask import BlockCollator
-from pretrain.errors import DataError, UsageError, unwritable
-from pretrain.hub_datasets import dataset_files
-from pretrain.loading import load_config, load_tokenizer
-from pretrain.mixture import Mixture, MixtureBlocks, MixtureData, MixtureSampler
-from pretrain.mixture_spec import parse_mixture
+from pretrain.base.errors import DataError, UsageError, unwritable
+from pretrain.base.mixture_spec import parse_mixture
+from pretrain.data import corpus_build
+from pretrain.data.cache_claims import main_reports_first
+from pretrain.data.corpus_cache import PackedData, cache_description, cache_key, load_cache, near_miss
+from pretrain.data.corpus_files import iter_documents, plan_pieces, resolve_files
+from pretrain.data.document_mask import BlockCollator
+from pretrain.data.hub_datasets import dataset_files
+from pretrain.data.mixture import Mixture, MixtureBlocks, MixtureData, MixtureSampler
+from pretrain.model.loading import load_config, load_tokenizer
 
 logger = logging.getLogger("data_utils")
 

@@ -19,33 +19,34 @@ from typing import Any
 import torch
 
 import data_utils
-from pretrain.arguments import DataArguments, ModelArguments, TrainArguments, is_demo, order_seed, parse_args, \
+from pretrain.base.arguments import DataArguments, ModelArguments, TrainArguments, is_demo, order_seed, parse_args, \
     split_seed
-from pretrain.background_save import CheckpointWriter
-from pretrain.checkpoints import choose_checkpoint, launch_state, resume, save_checkpoint, save_final_model
-from pretrain.chunked_loss import block_loss_sums, block_sums_of_tokens, compute_loss_in_chunks, \
-    next_token_losses
-from pretrain.demo_corpus import print_sample
-from pretrain.document_mask import BlockCollator, use_document_mask
-from pretrain.errors import SEEN_BY_EVERY_RANK, CheckpointError, DataError, NonFiniteLoss, UsageError, exit_with, \
+from pretrain.base.errors import SEEN_BY_EVERY_RANK, CheckpointError, DataError, NonFiniteLoss, UsageError, exit_with, \
     first_line
-from pretrain.evaluation import eval_blocks, evaluate_sources, token_byte_lengths, validation_sets
-from pretrain.faults import FaultInjector
-from pretrain.launch import build_accelerator, create_output_dirs, deepspeed_config, fill_deepspeed_config, \
-    run_program, warn_if_precision_is_emulated
-from pretrain.loading import build_config, load_config, load_tokenizer, load_weights, resolve_block_size
-from pretrain.metrics import LogWindow, MetricsLogger, device_peak_tflops, flops_per_token, throughput
-from pretrain.mixture import Mixture
-from pretrain.optimizers import build_optimizer
-from pretrain.output_lock import hold_output_dir
+from pretrain.base.faults import FaultInjector
+from pretrain.base.state import TrainState
+from pretrain.checkpointing.background_save import CheckpointWriter
+from pretrain.checkpointing.checkpoints import choose_checkpoint, launch_state, resume, save_checkpoint, \
+    save_final_model
+from pretrain.checkpointing.output_lock import hold_output_dir
+from pretrain.data.demo_corpus import print_sample
+from pretrain.data.document_mask import BlockCollator, use_document_mask
+from pretrain.data.mixture import Mixture
+from pretrain.distributed.launch import build_accelerator, create_output_dirs, deepspeed_config, \
+    fill_deepspeed_config, run_program, warn_if_precision_is_emulated
+from pretrain.evaluation.heldout import eval_blocks, evaluate_sources, token_byte_lengths, validation_sets
+from pretrain.evaluation.tasks import Task, load_tasks, score_tasks
+from pretrain.model.chunked_loss import block_loss_sums, block_sums_of_tokens, compute_loss_in_chunks, \
+    next_token_losses
+from pretrain.model.loading import build_config, load_config, load_tokenizer, load_weights, resolve_block_size
+from pretrain.model.speedups import apply_liger_kernel, compile_layers
+from pretrain.optim.optimizers import build_optimizer
+from pretrain.optim.schedule import build_scheduler, schedule_of, warmup_steps_of
 from pretrain.preflight import describe_model, describe_run
-from pretrain.run_control import RunControl, ensure_finite, ensure_savable
-from pretrain.schedule import build_scheduler, schedule_of, warmup_steps_of
-from pretrain.speedups import apply_liger_kernel, compile_layers
-from pretrain.state import TrainState
-from pretrain.step_guard import StepGuard, rewind
-from pretrain.tasks import Task, load_tasks, score_tasks
-from pretrain.tracking import check_tracker
+from pretrain.resilience.run_control import RunControl, ensure_finite, ensure_savable
+from pretrain.resilience.step_guard import StepGuard, rewind
+from pretrain.telemetry.metrics import LogWindow, MetricsLogger, device_peak_tflops, flops_per_token, throughput
+from pretrain.telemetry.tracking import check_tracker
 
 logger = logging.getLogger("train_loop")
 
@@ -252,7 +253,7 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
             sources = batch.pop("source", None)  # a mixture's blocks name their source, which is no model input
             with accelerator.accumulate(model):
                 loss, block_sums = losses_of(model, batch, sources, chunked=args.loss_chunk_size > 0)
-                loss = faults.loss(loss, state)  # only under PRETRAIN_FAULT (pretrain/faults.py)
+                loss = faults.loss(loss, state)  # only under PRETRAIN_FAULT (pretrain/base/faults.py)
                 guard.add_loss(loss, last=accelerator.sync_gradients)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:

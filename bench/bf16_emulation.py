@@ -3,7 +3,7 @@
 oneDNN capped at AVX2 (`ONEDNN_MAX_CPU_ISA=AVX2`) stands in for a CPU without AVX-512 BF16 or AMX, where it
 emulates bf16. Each row runs in a fresh process per side (native, emulated); a time is the fastest of the rounds,
 fp32 and bf16 interleaved so that a burst of load hits both. The figures back the range that `--bf16`'s warning
-gives on such a CPU (pretrain/launch.py: EMULATED_BF16_SLOWDOWN), which does no timing of its own.
+gives on such a CPU (pretrain/distributed/launch.py: EMULATED_BF16_SLOWDOWN), which does no timing of its own.
 
     python bench/bf16_emulation.py [--rounds 5]
 """

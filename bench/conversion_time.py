@@ -2,8 +2,8 @@
 does once), against the number of parameters.
 
 Each size trains one step under accelerate_configs/zero2.yaml (or --config) with 2 processes, saves, and times
-pretrain.universal.convert on that checkpoint in this process. The conversion reads every shard and writes each
-parameter's fp32 weights and AdamW moments twice (fragments, then merged): it is bound by the disk.
+pretrain.checkpointing.universal.convert on that checkpoint in this process. The conversion reads every shard and
+writes each parameter's fp32 weights and AdamW moments twice (fragments, then merged): it is bound by the disk.
 
     python bench/conversion_time.py [--hidden_sizes 256 768 1024] [--layers 8] [--config zero2.yaml]
 """
@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from train_throughput import add_run_arguments, count_parameters, prepare  # noqa: E402
 
-from pretrain.launch import free_local_port  # noqa: E402
-from pretrain.universal import convert  # noqa: E402
+from pretrain.checkpointing.universal import convert  # noqa: E402
+from pretrain.distributed.launch import free_local_port  # noqa: E402
 
 
 def checkpoint_of(spec: dict, options, output: Path) -> Path:

@@ -31,8 +31,8 @@ ROOT = Path(os.environ.get("DATA_BENCH_ROOT") or Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 import data_utils  # noqa: E402
-from pretrain import demo_corpus  # noqa: E402
-from pretrain.corpus_cache import load_cache  # noqa: E402
+from pretrain.data import demo_corpus  # noqa: E402
+from pretrain.data.corpus_cache import load_cache  # noqa: E402
 
 
 def ours(corpus: str, tokenizer, cache: str, workers: int, block_size: int) -> int:

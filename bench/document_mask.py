@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_loop  # noqa: E402
-from pretrain.arguments import parse_args  # noqa: E402
-from pretrain.document_mask import BlockCollator  # noqa: E402
+from pretrain.base.arguments import parse_args  # noqa: E402
+from pretrain.data.document_mask import BlockCollator  # noqa: E402
 
 VOCAB, BLOCK, EOS = 151_936, 2048, 151_643  # Qwen2.5's vocabulary and <|endoftext|>
 ROWS = [("causal", "sdpa"), ("block_causal", "sdpa"), ("causal", "eager"), ("block_causal", "eager")]

@@ -54,8 +54,8 @@ def sources(folder: Path, total: int) -> list:
 
 
 def mixture_of(arrays, weights):
-    from pretrain.arguments import MixtureSource
-    from pretrain.mixture import Mixture
+    from pretrain.base.arguments import MixtureSource
+    from pretrain.data.mixture import Mixture
 
     specs = [MixtureSource(f"source{i}", Fraction(w), []) for i, w in enumerate(weights)]
     return Mixture(specs, arrays, seed=42, epoch_source="source0")
@@ -68,7 +68,7 @@ def measure(row: str, folder: Path, total: int, resume_at: int, reads: dict | No
     import data_utils
     from accelerate import skip_first_batches
 
-    from pretrain.mixture import resume_mixture
+    from pretrain.data.mixture import resume_mixture
 
     baseline, start = rss_bytes(), time.perf_counter()
     if row in ("decimal", "seven_digits"):  # the index as far as the run's last position, as a resume there builds it

@@ -53,8 +53,8 @@ def model_and_optimizer(config: Path, optim: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pretrain.arguments import TrainArguments
-    from pretrain.optimizers import build_optimizer
+    from pretrain.base.arguments import TrainArguments
+    from pretrain.optim.optimizers import build_optimizer
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config))
@@ -71,9 +71,9 @@ def state_bytes_per_parameter(config: Path, optim: str) -> tuple[float, float]:
     """(optimizer-state bytes per trained parameter after one step, share of parameters on Muon's side)."""
     import torch
 
-    from pretrain.arguments import TrainArguments
-    from pretrain.background_save import tensor_bytes
-    from pretrain.optimizers import parameter_groups
+    from pretrain.base.arguments import TrainArguments
+    from pretrain.checkpointing.background_save import tensor_bytes
+    from pretrain.optim.optimizers import parameter_groups
 
     model, optimizer = model_and_optimizer(config, optim)
     train_step(model, optimizer, torch.randint(0, model.config.vocab_size, (1, 16)))

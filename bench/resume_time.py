@@ -24,8 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pretrain import demo_corpus  # noqa: E402
-from pretrain.checkpoints import MANIFEST, TRAINER_STATE  # noqa: E402
+from pretrain.checkpointing.checkpoints import MANIFEST, TRAINER_STATE  # noqa: E402
+from pretrain.data import demo_corpus  # noqa: E402
 
 FAR = 5000
 

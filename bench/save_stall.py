@@ -33,8 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pretrain import demo_corpus  # noqa: E402
-from pretrain.launch import free_local_port  # noqa: E402
+from pretrain.data import demo_corpus  # noqa: E402
+from pretrain.distributed.launch import free_local_port  # noqa: E402
 
 SIDES = {"synchronous saves": ["--save_in_background", "false"], "saves in the background": [],
          "DeepSpeed's decoupled engine": ["--save_in_background", "false"]}

@@ -1,10 +1,10 @@
 """Seconds a whole one-step run takes as a process, with and without freezing the garbage collector at exit.
 
 On the way out Python collects garbage once more over every object that the imports of torch, transformers and
-DeepSpeed made. `train_loop.py` freezes them first (`pretrain.launch.run_program`), since nothing needs collecting
-then. This bench times, in rotated rounds, the same one-step run (tiny model, no evaluation, no save) started as
-users start it, `python train_loop.py`, and started through `cli()` without the freeze; and the same pair under
-`accelerate launch` with ZeRO-2 on 2 processes. The machine is noisy: read the ratio of the medians.
+DeepSpeed made. `train_loop.py` freezes them first (`pretrain.distributed.launch.run_program`), since nothing needs
+collecting then. This bench times, in rotated rounds, the same one-step run (tiny model, no evaluation, no save)
+started as users start it, `python train_loop.py`, and started through `cli()` without the freeze; and the same pair
+under `accelerate launch` with ZeRO-2 on 2 processes. The machine is noisy: read the ratio of the medians.
 
     python bench/startup_time.py [--rounds 4]
 """
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from train_throughput import add_run_arguments, prepare  # noqa: E402
 
-from pretrain.launch import free_local_port  # noqa: E402
+from pretrain.distributed.launch import free_local_port  # noqa: E402
 
 WITHOUT_FREEZE = "import sys, train_loop; train_loop.cli(sys.argv[1:])"  # cli() alone: the collection at exit runs
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from train_throughput import add_run_arguments, count_parameters, prepare  # noqa: E402
 
-from pretrain.launch import free_local_port  # noqa: E402
+from pretrain.distributed.launch import free_local_port  # noqa: E402
 
 GRACE_S = 30  # torch elastic's shutdown timeout (LocalElasticAgent._shutdown)
 

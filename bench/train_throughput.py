@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 import data_utils  # noqa: E402
-from pretrain import demo_corpus  # noqa: E402
+from pretrain.data import demo_corpus  # noqa: E402
 
 
 def prepare(work: Path, options) -> dict:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from train_throughput import BlockDataset, StepTimes  # noqa: E402
 
-from pretrain.metrics import flops_per_token  # noqa: E402
+from pretrain.telemetry.metrics import flops_per_token  # noqa: E402
 
 CHAPTER_DS_CONFIG = {  # the chapter's ds_config_zero2.json
     "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,

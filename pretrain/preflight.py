@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from pretrain.arguments import ModelArguments, TrainArguments
-from pretrain.checkpoints import list_checkpoints
-from pretrain.launch import cpu_has_native_bf16, deepspeed_config, zero_stage_of
-from pretrain.metrics import flops_per_token, numel
-from pretrain.mixture import Mixture
-from pretrain.optimizers import describe_split, layer_shape, parameter_groups
-from pretrain.state import TrainState
+from pretrain.base.arguments import ModelArguments, TrainArguments
+from pretrain.base.state import TrainState
+from pretrain.checkpointing.checkpoints import list_checkpoints
+from pretrain.data.mixture import Mixture
+from pretrain.distributed.launch import cpu_has_native_bf16, deepspeed_config, zero_stage_of
+from pretrain.optim.optimizers import describe_split, layer_shape, parameter_groups
+from pretrain.telemetry.metrics import flops_per_token, numel
 
 logger = logging.getLogger("train_loop")
 

@@ -13,8 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pretrain import demo_corpus  # noqa: E402
-from pretrain.launch import free_local_port as free_port  # noqa: E402,F401  (a port nothing listens on)
+from pretrain.data import demo_corpus  # noqa: E402
+from pretrain.distributed.launch import free_local_port as free_port  # noqa: E402,F401  (a port nothing listens on)
 
 TINY_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)

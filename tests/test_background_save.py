@@ -1,6 +1,6 @@
-"""The background writer on its own (pretrain/background_save.py): what a snapshot copies, the synchronous fallback
-when memory is short, and a failed write reported in one line. The runs that save in the background under
-`accelerate launch` are in test_distributed.py."""
+"""The background writer on its own (pretrain/checkpointing/background_save.py): what a snapshot copies, the
+synchronous fallback when memory is short, and a failed write reported in one line. The runs that save in the
+background under `accelerate launch` are in test_distributed.py."""
 
 import logging
 import types
@@ -9,9 +9,9 @@ import pytest
 import torch
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
-from pretrain import background_save
-from pretrain.background_save import CheckpointWriter, StagingBuffers, snapshot
-from pretrain.errors import CheckpointError
+from pretrain.base.errors import CheckpointError
+from pretrain.checkpointing import background_save
+from pretrain.checkpointing.background_save import CheckpointWriter, StagingBuffers, snapshot
 
 
 def test_a_snapshot_is_a_compact_copy_that_training_cannot_change():

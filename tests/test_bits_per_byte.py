@@ -12,8 +12,8 @@ from conftest import read_metrics, run_in_process, tiny_flags
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data_utils
-from pretrain.arguments import DEFAULT_SPLIT_SEED, DataArguments
-from pretrain.evaluation import token_byte_lengths
+from pretrain.base.arguments import DEFAULT_SPLIT_SEED, DataArguments
+from pretrain.evaluation.heldout import token_byte_lengths
 
 MIXED_TEXTS = ["天气很好，我们去公园散步吧。", "数据清洗 data cleaning 很重要！", "naïve café — 3½ €", "一二三四五六七八九十。"]
 

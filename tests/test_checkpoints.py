@@ -14,10 +14,10 @@ from conftest import ROOT, LoggedProcess, checkpoint_estimate_error, kill_tree, 
     scalars, tiny_flags
 
 import train_loop
-from pretrain import checkpoints
-from pretrain.arguments import parse_args
-from pretrain.checkpoints import TrainState
-from pretrain.errors import NonFiniteLoss, UsageError
+from pretrain.base.arguments import parse_args
+from pretrain.base.errors import NonFiniteLoss, UsageError
+from pretrain.checkpointing import checkpoints
+from pretrain.checkpointing.checkpoints import TrainState
 
 STEPS = 12
 # A wider model than the tiny default, so that a step takes long enough for a kill to land mid-run.
@@ -435,7 +435,7 @@ def test_a_weight_that_is_not_finite_anywhere_stops_the_save(bad):
     matrix beside fp32 ones), or in the unlogged losses, is found; finite weights pass."""
     import types
 
-    from pretrain.run_control import ensure_savable
+    from pretrain.resilience.run_control import ensure_savable
 
     model = torch.nn.Sequential(torch.nn.LayerNorm(300), torch.nn.Linear(300, 4000).to(torch.bfloat16))
     accelerator = types.SimpleNamespace(reduce=lambda tensor, reduction: tensor)

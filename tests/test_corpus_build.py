@@ -19,8 +19,9 @@ from transformers import AutoTokenizer
 import data_utils
 from conftest import ROOT, kill_tree
 from data_utils import DataArguments, DataError
-from pretrain import cache_claims, corpus_files
-from pretrain.corpus_files import Piece
+from pretrain.data import cache_claims
+from pretrain.data import corpus_files
+from pretrain.data.corpus_files import Piece
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_same_blocks_and_split_for_1_2_and_3_workers(assets, tokenizer, tmp_path
     # the split holds out whole documents: the validation stream is the held-out documents, in corpus order
     texts = [json.loads(line)["text"] for line in assets["small"].read_text().splitlines()]
     offsets = np.cumsum([0] + [len(line) + 1 for line in assets["small"].read_bytes().splitlines()])[:-1]
-    from pretrain.corpus_build import held_out
+    from pretrain.data.corpus_build import held_out
 
     chosen = held_out(5, 0, offsets, 10.0)
     assert 0.05 < chosen.mean() < 0.16

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 import data_utils
-from pretrain import demo_corpus
+from pretrain.data import demo_corpus
 from data_utils import DataArguments, DataError
 from conftest import ROOT
 

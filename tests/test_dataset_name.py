@@ -10,8 +10,8 @@ from conftest import data_stats, run_in_process, tiny_flags
 from transformers import AutoTokenizer
 
 import data_utils
-from pretrain.arguments import DataArguments
-from pretrain.errors import DataError
+from pretrain.base.arguments import DataArguments
+from pretrain.base.errors import DataError
 
 CARD = """---
 configs:

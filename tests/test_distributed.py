@@ -18,7 +18,7 @@ from conftest import ROOT, LoggedProcess, assert_stopped_under_the_launcher, che
     data_stats, free_port, kill_tree, launch, launch_command, launch_env, launch_in_background, logged_steps, \
     read_metrics, run_in_process, tiny_flags
 
-from pretrain.checkpoints import checkpoint_damage
+from pretrain.checkpointing.checkpoints import checkpoint_damage
 
 pytestmark = pytest.mark.slow  # every test here launches training processes
 
@@ -78,8 +78,8 @@ def test_document_masked_eval_under_zero2_is_each_documents_loss_alone(runs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import data_utils
-    from pretrain import evaluation
-    from pretrain.arguments import DEFAULT_SPLIT_SEED, DataArguments, TrainArguments
+    from pretrain.base.arguments import DEFAULT_SPLIT_SEED, DataArguments, TrainArguments
+    from pretrain.evaluation import heldout
 
     output = runs / "zero2_masked"
     data_args = DataArguments(**json.loads((output / "run_config.json").read_text())["data"])
@@ -87,7 +87,7 @@ def test_document_masked_eval_under_zero2_is_each_documents_loss_alone(runs):
     eos = tokenizer.eos_token_id
     validation = np.asarray(data_utils.prepare_data(data_args, tokenizer, seed=DEFAULT_SPLIT_SEED).validation)
     train_args = TrainArguments(**json.loads((output / "run_config.json").read_text())["train"])
-    count = evaluation.eval_blocks(train_args, len(validation), 8, STEPS, 2)  # as the run chose: 2 x 2 x 2 blocks
+    count = heldout.eval_blocks(train_args, len(validation), 8, STEPS, 2)  # as the run chose: 2 x 2 x 2 blocks
     model = AutoModelForCausalLM.from_pretrained(output).eval()
     block_means = []
     with torch.no_grad():
@@ -237,8 +237,8 @@ def test_a_killed_launcher_and_a_sigterm_each_save_on_every_rank_and_the_run_res
     every rank saves again, through the same stop path."""
     import psutil
 
-    from pretrain.checkpoints import list_checkpoints
-    from pretrain.output_lock import LOCK_FILE
+    from pretrain.checkpointing.checkpoints import list_checkpoints
+    from pretrain.checkpointing.output_lock import LOCK_FILE
 
     output = tmp_path / "preempted"
     argv = flags(assets, output, runs / "cache", 2, 2, "--max_steps", 400, "--save_steps", 1000)
@@ -317,7 +317,7 @@ def test_torch_compile_matches_eager_with_no_recompiles_after_warm_up(assets, ru
 
 def universal_states(checkpoint, work):
     """{parameter: {fp32, exp_avg, exp_avg_sq}}: a ZeRO checkpoint's optimizer state whatever its world size."""
-    from pretrain.universal import convert
+    from pretrain.checkpointing.universal import convert
 
     target = work / f"{checkpoint.parent.name}_{checkpoint.name}_universal"
     convert(checkpoint, target)

@@ -8,10 +8,10 @@ from conftest import tiny_flags
 from transformers import AutoConfig, AutoTokenizer, Qwen2ForCausalLM
 
 import train_loop
-from pretrain import evaluation
-from pretrain.arguments import parse_args
-from pretrain.document_mask import BlockCollator, boundary_labels, document_positions, use_document_mask
-from pretrain.errors import UsageError
+from pretrain.base.arguments import parse_args
+from pretrain.base.errors import UsageError
+from pretrain.data.document_mask import BlockCollator, boundary_labels, document_positions, use_document_mask
+from pretrain.evaluation import heldout
 
 EOS = 0  # the demo tokenizer's <|endoftext|>
 DOCUMENTS = [[11, 12, 13, 14, 15, 16, EOS], [21, 22, 23, 24, 25, EOS], [31, 32, 33, 34, 35, 36, 37, 38]]
@@ -91,7 +91,7 @@ def test_the_loss_in_chunks_and_evaluation_use_the_mask(assets, tmp_path):
 
     with torch.no_grad():
         for chunk in (0, 5):
-            token_losses = evaluation.eval_token_losses(Plain, model, batch, chunk)
+            token_losses = heldout.eval_token_losses(Plain, model, batch, chunk)
             counted = batch["labels"][:, 1:] != -100
             torch.testing.assert_close(token_losses[0].sum() / counted[0].sum(), expected, atol=1e-5, rtol=0)
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, LoggedProcess, assert_stopped_under_the_launcher, cosine_lr, launch_command, launch_env, \
     launch_in_background, logged_steps, read_metrics, run_in_process, tiny_flags
 
-from pretrain.output_lock import LOCK_FILE
+from pretrain.checkpointing.output_lock import LOCK_FILE
 
 
 def test_a_tokenizer_that_encodes_nothing_is_refused_before_any_work(assets, tmp_path):
@@ -165,7 +165,7 @@ def test_a_warmup_as_long_as_the_run_is_said(assets, tmp_path, capfd):
 
 def test_the_demos_defaults_never_replace_a_flag_the_user_gave(tmp_path):
     """--warmup_steps 0 on the demo (the README's debugging line) means no warmup, though 0 is the usual default."""
-    from pretrain.arguments import DEMO_DEFAULTS, parse_args
+    from pretrain.base.arguments import DEMO_DEFAULTS, parse_args
 
     _, data_args, args = parse_args(["--warmup_steps", "0", "--max_steps", "2"])
     assert args.warmup_steps == 0 and args.max_steps == 2
@@ -183,8 +183,8 @@ def test_the_demos_defaults_never_replace_a_flag_the_user_gave(tmp_path):
 ])
 def test_a_key_given_twice_in_an_arguments_file_is_one_line(tmp_path, name, text):
     """YAML and JSON keep the last of two equal keys without a word: a mixture source would lose its files."""
-    from pretrain.arguments import parse_args
-    from pretrain.errors import UsageError
+    from pretrain.base.arguments import parse_args
+    from pretrain.base.errors import UsageError
 
     (tmp_path / name).write_text(text)
     with pytest.raises(UsageError, match="is given twice; give each key once") as error:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import read_metrics, run_in_process, tiny_flags
 
-from pretrain.chunked_loss import compute_loss_in_chunks
-from pretrain.errors import UsageError
+from pretrain.base.errors import UsageError
+from pretrain.model.chunked_loss import compute_loss_in_chunks
 
 
 @pytest.fixture()
@@ -88,7 +88,7 @@ def test_a_head_that_is_not_a_plain_linear_is_refused(model_pair):
 
 
 def test_liger_kernel_without_cuda_warns_once_and_trains_with_the_chunked_loss(assets, tmp_path, capfd):
-    from pretrain.speedups import LIGER_CPU_CHUNK
+    from pretrain.model.speedups import LIGER_CPU_CHUNK
 
     if torch.cuda.is_available():
         pytest.skip("CUDA present: Liger-Kernel itself runs")

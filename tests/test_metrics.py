@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT, read_metrics, run_in_process, tiny_flags
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from pretrain.metrics import PEAK_TFLOPS, flops_per_token
+from pretrain.telemetry.metrics import PEAK_TFLOPS, flops_per_token
 
 
 def hand_count_flops_per_token(vocab, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, seq=64):
@@ -129,16 +129,16 @@ def test_evaluations_and_saves_are_not_charged_to_the_training_windows(assets, t
 
 def test_the_default_evaluation_is_4_percent_of_training_and_long_ones_show_progress(assets, tmp_path, monkeypatch,
                                                                                     capfd):
-    from pretrain import evaluation
-    from pretrain.arguments import TrainArguments
+    from pretrain.base.arguments import TrainArguments
+    from pretrain.evaluation import heldout
 
     # 0.12 x the 50 x 16 blocks trained between two evaluations: 96 of the 1000 (bench/eval_cost.py: 4.3 %).
-    assert evaluation.eval_blocks(TrainArguments(eval_steps=50), 1000, 16, 100, 2) == 96
-    assert evaluation.eval_blocks(TrainArguments(eval_steps=10), 1000, 16, 100, 2) == 32  # never fewer than 32
-    assert evaluation.eval_blocks(TrainArguments(eval_steps=10, max_eval_samples=7), 1000, 16, 100, 2) == 7
-    assert evaluation.eval_blocks(TrainArguments(eval_strategy="epoch"), 1000, 16, 100, 2) == 192
-    assert evaluation.eval_blocks(TrainArguments(save_steps=500), 278, 16, 100, 2) == 278  # all there is
-    monkeypatch.setattr(evaluation, "EVAL_PROGRESS_AFTER_S", 0.0)
+    assert heldout.eval_blocks(TrainArguments(eval_steps=50), 1000, 16, 100, 2) == 96
+    assert heldout.eval_blocks(TrainArguments(eval_steps=10), 1000, 16, 100, 2) == 32  # never fewer than 32
+    assert heldout.eval_blocks(TrainArguments(eval_steps=10, max_eval_samples=7), 1000, 16, 100, 2) == 7
+    assert heldout.eval_blocks(TrainArguments(eval_strategy="epoch"), 1000, 16, 100, 2) == 192
+    assert heldout.eval_blocks(TrainArguments(save_steps=500), 278, 16, 100, 2) == 278  # all there is
+    monkeypatch.setattr(heldout, "EVAL_PROGRESS_AFTER_S", 0.0)
     capfd.readouterr()
     run_in_process(tiny_flags(assets, tmp_path / "run", tmp_path / "cache", "--max_steps", 2, "--eval_steps", 2,
                               "--validation_split_percentage", 30))
@@ -154,8 +154,9 @@ def test_bf16_on_a_cpu_that_emulates_it_is_warned_even_on_a_busy_machine():
     import subprocess
     import sys
 
-    probe = ("from pretrain.arguments import TrainArguments; "
-             "from pretrain.launch import configure_logging, warn_if_precision_is_emulated; configure_logging(True); "
+    probe = ("from pretrain.base.arguments import TrainArguments; "
+             "from pretrain.distributed.launch import configure_logging, warn_if_precision_is_emulated; "
+             "configure_logging(True); "
              "warn_if_precision_is_emulated(TrainArguments(bf16=True))")
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
@@ -169,8 +170,8 @@ def test_bf16_on_a_cpu_that_emulates_it_is_warned_even_on_a_busy_machine():
 
 
 def test_bf16_on_a_cpu_with_native_bf16_is_not_warned_about(monkeypatch, caplog):
-    from pretrain import launch
-    from pretrain.arguments import TrainArguments
+    from pretrain.base.arguments import TrainArguments
+    from pretrain.distributed import launch
 
     monkeypatch.setattr(launch, "cpu_has_native_bf16", lambda: True)
     with caplog.at_level("WARNING"):
@@ -182,7 +183,7 @@ def test_a_stop_request_is_acknowledged_at_once(caplog):
     import os
     import signal
 
-    from pretrain.run_control import StopRequest
+    from pretrain.resilience.run_control import StopRequest
 
     stop = StopRequest(1, is_main_process=True)
     try:
@@ -196,8 +197,8 @@ def test_a_stop_request_is_acknowledged_at_once(caplog):
 
 
 def test_a_step_longer_than_the_launchers_grace_is_warned_about_once(monkeypatch, caplog):
-    from pretrain.arguments import TrainArguments
-    from pretrain.run_control import RunControl
+    from pretrain.base.arguments import TrainArguments
+    from pretrain.resilience.run_control import RunControl
 
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from conftest import ROOT, LoggedProcess, kill_tree, launch, read_metrics, run_in_process, tiny_flags
 
-from pretrain import demo_corpus
-from pretrain.arguments import parse_args
-from pretrain.mixture_spec import MixtureSource, parse_mixture
-from pretrain.errors import UsageError
-from pretrain.mixture import Blend, Mixture, MixtureSampler, resume_mixture
+from pretrain.base.arguments import parse_args
+from pretrain.base.errors import UsageError
+from pretrain.base.mixture_spec import MixtureSource, parse_mixture
+from pretrain.data import demo_corpus
+from pretrain.data.mixture import Blend, Mixture, MixtureSampler, resume_mixture
 
 WEIGHTS = {"big": 0.5, "mid": 0.3, "small": 0.2}
 GLOBAL_BATCH = 8
@@ -170,8 +170,8 @@ def mixture_flags(assets, corpora, output, cache, *extra, weights=WEIGHTS):
 
 def test_a_fourth_source_builds_only_its_own_cache(assets, corpora, tmp_path):
     import data_utils
-    from pretrain.arguments import DataArguments, ModelArguments
-    from pretrain.loading import load_tokenizer
+    from pretrain.base.arguments import DataArguments, ModelArguments
+    from pretrain.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(ModelArguments(tokenizer_name=str(assets["tokenizer"])), DataArguments(), None)
     three = DataArguments(train_mixture=mixture_items(corpora), block_size=64, data_cache_dir=str(tmp_path))
@@ -336,9 +336,9 @@ def test_each_blocks_loss_is_the_same_from_the_logits_and_from_the_chunked_loss(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pretrain.chunked_loss import block_loss_sums, block_sums_of_tokens, compute_loss_in_chunks, \
+    from pretrain.data.document_mask import BlockCollator
+    from pretrain.model.chunked_loss import block_loss_sums, block_sums_of_tokens, compute_loss_in_chunks, \
         next_token_losses
-    from pretrain.document_mask import BlockCollator
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(assets["config"])).eval()
@@ -379,7 +379,7 @@ def test_the_readmes_mixture_flags_and_yaml_are_the_same_run(tmp_path):
 
 
 def test_a_rewind_in_a_mixture_names_the_blocks_it_skipped_per_source(assets, corpora, tmp_path, capfd, monkeypatch):
-    monkeypatch.setenv("PRETRAIN_FAULT", "nan_loss@batch=12-13")  # pretrain/faults.py: a poisoned stretch
+    monkeypatch.setenv("PRETRAIN_FAULT", "nan_loss@batch=12-13")  # pretrain/base/faults.py: a poisoned stretch
     output = tmp_path / "run"
     run_in_process(mixture_flags(assets, corpora, output, tmp_path / "cache", "--validation_split_percentage", 0,
                                  "--rewind_after_skips", 2, "--rewind_margin_steps", 1, "--save_steps", 5))

@@ -11,9 +11,9 @@ import torch
 from conftest import ROOT, TINY_MODEL, checkpoint_estimate_error, launch, launch_env, read_metrics, run_in_process, \
     tiny_flags
 
-from pretrain.arguments import TrainArguments
-from pretrain.errors import UsageError
-from pretrain.optimizers import MuonWithAdamW, describe_split, parameter_groups
+from pretrain.base.arguments import TrainArguments
+from pretrain.base.errors import UsageError
+from pretrain.optim.optimizers import MuonWithAdamW, describe_split, parameter_groups
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic of Keller Jordan's Muon, torch's default
 
@@ -141,7 +141,7 @@ def test_a_muon_run_calls_newton_schulz_once_per_matrix_and_step_and_resumes_to_
 def test_zero2s_muon_update_is_torchs_step_on_the_whole_matrix(monkeypatch):
     """The update that replaces DeepSpeed's inside ZeRO-2 (which then applies weight decay and the learning rate, as
     its MuonWithAuxAdam does) gives exactly torch.optim.Muon's step, momentum included, over three steps."""
-    from pretrain.optimizers import torch_muon_update
+    from pretrain.optim.optimizers import torch_muon_update
 
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(48, 32))
@@ -171,7 +171,7 @@ def test_zero2s_muon_update_is_torchs_step_on_the_whole_matrix(monkeypatch):
 def test_muon_where_deepspeed_cannot_take_torchs_step_is_refused(config, error):
     """ZeRO-3 (zero.Init's flat parameters), stage 0 (no ZeRO optimizer to orthogonalize), DeepSpeed's own Muon
     block and a clip of the orthogonalized update are refused; ZeRO-2 without a clip, and AdamW anywhere, are not."""
-    from pretrain.optimizers import refuse_muon_where_deepspeed_differs
+    from pretrain.optim.optimizers import refuse_muon_where_deepspeed_differs
 
     with pytest.raises(UsageError, match=re.escape(error)):
         refuse_muon_where_deepspeed_differs(muon_args(max_grad_norm=0.5), config)

@@ -1,4 +1,4 @@
-"""Skipped steps and rewinds, provoked with PRETRAIN_FAULT (pretrain/faults.py): a loss spike and NaN gradients are
+"""Skipped steps and rewinds, provoked with PRETRAIN_FAULT (pretrain/base/faults.py): a loss spike and NaN gradients are
 skipped with weights and optimizer state unchanged to the bit, on one process and under ZeRO-2; a poisoned stretch of
 data is rewound past; trouble that comes back stops the run in one line; SIGKILL right after a skip and after a
 rewind resumes to the bit."""
@@ -241,9 +241,9 @@ def test_a_change_of_level_is_taken_in_after_a_few_skips_and_never_causes_a_rewi
     import random
     import types
 
-    from pretrain.arguments import TrainArguments
-    from pretrain.state import TrainState
-    from pretrain.step_guard import StepGuard
+    from pretrain.base.arguments import TrainArguments
+    from pretrain.base.state import TrainState
+    from pretrain.resilience.step_guard import StepGuard
 
     accelerator = types.SimpleNamespace(device="cpu", state=types.SimpleNamespace(deepspeed_plugin=None))
     guard = StepGuard(accelerator, None, TrainArguments(), TrainState())

@@ -7,8 +7,8 @@ import pytest
 from conftest import launch, run_in_process, tiny_flags
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pretrain.errors import DataError, UsageError
-from pretrain.tasks import load_tasks, log_likelihoods, prompt, read_rows
+from pretrain.base.errors import DataError, UsageError
+from pretrain.evaluation.tasks import load_tasks, log_likelihoods, prompt, read_rows
 
 HINTS = "wxyz"  # the last choice's text says which letter is right: a rule a tiny model learns in 150 steps
 

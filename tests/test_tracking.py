@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import run_in_process, tiny_flags
 
-from pretrain.errors import UsageError
+from pretrain.base.errors import UsageError
 
 
 def test_wandb_offline_keeps_one_run_id_across_a_resume(assets, tmp_path, monkeypatch):

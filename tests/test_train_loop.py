@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import ROOT, cosine_lr, data_stats, read_metrics, run_in_process, tiny_flags
 
-from pretrain.arguments import parse_args
-from pretrain.errors import UsageError
+from pretrain.base.arguments import parse_args
+from pretrain.base.errors import UsageError
 
 METRIC_KEYS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "elapsed_s"}
 
@@ -54,13 +54,13 @@ def test_final_model_reloads_and_matches_last_eval(tiny_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import data_utils
-    from pretrain import evaluation
+    from pretrain.evaluation import heldout
 
     config = json.loads((tiny_run / "run_config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(tiny_run)
     data_args = data_utils.DataArguments(**config["data"])
     validation = np.asarray(data_utils.prepare_data(data_args, tokenizer, seed=42).validation)
-    validation = validation[:evaluation.MIN_EVAL_BLOCKS]  # evaluated every 20 steps of 2 blocks: the default floor
+    validation = validation[:heldout.MIN_EVAL_BLOCKS]  # evaluated every 20 steps of 2 blocks: the default floor
     model = AutoModelForCausalLM.from_pretrained(tiny_run).eval()
     with torch.no_grad():
         ids = torch.from_numpy(validation.astype(np.int64))
@@ -238,7 +238,7 @@ def test_unusable_files_and_folders_are_refused_before_any_work(assets, tmp_path
 
 
 def test_swanlab_online_without_a_key_is_refused(assets, tmp_path, monkeypatch):
-    from pretrain.tracking import has_swanlab_api_key
+    from pretrain.telemetry.tracking import has_swanlab_api_key
 
     monkeypatch.delenv("SWANLAB_API_KEY", raising=False)
     if has_swanlab_api_key():
@@ -349,7 +349,7 @@ def test_the_saved_tokenizer_is_the_trained_one_and_continuing_reuses_the_cache(
     accents differently and missing the data cache on continued pretraining."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from pretrain.corpus_cache import tokenizer_fingerprint
+    from pretrain.data.corpus_cache import tokenizer_fingerprint
 
     folder = tmp_path / "tokenizer"
     folder.mkdir()
@@ -378,7 +378,7 @@ def test_the_saved_tokenizer_is_the_trained_one_and_continuing_reuses_the_cache(
 def test_fp8_is_refused_in_one_line_where_it_cannot_run(assets, tmp_path, monkeypatch):
     import importlib.util
 
-    from pretrain import arguments
+    from pretrain.base import arguments
 
     argv = tiny_flags(assets, tmp_path / "out", tmp_path / "cache", "--fp8", "--max_steps", 1)
     if not arguments.has_fp8_tensor_cores():
@@ -396,10 +396,10 @@ def test_fp8_is_refused_in_one_line_where_it_cannot_run(assets, tmp_path, monkey
 
 def test_a_deepspeed_start_does_not_load_inductor_for_a_muon_it_does_not_use():
     """DeepSpeed's ZeRO check imports its Muon module, whose torch.compile decorators load inductor (about 1.5 s of
-    every rank's start). Loaded through pretrain.optimizers, the module is there, inductor is not, and torch.compile is
-    torch's own again."""
+    every rank's start). Loaded through pretrain.optim.optimizers, the module is there, inductor is not, and
+    torch.compile is torch's own again."""
     script = ("import sys, torch; compile = torch.compile\n"
-              "from pretrain.optimizers import load_deepspeed_muon_uncompiled\n"
+              "from pretrain.optim.optimizers import load_deepspeed_muon_uncompiled\n"
               "load_deepspeed_muon_uncompiled()\n"
               "from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS\n"
               "print('deepspeed.runtime.zero.muon.muon_optimizer' in sys.modules,\n"

@@ -1,5 +1,5 @@
-"""The watchdog (pretrain/watchdog.py): a hung rank ends the run with every rank's stack in a file and one line;
-evaluations and saves longer than the limit are no hang; a frozen rank is found by its missing heartbeats. A lost
+"""The watchdog (pretrain/resilience/watchdog.py): a hung rank ends the run with every rank's stack in a file and one
+line; evaluations and saves longer than the limit are no hang; a frozen rank is found by its missing heartbeats. A lost
 node is tests/test_distributed.py's two-node test."""
 
 import re
@@ -9,8 +9,8 @@ import psutil
 import pytest
 from conftest import kill_tree, launch_in_background, logged_steps, read_metrics, tiny_flags
 
-from pretrain.errors import UsageError
-from pretrain.faults import parse_faults
+from pretrain.base.errors import UsageError
+from pretrain.base.faults import parse_faults
 
 
 def test_a_fault_can_be_limited_to_one_rank():

@@ -1,0 +1,98 @@
+"""The fault-injection hook, for tests and for trying the loop's defences by hand: off unless PRETRAIN_FAULT is set.
+
+    PRETRAIN_FAULT="KIND@WHEN[@rank=R][,KIND@WHEN...]"
+
+KIND is what goes wrong:
+  spike     the loss is multiplied by 1000 before backward (a loss and gradient spike)
+  nan_loss  the loss is NaN (so is every gradient)
+  nan_grad  one gradient (the input embedding's) is NaN, the loss stays finite
+  hang      the process sleeps for an hour before its backward (a stuck filesystem, a deadlock), saying so first
+  slow_write  the background write of the checkpoint saved at that step starts 5 s late (a slow disk: room to
+            see training go on, or to kill the run mid-write)
+WHEN is when: `step=K` or `step=K-L` (optimizer steps as logged, from 1), or `batch=K` / `batch=K-L` (the global
+batches of the data order, from 1: what a poisoned stretch of the corpus would do, which a rewind skips past).
+`@rank=R` limits the fault to the process of global rank R (default: every rank).
+
+It only multiplies what it is told to; it never runs unless the variable is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pretrain.base.errors import UsageError
+from pretrain.base.state import TrainState
+
+logger = logging.getLogger("train_loop")
+
+KINDS = ("spike", "nan_loss", "nan_grad", "hang", "slow_write")
+SPIKE_FACTOR = 1000.0
+HANG_S = 3600.0
+SLOW_WRITE_S = 5.0
+SPEC = re.compile(r"^(\w+)@(step|batch)=(\d+)(?:-(\d+))?(?:@rank=(\d+))?$")
+
+
+@dataclass
+class Fault:
+    kind: str
+    counted_in: str  # "step" or "batch"
+    first: int
+    last: int
+    rank: int | None  # None: every rank
+
+
+def parse_faults(text: str, rank: int) -> list[Fault]:
+    """The faults PRETRAIN_FAULT names for the process of this rank."""
+    faults = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        match = SPEC.match(item)
+        if not match or match.group(1) not in KINDS:
+            raise UsageError(f"PRETRAIN_FAULT: '{item}' is not KIND@step=K[-L] or KIND@batch=K[-L], optionally "
+                             f"followed by @rank=R, with KIND one of {', '.join(KINDS)}; unset it for a normal run")
+        kind, counted_in, first, last, only_rank = match.groups()
+        faults.append(Fault(kind, counted_in, int(first), int(last or first), None if only_rank is None else
+                            int(only_rank)))
+    return [fault for fault in faults if fault.rank in (None, rank)]
+
+
+class FaultInjector:
+    """Applies PRETRAIN_FAULT to each micro-batch's loss (and, for nan_grad, to one gradient) of the steps it names."""
+
+    def __init__(self, model, rank: int = 0):
+        self.faults = parse_faults(os.environ.get("PRETRAIN_FAULT", ""), rank)
+        self.rank = rank
+        self.now: set[str] = set()  # the kinds that apply to the step under way
+        if any(fault.kind == "nan_grad" for fault in self.faults):
+            model.get_input_embeddings().weight.register_hook(
+                lambda grad: grad * float("nan") if "nan_grad" in self.now else grad)
+
+    def loss(self, loss: torch.Tensor, state: TrainState) -> torch.Tensor:
+        """The micro-batch's loss, changed as the fault of the step under way says."""
+        if not self.faults:
+            return loss
+        where = {"step": state.step + 1, "batch": state.position() // state.global_batch_blocks + 1}
+        self.now = {fault.kind for fault in self.faults if fault.first <= where[fault.counted_in] <= fault.last}
+        if "spike" in self.now:
+            loss = loss * SPIKE_FACTOR
+        if "nan_loss" in self.now:
+            loss = loss * float("nan")
+        if "hang" in self.now:
+            logger.warning(f"PRETRAIN_FAULT: rank {self.rank} hangs at step {state.step + 1}")
+            time.sleep(HANG_S)
+        return loss
+
+
+def write_delay(step: int, rank: int) -> float:
+    """Seconds the background write of checkpoint-`step` waits on this rank (slow_write), said first; usually 0."""
+    if not any(f.kind == "slow_write" and f.first <= step <= f.last
+               for f in parse_faults(os.environ.get("PRETRAIN_FAULT", ""), rank)):
+        return 0.0
+    logger.warning(f"PRETRAIN_FAULT: rank {rank} starts writing checkpoint-{step} {SLOW_WRITE_S:.0f} s late")
+    return SLOW_WRITE_S
+

@@ -1,0 +1,184 @@
+"""Multiple-choice tasks scored during training, as lm-eval-harness scores them: from local files (C-Eval/CMMLU's
+CSV columns, or JSON Lines of question, choices and answer), each choice by the log-likelihood of its continuation.
+
+    --eval_tasks NAME=TEST_FILE[,DEV_FILE] ...      (few-shot examples: the first --eval_tasks_num_fewshot of DEV_FILE)
+
+The prompt is lm-eval-harness's MMLU format: the question, one line per choice ("A. ..."), then "Answer:"; each
+choice's continuation is " A", " B", ...; acc takes the most likely continuation, acc_norm divides each
+log-likelihood by the choice's length in characters first (the harness's definitions). It owns reading, prompting and
+scoring; the loop decides when, and sets the time aside.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+
+from pretrain.base.errors import DataError, UsageError
+
+logger = logging.getLogger("train_loop")
+
+LETTERS = string.ascii_uppercase
+FEWSHOT_DELIMITER, TARGET_DELIMITER = "\n\n", " "
+
+
+@dataclass
+class Task:
+    name: str
+    requests: list[tuple[int, int, list[int], list[int]]]  # (question, choice, context ids, continuation ids)
+    choices: list[list[str]]  # each question's continuations' labels: A, B, ...
+    golds: list[int]
+
+
+def load_tasks(specs: list[str] | None, num_fewshot: int, tokenizer) -> list[Task]:
+    """--eval_tasks NAME=TEST[,DEV] ...: each task's questions, read, checked and encoded once, before training."""
+    tasks = []
+    for spec in specs or []:
+        name, equals, files = spec.partition("=")
+        if not equals or not name or not files or not name.replace("_", "").replace("-", "").isalnum():
+            raise UsageError(f"--eval_tasks {spec}: expected NAME=TEST_FILE or NAME=TEST_FILE,DEV_FILE (NAME of "
+                             f"letters, digits, - and _)")
+        test, _, dev = files.partition(",")
+        if num_fewshot and not dev:
+            raise UsageError(f"--eval_tasks {spec}: --eval_tasks_num_fewshot {num_fewshot} needs a DEV_FILE for the "
+                             f"examples: NAME=TEST_FILE,DEV_FILE")
+        examples = read_rows(Path(dev))[:num_fewshot] if dev else []
+        if len(examples) < num_fewshot:
+            raise DataError(f"{dev}: {len(examples)} rows, fewer than --eval_tasks_num_fewshot {num_fewshot}")
+        shots = "".join(prompt(row) + TARGET_DELIMITER + LETTERS[row["gold"]] + FEWSHOT_DELIMITER for row in examples)
+        rows = read_rows(Path(test))
+        choices = [list(LETTERS[:len(row["choices"])]) for row in rows]
+        requests = [(index, choice, *encode_pair(tokenizer, shots + prompt(row), TARGET_DELIMITER + label))
+                    for index, row in enumerate(rows) for choice, label in enumerate(choices[index])]
+        tasks.append(Task(name, requests, choices, [row["gold"] for row in rows]))
+    if len({task.name for task in tasks}) < len(tasks):
+        raise UsageError("--eval_tasks: a task name is given twice; give each task its own NAME")
+    return tasks
+
+
+def prompt(row: dict[str, Any]) -> str:
+    lines = [row["question"].strip()] + [f"{LETTERS[i]}. {choice}" for i, choice in enumerate(row["choices"])]
+    return "\n".join(lines) + "\nAnswer:"
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Questions from a CSV with C-Eval/CMMLU's columns (question, A, B, C, D, answer; any case) or JSON Lines of
+    {"question", "choices", "answer"} (an index, a letter or the choice's text); one line per bad row."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such task file; pass --eval_tasks NAME=PATH with an existing file")
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            raw = [{key.strip().lower(): value for key, value in row.items() if key} for row in csv.DictReader(handle)]
+        letters = [letter for letter in LETTERS if raw and letter.lower() in raw[0]]
+        rows = [{"question": row.get("question"), "choices": [row[letter.lower()] for letter in letters],
+                 "answer": row.get("answer")} for row in raw]
+        first_row = 2  # under the header
+    else:
+        rows, first_row = [], 1
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                rows.append(json.loads(line) if line.strip() else None)
+            except ValueError:
+                raise DataError(f"{path}: row {number} is not JSON; each line must be one question") from None
+    checked = [check_row(path, number, row) for number, row in enumerate(rows, first_row) if row is not None]
+    if not checked:
+        raise DataError(f"{path}: no questions; a task file needs one question per row")
+    return checked
+
+
+def check_row(path: Path, number: int, row: Any) -> dict[str, Any]:
+    where = f"{path}: row {number}"
+    if not isinstance(row, dict):
+        raise DataError(f"{where} is not an object with question, choices and answer")
+    missing = [key for key in ("question", "choices", "answer") if row.get(key) in (None, "", [])]
+    if missing:
+        raise DataError(f"{where} has no {missing[0]} (a task row needs question, choices or A-D columns, and "
+                        f"answer)")
+    choices = row["choices"]
+    if not isinstance(choices, list) or len(choices) < 2 or len(choices) > len(LETTERS):
+        raise DataError(f"{where}: choices must be a list of 2 to {len(LETTERS)} texts")
+    answer = row["answer"]
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
+        gold = answer
+    elif isinstance(answer, str) and answer.strip().upper() in LETTERS[:len(choices)] and len(answer.strip()) == 1:
+        gold = LETTERS.index(answer.strip().upper())
+    elif isinstance(answer, str) and answer in choices:
+        gold = choices.index(answer)
+    else:
+        raise DataError(f"{where}: answer {answer!r} is not one of the choices ({LETTERS[0]}-"
+                        f"{LETTERS[len(choices) - 1]}, an index from 0, or a choice's text)")
+    return {"question": str(row["question"]), "choices": [str(choice) for choice in choices], "gold": gold}
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """The harness's split: trailing spaces of the context move to the continuation, the whole is encoded once and
+    the continuation is what follows the context's own encoding."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole, head = tokenizer.encode(context + continuation), tokenizer.encode(context)
+    return head, whole[len(head):]
+
+
+def score_tasks(accelerator, model, tasks: list[Task], batch_size: int, max_length: int, output_dir: str,
+                step: int) -> dict[str, float]:
+    """task/NAME/acc and acc_norm for every task, the questions spread over the processes; each question's
+    log-likelihoods go to output_dir/eval_tasks/NAME.jsonl, a line per evaluation."""
+    record = {}
+    model.eval()
+    for task in tasks:
+        mine = task.requests[accelerator.process_index::accelerator.num_processes]
+        # Every process runs as many forwards (ZeRO-3 gathers weights in each), the last ones padded with a repeat.
+        batches = -(-len(task.requests) // (batch_size * accelerator.num_processes))
+        scored = log_likelihoods(model, mine, batches, batch_size, max_length, accelerator.device)
+        lls = [[0.0] * len(choices) for choices in task.choices]
+        for index, choice, value in (item for part in gather_object([scored]) for item in part):
+            lls[index][choice] = value
+        best = [max(range(len(ll)), key=ll.__getitem__) for ll in lls]
+        best_normed = [max(range(len(ll)), key=lambda c: ll[c] / len(labels[c])) for ll, labels in
+                       zip(lls, task.choices)]
+        record[f"task/{task.name}/acc"] = sum(map(int.__eq__, best, task.golds)) / len(task.golds)
+        record[f"task/{task.name}/acc_norm"] = sum(map(int.__eq__, best_normed, task.golds)) / len(task.golds)
+        if accelerator.is_main_process:
+            folder = Path(output_dir) / "eval_tasks"
+            folder.mkdir(exist_ok=True)
+            with open(folder / f"{task.name}.jsonl", "a") as handle:
+                handle.write(json.dumps({"step": step, "log_likelihoods": lls}) + "\n")
+    model.train()
+    return record
+
+
+def log_likelihoods(model, requests: list, batches: int, batch_size: int, max_length: int, device) -> list:
+    """(question, choice, log-likelihood of the continuation) for each request, in `batches` forwards, contexts cut on
+    the left to fit. Padded on the left, with the attention mask and each row's own positions, so that every
+    continuation ends at the last position: the output projection runs on the last few positions only
+    (`logits_to_keep`), not on every token times a 150k vocabulary."""
+    results = []
+    with torch.no_grad():
+        for batch_index in range(batches):
+            part = requests[batch_index * batch_size:(batch_index + 1) * batch_size]
+            padding = not part
+            part = part or requests[:1] or [(0, 0, [0], [0])]
+            sequences = [(context + continuation)[-(max_length + 1):][:-1] for _, _, context, continuation in part]
+            width = max(map(len, sequences))
+            mask = torch.tensor([[0] * (width - len(sequence)) + [1] * len(sequence) for sequence in sequences],
+                                device=device)
+            input_ids = torch.tensor([[0] * (width - len(sequence)) + sequence for sequence in sequences],
+                                     device=device)
+            keep = max(len(continuation) for *_, continuation in part)
+            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                           logits_to_keep=keep).logits
+            for row, (index, choice, _, continuation) in enumerate(part):
+                picked = logits[row, keep - len(continuation):].float().log_softmax(dim=-1)
+                value = picked.gather(1, torch.tensor(continuation, device=device)[:, None]).sum().item()
+                if not padding:
+                    results.append((index, choice, value))
+    return results

@@ -1,0 +1,9 @@
+"""Optimization: the optimizer (AdamW, or Muon on the hidden matrices) and the learning-rate schedule.
+
+It may import the base and telemetry. It must not save or load checkpoints: the optimizer's and the schedule's
+state reach a checkpoint through checkpointing.
+
+Modules:
+optimizers    --optim: AdamW, or Muon on the hidden matrices and AdamW on the rest, as one optimizer
+schedule      the learning-rate schedule: warmup, transformers' schedulers by name
+"""

@@ -1,0 +1,10 @@
+"""Telemetry: what a run tells its watchers, the trackers of --report_to, step timing, tokens/s, FLOPs and MFU,
+metrics.jsonl and the console.
+
+It may import the base. Its numbers are read, never steered by: it must not change what is trained, and the
+loop's losses are the same with it on or off.
+
+Modules:
+tracking      the trackers of --report_to, SwanLab's mode and start
+metrics       timing, tokens/s, FLOPs and MFU, compiled graphs, metrics.jsonl and the console (tracking)
+"""
