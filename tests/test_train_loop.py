@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -214,6 +215,19 @@ def test_bad_argument_gets_one_line(assets, tmp_path, extra, expected):
     with pytest.raises(UsageError) as raised:
         run_in_process(tiny_flags(assets, tmp_path / "out", tmp_path / "cache", "--max_steps", 1, *extra))
     assert expected in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_the_config_overrides_example_of_the_docs_trains(assets, tmp_path):
+    """docs/flags.md's --config_overrides example on a config of 2 layers: the per-layer layer_types is derived
+    afresh for the new layer count, as Qwen2Config's own __init__ derives it (it was an IndexError in the model)."""
+    example = re.search(r'--config_overrides "([^"]+)"', (ROOT / "docs" / "flags.md").read_text()).group(1)
+    overrides = dict(item.split("=") for item in example.split(","))
+    assert "num_hidden_layers" in overrides
+    run_in_process(tiny_flags(assets, tmp_path / "out", tmp_path / "cache", "--max_steps", 1,
+                              "--config_overrides", example))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert {key: str(config[key]) for key in overrides} == overrides
+    assert config["layer_types"] == ["full_attention"] * int(overrides["num_hidden_layers"])
 
 
 def test_unusable_files_and_folders_are_refused_before_any_work(assets, tmp_path, monkeypatch):

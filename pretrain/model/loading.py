@@ -5,6 +5,8 @@ It owns how names given on the command line become objects; it must not touch th
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from pretrain.base.arguments import DEFAULT_CACHE_ROOT, DEMO_MODEL, DataArguments, ModelArguments, is_demo, \
@@ -59,13 +61,9 @@ def build_config(model_args: ModelArguments, tokenizer, config=None):
     if config is None:
         config = Qwen2Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                              bos_token_id=tokenizer.eos_token_id, **DEMO_MODEL)
-    for key, value in parse_config_overrides(model_args.config_overrides or "").items():
-        if not hasattr(config, key):
-            raise UsageError(f"--config_overrides: {type(config).__name__} has no '{key}'")
-        try:
-            setattr(config, key, value)
-        except Exception as error:  # transformers' typed configs raise their own validation errors
-            raise UsageError(f"--config_overrides {key}={value}: {' '.join(str(error).split())}") from None
+    if model_args.config_overrides:
+        config = apply_overrides(config, parse_config_overrides(model_args.config_overrides),
+                                 model_args.config_overrides)
     heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
     source = "--config_overrides" if model_args.config_overrides else "the model config"
     if isinstance(heads, int) and isinstance(kv_heads, int) and (kv_heads < 1 or heads % kv_heads):
@@ -77,6 +75,34 @@ def build_config(model_args: ModelArguments, tokenizer, config=None):
         raise UsageError(f"{source}: hidden_size ({hidden}) must be num_attention_heads ({heads}) times an even "
                          f"head size (rotary embeddings rotate pairs); e.g. hidden_size={heads * 32}")
     return config
+
+
+def apply_overrides(config, overrides: dict[str, Any], text: str):
+    """The config rebuilt with `overrides` by its class, as its own __init__ builds it: the per-layer lists that it
+    derives from the other fields (Qwen2's layer_types from num_hidden_layers, sliding_window, max_window_layers)
+    are derived afresh, and its validators run. A list set by hand in the config is kept, and refused in one line if
+    it no longer fits."""
+    for key in overrides:
+        if not hasattr(config, key):
+            raise UsageError(f"--config_overrides: {type(config).__name__} has no '{key}'")
+    values = config.to_dict()
+    per_layer = [name for name, value in values.items() if isinstance(value, list) and name not in overrides
+                 and len(value) == values.get("num_hidden_layers")]
+    derived = [name for name in per_layer if rebuilt_without(config, values, name) == values[name]]
+    values = {key: value for key, value in {**values, **overrides}.items() if key not in derived}
+    try:
+        return type(config).from_dict(values)
+    except Exception as error:  # transformers' typed configs raise their own validation errors
+        cause = ' '.join(str(error.__cause__ or error).split())
+        by_hand = [name for name in per_layer if name not in derived]
+        advice = f"; the config sets {', '.join(by_hand)} by hand: change it in a copy of its config.json" \
+            if by_hand else ""
+        raise UsageError(f"--config_overrides {text}: {cause}{advice}") from None
+
+
+def rebuilt_without(config, values: dict[str, Any], name: str) -> Any:
+    """What the config's class computes for the field `name` when it is left out."""
+    return getattr(type(config).from_dict({key: value for key, value in values.items() if key != name}), name)
 
 
 def resolve_block_size(data_args: DataArguments, config) -> int:
