@@ -81,25 +81,31 @@ def main(argv: list[str] | None = None) -> str:
     model_args, data_args, args = parse_args(argv)
     check_tracker(args)
     create_output_dirs(args)
-    demo = is_demo(model_args, data_args)  # before load_data, which points the demo at its corpus
+    demo = is_demo(model_args, data_args)  # before load_tokenizer_and_config points the demo at its corpus
 
     # Accelerator: this process joins the launch (DeepSpeed plugin, process group, logging).
     accelerator = build_accelerator(args)
     with hold_output_dir(accelerator, args.output_dir):  # one run per folder: a second one is refused
         torch.manual_seed(args.seed)
 
-        # Data, model, optimizer and schedule, all prepared for the launch's layout.
-        tokenizer, config, data = load_data(accelerator, model_args, data_args, args)
-        train_loader, eval_loaders, global_batch_blocks = build_loaders(accelerator, data, tokenizer, model_args, args)
+        # What the run resumes from, the tokenizer, the tasks and the model come before the data build, so that a
+        # foreign --output_dir, a bad task file or a model that cannot be built is refused before that work.
+        checkpoint = choose_checkpoint(accelerator, args)
+        tokenizer, config = load_tokenizer_and_config(model_args, data_args)
+        tasks = load_tasks(args.eval_tasks, args.eval_tasks_num_fewshot, tokenizer)
         model = build_model(model_args, config, tokenizer, args)
-        plan = plan_run(model, tokenizer, data.train, global_batch_blocks, data_args.block_size, args)
+
+        # Data, optimizer and schedule, all prepared for the launch's layout.
+        data = load_data(accelerator, tokenizer, data_args, args)
+        train_loader, eval_loaders, global_batch_blocks = build_loaders(accelerator, data, tokenizer, model_args, args)
+        plan = plan_run(model, tokenizer, data.train, global_batch_blocks, data_args.block_size, args, tasks)
         optimizer = build_optimizer(model, args, deepspeed_config(accelerator))
         run = prepare(accelerator, model, optimizer, train_loader, eval_loaders, args, plan.total_steps)
 
         # Resume from the newest complete checkpoint, if any.
         state = launch_state(accelerator, global_batch_blocks, len(data.train), schedule_of(args, plan.total_steps),
                              plan.mixture, args.optim)
-        state = resume(accelerator, choose_checkpoint(accelerator, args), state, args, run.scheduler, plan.mixture)
+        state = resume(accelerator, checkpoint, state, args, run.scheduler, plan.mixture)
         describe_run(accelerator, accelerator.unwrap_model(run.model), model_args, args, state, plan.total_steps,
                      plan.steps_per_epoch, plan.mixture)
 
@@ -129,12 +135,17 @@ def main(argv: list[str] | None = None) -> str:
 # The stages main() calls
 # ======================================================================================================================
 
-def load_data(accelerator, model_args: ModelArguments, data_args: DataArguments, args: TrainArguments):
-    """Tokenizer, config and packed blocks (every rank helps build them, waiting on files, not in a collective)."""
+def load_tokenizer_and_config(model_args: ModelArguments, data_args: DataArguments):
+    """The tokenizer and the model config with --config_overrides, and the block size that follows from it."""
     config = load_config(model_args)
     tokenizer = load_tokenizer(model_args, data_args, config)
     config = build_config(model_args, tokenizer, config)
     resolve_block_size(data_args, config)
+    return tokenizer, config
+
+
+def load_data(accelerator, tokenizer, data_args: DataArguments, args: TrainArguments):
+    """Packed blocks (every rank helps build them, waiting on files, not in a collective)."""
     if data_args.train_mixture:
         data = data_utils.prepare_mixture(data_args, tokenizer, split_seed(args), order_seed(args),
                                           show_progress=accelerator.is_main_process)
@@ -142,7 +153,7 @@ def load_data(accelerator, model_args: ModelArguments, data_args: DataArguments,
         data = data_utils.prepare_data(data_args, tokenizer, seed=split_seed(args),
                                        show_progress=accelerator.is_main_process)
     logger.info(f"data: {json.dumps(data.stats)}")
-    return tokenizer, config, data
+    return data
 
 
 def build_loaders(accelerator, data, tokenizer, model_args: ModelArguments, args: TrainArguments):
@@ -166,9 +177,10 @@ def build_loaders(accelerator, data, tokenizer, model_args: ModelArguments, args
     return train_loader, eval_loaders, global_batch_blocks
 
 
-def plan_run(model, tokenizer, train, global_batch_blocks: int, block_size: int, args: TrainArguments) -> RunPlan:
+def plan_run(model, tokenizer, train, global_batch_blocks: int, block_size: int, args: TrainArguments,
+             tasks: list[Task]) -> RunPlan:
     """The run's length (--max_steps, else --max_tokens, else epochs) and what its throughput is measured against.
-    `train`: the training blocks, or a mixture (whose epoch is its epoch source read once)."""
+    `train`: the training blocks, or a mixture (whose epoch is its epoch source read once); `tasks`: --eval_tasks."""
     steps_per_epoch = len(train) // global_batch_blocks
     tokens_per_step = global_batch_blocks * block_size
     if args.max_steps > 0:
@@ -183,7 +195,7 @@ def plan_run(model, tokenizer, train, global_batch_blocks: int, block_size: int,
                    peak_tflops=device_peak_tflops(args), block_size=block_size,
                    mixture=train if isinstance(train, Mixture) else None,
                    token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size),
-                   tasks=load_tasks(args.eval_tasks, args.eval_tasks_num_fewshot, tokenizer),
+                   tasks=tasks,
                    max_length=model.config.max_position_embeddings)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 from conftest import ROOT, cosine_lr, data_stats, read_metrics, run_in_process, tiny_flags
 
 from pretrain.base.arguments import parse_args
-from pretrain.base.errors import UsageError
+from pretrain.base.errors import DataError, UsageError
 
 METRIC_KEYS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "elapsed_s"}
 
@@ -207,14 +208,18 @@ BAD_ARGUMENTS = [
     (["--fp16", "--torch_dtype", "float16"], "--torch_dtype float16 with --fp16: fp16 weights cannot be loss-scaled"),
     (["--config_overrides", "num_attention_heads=5"], "num_attention_heads (5) must be a multiple of "
                                                       "num_key_value_heads (2)"),
+    (["--eval_tasks", "mc_test.csv"], "--eval_tasks mc_test.csv: expected NAME=TEST_FILE or NAME=TEST_FILE,DEV_FILE"),
 ]
 
 
 @pytest.mark.parametrize("extra,expected", BAD_ARGUMENTS, ids=[b[1][:30] for b in BAD_ARGUMENTS])
 def test_bad_argument_gets_one_line(assets, tmp_path, extra, expected):
+    """Before the data build: no data cache was written (the model's errors, its attention kernel and its
+    vocabulary, came after the build before)."""
     with pytest.raises(UsageError) as raised:
         run_in_process(tiny_flags(assets, tmp_path / "out", tmp_path / "cache", "--max_steps", 1, *extra))
     assert expected in str(raised.value) and "\n" not in str(raised.value)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_the_config_overrides_example_of_the_docs_trains(assets, tmp_path):
@@ -235,14 +240,21 @@ def test_unusable_files_and_folders_are_refused_before_any_work(assets, tmp_path
     a_file.write_text("not a folder")
     broken_json = tmp_path / "ds_config.json"
     broken_json.write_text('{"zero_optimization": ')
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    bad_rows = tmp_path / "mc_test.csv"
+    bad_rows.write_text("question,A,B,answer\nWhich?,x,y,B\nWhich?,x,y,E\n")
     cases = [
+        (["--output_dir", foreign], f"--output_dir {foreign} holds other files (notes.txt) and no checkpoint"),
+        (["--eval_tasks", f"mc={bad_rows}"], f"{bad_rows}: row 3: answer 'E' is not one of the choices"),
         (["--output_dir", a_file / "out"], f"--output_dir {a_file / 'out'}: cannot write there"),
         (["--report_to", "swanlab", "--swanlab_mode", "offline", "--logging_dir", a_file / "logs"],
          f"--logging_dir {a_file / 'logs'}: cannot write there"),
         (["--deepspeed", broken_json], f"--deepspeed {broken_json}: not a readable JSON file"),
     ]
     for extra, expected in cases:
-        with pytest.raises(UsageError) as raised:
+        with pytest.raises((UsageError, DataError)) as raised:
             run_in_process(tiny_flags(assets, tmp_path / "out", tmp_path / "cache", "--max_steps", 1, *extra))
         assert expected in str(raised.value) and "\n" not in str(raised.value)
     assert not (tmp_path / "cache").exists()  # refused before the data was read
@@ -287,14 +299,32 @@ def test_fp16_on_cpu_is_refused(assets, tmp_path):
         run_in_process(tiny_flags(assets, tmp_path / "out", tmp_path / "cache", "--fp16"))
 
 
-def test_foreign_output_dir_is_refused(assets, tmp_path):
+def test_foreign_output_dir_is_refused_and_overwrite_deletes_only_once_the_checks_pass(assets, tmp_path):
+    """And the weights follow the umask (here 027: 0640), the final model's and a one-process checkpoint's, where
+    safetensors wrote them 0600 while every other file followed it."""
     output = tmp_path / "out"
     output.mkdir()
     (output / "notes.txt").write_text("mine")
     with pytest.raises(UsageError, match="--output_dir .* holds other files .*--overwrite_output_dir"):
         run_in_process(tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 1))
+    umask = os.umask(0o027)
+    try:
+        run_in_process(tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 2, "--save_steps", 1,
+                                  "--overwrite_output_dir"))
+    finally:
+        os.umask(umask)
+    weights = [output / "model.safetensors", output / "checkpoint-2" / "model.safetensors"]
+    assert [oct(path.stat().st_mode & 0o777) for path in weights] == ["0o640"] * 2
+    assert (output / "config.json").stat().st_mode & 0o777 == 0o640  # as every other file
+    assert (output / "notes.txt").exists()
+    bad_rows = tmp_path / "mc_test.csv"
+    bad_rows.write_text("question,A,B,answer\nWhich?,x,y,E\n")
+    with pytest.raises(DataError, match="row 2: answer 'E'"):  # refused before the deletion
+        run_in_process(tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 1, "--overwrite_output_dir",
+                                  "--eval_tasks", f"mc={bad_rows}"))
+    assert (output / "checkpoint-2").is_dir()
     run_in_process(tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 1, "--overwrite_output_dir"))
-    assert (output / "notes.txt").exists() and (output / "model.safetensors").exists()
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1"]
 
 
 def test_what_a_failed_run_leaves_before_its_first_checkpoint_is_no_foreign_file(assets, tmp_path):

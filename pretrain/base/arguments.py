@@ -353,6 +353,7 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, args: Tr
             raise UsageError("--lr_scheduler_kwargs must be a JSON object, e.g. '{\"min_lr_rate\": 0.1}'")
     if model_args.config_overrides:
         parse_config_overrides(model_args.config_overrides)
+    parse_task_specs(args.eval_tasks, args.eval_tasks_num_fewshot)
     check_mixture_flags(data_args)
 
 
@@ -413,3 +414,21 @@ def parse_config_overrides(text: str) -> dict[str, Any]:
         except ValueError:
             overrides[key.strip()] = value
     return overrides
+
+
+def parse_task_specs(specs: list[str] | None, num_fewshot: int) -> list[tuple[str, str, str]]:
+    """--eval_tasks NAME=TEST_FILE[,DEV_FILE] ...: (name, test file, dev file or "") of each task."""
+    parsed = []
+    for spec in specs or []:
+        name, equals, files = spec.partition("=")
+        if not equals or not name or not files or not name.replace("_", "").replace("-", "").isalnum():
+            raise UsageError(f"--eval_tasks {spec}: expected NAME=TEST_FILE or NAME=TEST_FILE,DEV_FILE (NAME of "
+                             f"letters, digits, - and _)")
+        test, _, dev = files.partition(",")
+        if num_fewshot and not dev:
+            raise UsageError(f"--eval_tasks {spec}: --eval_tasks_num_fewshot {num_fewshot} needs a DEV_FILE for the "
+                             f"examples: NAME=TEST_FILE,DEV_FILE")
+        parsed.append((name, test, dev))
+    if len({name for name, _, _ in parsed}) < len(parsed):
+        raise UsageError("--eval_tasks: a task name is given twice; give each task its own NAME")
+    return parsed

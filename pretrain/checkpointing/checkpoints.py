@@ -99,6 +99,7 @@ def complete_checkpoint(temporary: Path, final: Path, trainer_state: str, save_t
     (temporary / TRAINER_STATE).write_text(trainer_state)
     files = {str(p.relative_to(temporary)): p.stat().st_size for p in temporary.rglob("*") if p.is_file()}
     (temporary / MANIFEST).write_text(json.dumps(files, indent=1))
+    follow_umask(temporary.rglob("*.safetensors"))
     for relative in files:
         sync_to_disk(temporary / relative)
     sync_to_disk(temporary / MANIFEST)
@@ -108,6 +109,26 @@ def complete_checkpoint(temporary: Path, final: Path, trainer_state: str, save_t
     sync_to_disk(final.parent)
     prune_checkpoints(final.parent, save_total_limit)
     logger.info(f"saved {final}")
+
+
+def follow_umask(paths) -> None:
+    """safetensors writes each file as a temporary file of mode 0600 renamed into place: give the weights the mode
+    that every other file of the run gets from the umask (0644 under the usual 022), or nobody else on a shared
+    filesystem can read the model."""
+    mode = 0o666 & ~current_umask()
+    for path in paths:
+        os.chmod(path, mode)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it, for every thread, while it reads)."""
+    try:
+        return int(next(line for line in Path("/proc/self/status").read_text().splitlines()
+                        if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration):  # not Linux: set and restore at once
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
@@ -141,12 +162,9 @@ def find_resume_checkpoint(args: TrainArguments) -> Path | None:
         if damage:
             raise UsageError(f"--resume_from_checkpoint {requested}: damaged checkpoint ({damage}); pick another")
         return path
-    checkpoints = list_checkpoints(output_dir)
     if args.overwrite_output_dir:
-        for checkpoint in checkpoints:
-            remove_checkpoint(checkpoint)
-        return None
-    for checkpoint in reversed(checkpoints):
+        return None  # resume() deletes the checkpoints, once every check before the data build has passed
+    for checkpoint in reversed(list_checkpoints(output_dir)):
         damage = checkpoint_damage(checkpoint)
         if damage is None:
             return checkpoint
@@ -162,7 +180,8 @@ def find_resume_checkpoint(args: TrainArguments) -> Path | None:
 
 
 def choose_checkpoint(accelerator, args: TrainArguments) -> Path | None:
-    """The main process decides (and may delete, with --overwrite_output_dir); every rank gets the same answer."""
+    """The main process decides; every rank gets the same answer, or the same one-line refusal: a foreign
+    --output_dir, a missing or damaged --resume_from_checkpoint, a checkpoint of another launch layout."""
     from accelerate.utils import broadcast_object_list
 
     choice: list[Any] = [None]
@@ -175,19 +194,27 @@ def choose_checkpoint(accelerator, args: TrainArguments) -> Path | None:
         broadcast_object_list(choice)
     if isinstance(choice[0], UsageError):
         raise choice[0]
+    if choice[0] is not None:
+        saved = TrainState(**json.loads((choice[0] / TRAINER_STATE).read_text()))
+        current = TrainState(distributed_type=accelerator.distributed_type.value, zero_stage=zero_stage_of(accelerator),
+                             optim=args.optim)
+        problem = layout_mismatch(saved, current, choice[0])
+        if problem:
+            raise UsageError(f"checkpoint {choice[0]} {problem}; {start_afresh_advice(args)}")
     return choice[0]
 
 
 def resume(accelerator, checkpoint: Path | None, state: TrainState, args: TrainArguments, scheduler,
            mixture: Mixture | None = None) -> TrainState:
-    """Load the checkpoint into the prepared objects and return its state, mapped onto this launch (and, with a
-    mixture, the mixture's blend onto the checkpoint's)."""
+    """Load the checkpoint (from choose_checkpoint) into the prepared objects and return its state, mapped onto this
+    launch (and, with a mixture, the mixture's blend onto the checkpoint's). None: start afresh, deleting the
+    checkpoints first with --overwrite_output_dir."""
     if checkpoint is None:
+        if args.overwrite_output_dir and accelerator.is_main_process:
+            for old in list_checkpoints(Path(args.output_dir)):
+                remove_checkpoint(old)
         return state
     saved = TrainState(**json.loads((checkpoint / TRAINER_STATE).read_text()))
-    problem = layout_mismatch(saved, state, checkpoint)
-    if problem:
-        raise UsageError(f"checkpoint {checkpoint} {problem}; {start_afresh_advice(args)}")
     reshard = saved.distributed_type == "DEEPSPEED" and saved.num_processes != state.num_processes
     # ZeRO shards are cut for their world size: another one loads them through DeepSpeed's universal format.
     universal = universal_copy(accelerator, checkpoint, checkpoint_damage) if reshard else None
@@ -305,6 +332,7 @@ def save_final_model(accelerator, model, tokenizer, args: TrainArguments) -> Non
         try:
             unwrapped.save_pretrained(args.output_dir, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(args.output_dir)
+            follow_umask(Path(args.output_dir).glob("*.safetensors"))
         except (OSError, SafetensorError) as error:
             raise CheckpointError(f"--output_dir {args.output_dir}: writing the final model failed "
                                   f"({first_line(error)}); the last checkpoint is complete: free space or fix the "

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 
-from pretrain.base.errors import DataError, UsageError
+from pretrain.base.arguments import parse_task_specs
+from pretrain.base.errors import DataError
 
 logger = logging.getLogger("train_loop")
 
@@ -39,17 +40,10 @@ class Task:
 
 
 def load_tasks(specs: list[str] | None, num_fewshot: int, tokenizer) -> list[Task]:
-    """--eval_tasks NAME=TEST[,DEV] ...: each task's questions, read, checked and encoded once, before training."""
+    """--eval_tasks NAME=TEST[,DEV] ...: each task's questions, read, checked and encoded once, before the data
+    build (a bad row is refused before any work)."""
     tasks = []
-    for spec in specs or []:
-        name, equals, files = spec.partition("=")
-        if not equals or not name or not files or not name.replace("_", "").replace("-", "").isalnum():
-            raise UsageError(f"--eval_tasks {spec}: expected NAME=TEST_FILE or NAME=TEST_FILE,DEV_FILE (NAME of "
-                             f"letters, digits, - and _)")
-        test, _, dev = files.partition(",")
-        if num_fewshot and not dev:
-            raise UsageError(f"--eval_tasks {spec}: --eval_tasks_num_fewshot {num_fewshot} needs a DEV_FILE for the "
-                             f"examples: NAME=TEST_FILE,DEV_FILE")
+    for name, test, dev in parse_task_specs(specs, num_fewshot):
         examples = read_rows(Path(dev))[:num_fewshot] if dev else []
         if len(examples) < num_fewshot:
             raise DataError(f"{dev}: {len(examples)} rows, fewer than --eval_tasks_num_fewshot {num_fewshot}")
@@ -59,8 +53,6 @@ def load_tasks(specs: list[str] | None, num_fewshot: int, tokenizer) -> list[Tas
         requests = [(index, choice, *encode_pair(tokenizer, shots + prompt(row), TARGET_DELIMITER + label))
                     for index, row in enumerate(rows) for choice, label in enumerate(choices[index])]
         tasks.append(Task(name, requests, choices, [row["gold"] for row in rows]))
-    if len({task.name for task in tasks}) < len(tasks):
-        raise UsageError("--eval_tasks: a task name is given twice; give each task its own NAME")
     return tasks
 
 
