@@ -190,17 +190,23 @@ def test_a_poisoned_stretch_is_rewound_past_and_the_run_finishes(assets, tmp_pat
 
 
 def test_trouble_that_comes_back_after_a_rewind_stops_with_one_line(assets, tmp_path, monkeypatch, capfd):
-    """Through cli(), as the command line runs it: the one line is what the process exits with."""
+    """Through cli(), as the command line runs it: the one line is what the process exits with. checkpoint-15, saved
+    during the trouble (after the rewind, at the first skip of the second streak), is deleted with the stop: the
+    rerun resumes from checkpoint-10, from before the trouble."""
     output = tmp_path / "run"
+    argv = list(map(str, flags(assets, output, tmp_path / "cache", "--save_steps", 5, "--rewind_after_skips", 3)))
     monkeypatch.setenv("PRETRAIN_FAULT", "nan_loss@step=12-30")
     with pytest.raises(SystemExit) as exited:
-        run_in_process(list(map(str, flags(assets, output, tmp_path / "cache", "--save_steps", 5,
-                                           "--rewind_after_skips", 2))), entry="cli")
+        run_in_process(argv, entry="cli")
     assert exited.value.code == (
-        "error: steps 14-15 were skipped (the last: loss nan), after a rewind at step 13 to checkpoint-10 that "
-        "skipped blocks 40-60: the trouble came back; lower --learning_rate, or check the data from block 40 on")
+        "error: steps 15-17 were skipped (the last: loss nan), after a rewind at step 14 to checkpoint-10 that "
+        "skipped blocks 40-64: the trouble came back; lower --learning_rate, or check the data from block 40 on")
     log = capfd.readouterr().err
-    assert log.count("rewind:") == 1 and "Traceback" not in log
+    assert log.count("rewind:") == 1 and "Traceback" not in log and f"saved {output / 'checkpoint-15'}" in log
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
+    monkeypatch.delenv("PRETRAIN_FAULT")
+    run_in_process([*argv, "--max_steps", "11"])
+    assert f"resumed from {output / 'checkpoint-10'} at step 10" in capfd.readouterr().err
 
 
 def test_sigkill_right_after_a_skip_and_right_after_a_rewind_resumes_to_the_bit(assets, tmp_path, monkeypatch,

@@ -162,10 +162,12 @@ def rewind(accelerator, scheduler, state: TrainState, args: TrainArguments, guar
     target = next((c for c in reversed(list_checkpoints(Path(args.output_dir)))
                    if checkpoint_step(c) < first_bad and checkpoint_damage(c) is None), None)
     if target is None:
+        forget_checkpoints_after(accelerator, args, first_bad - 1)
         raise NonFiniteLoss(f"{tried}, and {args.output_dir} has no complete checkpoint from before step {first_bad} "
                             f"to rewind to; lower --learning_rate, or check the data the run read there")
     last = records["rewinds"][-1] if records["rewinds"] else None
     if last and state.step - last["at_step"] <= guard.window:  # within a window of the last rewind: it came back
+        forget_checkpoints_after(accelerator, args, checkpoint_step(Path(last["checkpoint"])))
         raise NonFiniteLoss(f"{tried}, after a rewind at step {last['at_step']} to {last['checkpoint']} that skipped "
                             f"blocks {last['from_block']}-{last['to_block']}: the trouble came back; lower "
                             f"--learning_rate, or check the data from block {last['from_block']} on")
@@ -181,13 +183,20 @@ def rewind(accelerator, scheduler, state: TrainState, args: TrainArguments, guar
     records.update(losses=saved.guard["losses"] if saved.guard else [], in_a_row=0,
                    norms=saved.guard["norms"] if saved.guard else [])
     records["rewinds"].append(skipped)
+    forget_checkpoints_after(accelerator, args, saved.step)
     if accelerator.is_main_process:
-        for newer in list_checkpoints(Path(args.output_dir)):  # saved during the trouble: never resume from them
-            if checkpoint_step(newer) > saved.step:
-                remove_checkpoint(newer)
         by_source = f" ({', '.join(f'{n} {c}' for n, c in skipped['sources'].items())})" if mixture else ""
         logger.warning(f"rewind: {tried}; reloaded {target.name} (step {saved.step}) and skipped blocks "
                        f"{start}-{end} of the data order{by_source}, {args.rewind_margin_steps} global "
                        f"batch{'es' if args.rewind_margin_steps != 1 else ''} past the trouble; training goes on at "
                        f"step {state.step + 1}")
+
+
+def forget_checkpoints_after(accelerator, args: TrainArguments, step: int) -> None:
+    """Delete the checkpoints saved after `step`, during the trouble, so that no resume picks one: on a rewind, and
+    on the stops when it came back or had no checkpoint to go back to."""
+    if accelerator.is_main_process:
+        for newer in list_checkpoints(Path(args.output_dir)):
+            if checkpoint_step(newer) > step:
+                remove_checkpoint(newer)
     accelerator.wait_for_everyone()
