@@ -41,7 +41,7 @@ from pretrain.model.chunked_loss import block_loss_sums, block_sums_of_tokens, c
 from pretrain.model.loading import build_config, load_config, load_tokenizer, load_weights, resolve_block_size
 from pretrain.model.speedups import apply_liger_kernel, compile_layers
 from pretrain.optim.optimizers import build_optimizer
-from pretrain.optim.schedule import build_scheduler, schedule_of, warmup_steps_of
+from pretrain.optim.schedule import build_scheduler, check_schedule, schedule_of, warmup_steps_of
 from pretrain.preflight import describe_model, describe_run
 from pretrain.resilience.run_control import RunControl, ensure_finite, ensure_savable
 from pretrain.resilience.step_guard import StepGuard, rewind
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> str:
     # Parse: every flag and folder is checked before any work.
     model_args, data_args, args = parse_args(argv)
     check_tracker(args)
+    check_schedule(args)
     create_output_dirs(args)
     demo = is_demo(model_args, data_args)  # before load_tokenizer_and_config points the demo at its corpus
 

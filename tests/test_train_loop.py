@@ -208,6 +208,8 @@ BAD_ARGUMENTS = [
     (["--fp16", "--torch_dtype", "float16"], "--torch_dtype float16 with --fp16: fp16 weights cannot be loss-scaled"),
     (["--config_overrides", "num_attention_heads=5"], "num_attention_heads (5) must be a multiple of "
                                                       "num_key_value_heads (2)"),
+    (["--lr_scheduler_type", "linear", "--lr_scheduler_kwargs", '{"min_lr_rate": 0.1}'],
+     "--lr_scheduler_type linear / --lr_scheduler_kwargs: "),
     (["--eval_tasks", "mc_test.csv"], "--eval_tasks mc_test.csv: expected NAME=TEST_FILE or NAME=TEST_FILE,DEV_FILE"),
 ]
 

@@ -33,3 +33,12 @@ def build_scheduler(optimizer, args: TrainArguments, total_steps: int):
                              num_training_steps=total_steps, scheduler_specific_kwargs=kwargs)
     except (TypeError, ValueError) as error:
         raise UsageError(f"--lr_scheduler_type {args.lr_scheduler_type} / --lr_scheduler_kwargs: {error}") from None
+
+
+def check_schedule(args: TrainArguments) -> None:
+    """Refuse a schedule that transformers cannot build (a missing or unknown --lr_scheduler_kwargs entry) before any
+    work, by building it once over one parameter: the real one is built after the data, when the run's length is
+    known."""
+    import torch
+
+    build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate), args, total_steps=2)
