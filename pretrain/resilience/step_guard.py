@@ -145,11 +145,33 @@ def decide_inside_deepspeed(zero_optimizer, guard: StepGuard, norm_is_the_gradie
             norm = None if norm is None else float(norm) / zero_optimizer.loss_scale
             if not norm_is_the_gradients and math.isfinite(norm or 0.0):
                 norm = None  # a non-finite norm still says a gradient was not finite
+        if norm is not None and not math.isfinite(norm) and any_nan_gradient(zero_optimizer, guard.accelerator):
+            norm = float("nan")  # DeepSpeed reports a NaN gradient as an infinite norm
         if guard.judge(norm):
             zero_optimizer.overflow = True  # DeepSpeed's own skip path from here on
 
     setattr(zero_optimizer, norm_of, norm_seen)
     zero_optimizer._update_scale = judged_update_scale
+    from deepspeed.utils import logger as deepspeed_logger
+
+    deepspeed_logger.addFilter(not_deepspeeds_overflow_line)  # the guard's own line says it (added once)
+
+
+def not_deepspeeds_overflow_line(record: logging.LogRecord) -> bool:
+    """Drop DeepSpeed's "OVERFLOW! Skipping step" of a non-finite gradient in fp32 and bf16, beside the guard's
+    "step N skipped (gradient norm nan)". fp16's line, which also says how the loss scale changes, stays."""
+    return "OVERFLOW! Skipping step. Gradients are non-finite" not in record.getMessage()
+
+
+def any_nan_gradient(zero_optimizer, accelerator) -> bool:
+    """Whether a NaN is in any rank's gradient partition: DeepSpeed turns NaN and inf alike into an overflow and an
+    infinite norm. Called on every rank, and only at a non-finite norm, which every rank sees alike."""
+    parts = []
+    for value in getattr(zero_optimizer, "averaged_gradients", {}).values():
+        parts += value if isinstance(value, (list, tuple)) else [value]
+    found = torch.tensor(float(any(part is not None and bool(part.isnan().any()) for part in parts)),
+                         device=accelerator.device)
+    return accelerator.reduce(found, reduction="sum").item() > 0
 
 
 def rewind(accelerator, scheduler, state: TrainState, args: TrainArguments, guard: StepGuard, mixture=None) -> None:
