@@ -58,7 +58,7 @@ professional_law 专业法学 | professional_medicine 专业医学 | professiona
 security_study 安全研究 | sociology 社会学 | sports_science 体育学 | traditional_chinese_medicine 中医中药 | virology 病毒学
 world_history 世界历史 | world_religions 世界宗教"""))
 
-CEVAL = Benchmark("ceval-valid", "C-Eval", "以下是中国关于{}考试的单项选择题，请选出其中的正确答案。\n\n", "答案：", ("acc", "acc_norm"),
+CEVAL = Benchmark("ceval-valid", "C-Eval", "以下是中国关于{}的单项选择题，请选出其中的正确答案。\n\n", "答案：", ("acc", "acc_norm"),
                   ("val", "dev"), ("question", "A", "B", "C", "D", "answer"), "ceval", subject_table("""
 accountant 注册会计师 | advanced_mathematics 高等数学 | art_studies 艺术学 | basic_medicine 基础医学
 business_administration 工商管理 | chinese_language_and_literature 中国语言文学 | civil_servant 公务员
