@@ -54,7 +54,8 @@ NUMBERS = [("0.5 + 0.25 等于多少？", "0.75", "0.70", "1.00", "0.50"), ("3 �
 ENGLISH = {"anatomy": [("Which bone is the longest in the human body?", "femur", "tibia", "humerus", "radius"),
                        ("How many chambers does the human heart have?", "four", "two", "three", "five"),
                        ("Which organ produces insulin?", "pancreas", "liver", "kidney", "spleen"),
-                       ("The patella is commonly known as the", "kneecap", "shoulder blade", "collarbone", "ankle bone"),
+                       ("The patella is commonly known as the", "kneecap", "shoulder blade", "collarbone",
+                        "ankle bone"),
                        ("Which blood vessels carry blood away from the heart?", "arteries", "veins", "capillaries",
                         "lymph vessels"),
                        ("Where does gas exchange take place in the lungs?", "alveoli", "bronchi", "trachea", "pleura"),
@@ -201,7 +202,7 @@ def test_the_scores_are_lm_eval_harness_scores_on_the_exported_model(trained, hi
                   if "task/hinted/acc" in line][-1]
     else:
         model = AutoModelForCausalLM.from_pretrained(zero2).eval()
-        mine = [arrange(task, log_likelihoods(model, task.requests, len(task.requests), 1, 256, "cpu"))
+        mine = [arrange(task, log_likelihoods(model, task.requests, -(-len(task.requests) // 8), 8, 256, "cpu"))
                 for task in tasks]
         record = scores(tasks, mine)
     tokenizer = AutoTokenizer.from_pretrained(zero2)

@@ -5,7 +5,7 @@ continuation.
     --eval_tasks NAME=TEST_FILE[,DEV_FILE] ...      (few-shot examples: the first --eval_tasks_num_fewshot of DEV_FILE)
 
 A NAME that lm-eval gives a C-Eval, CMMLU or MMLU subject (cmmlu_agronomy, ...) gets that lm-eval task's prompt and
-metrics, and several subjects their group's score (pretrain/benchmarks.py). Any other NAME gets the generic prompt,
+metrics, and several subjects their group's score (benchmarks.py). Any other NAME gets the generic prompt,
 lm-eval-harness's MMLU format without a description: the question, one line per choice ("A. ..."), then "Answer:".
 Each choice's continuation is " A", " B", ...; acc takes the most likely continuation, acc_norm divides each
 log-likelihood by the choice's length in characters first (the harness's definitions). It owns reading, prompting and
@@ -181,7 +181,7 @@ def arrange(task: Task, scored) -> list[list[float]]:
 
 def scores(tasks: list[Task], lls: list[list[list[float]]]) -> dict[str, float]:
     """Each task's metrics from its questions' log-likelihoods, then each lm-eval group's: its tasks' scores
-    weighted by their numbers of questions, summed in lm-eval's order (lm_eval.api.metrics.aggregate_subtask_metrics)."""
+    weighted by their numbers of questions, summed in lm-eval's order (its aggregate_subtask_metrics)."""
     record = {}
     for task, task_lls in zip(tasks, lls):
         best = {"acc": [max(range(len(ll)), key=ll.__getitem__) for ll in task_lls],
