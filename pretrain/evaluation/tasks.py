@@ -161,22 +161,17 @@ def score_tasks(accelerator, model, tasks: list[Task], batch_size: int, max_leng
         # Every process runs as many forwards (ZeRO-3 gathers weights in each), the last ones padded with a repeat.
         batches = -(-len(task.requests) // (batch_size * accelerator.num_processes))
         scored = log_likelihoods(model, mine, batches, batch_size, max_length, accelerator.device)
-        found.append(arrange(task, (item for part in gather_object([scored]) for item in part)))
+        lls = [[0.0] * len(choices) for choices in task.choices]
+        for index, choice, value in (item for part in gather_object([scored]) for item in part):
+            lls[index][choice] = value
+        found.append(lls)
         if accelerator.is_main_process:
             folder = Path(output_dir) / "eval_tasks"
             folder.mkdir(exist_ok=True)
             with open(folder / f"{task.name}.jsonl", "a") as handle:
-                handle.write(json.dumps({"step": step, "log_likelihoods": found[-1]}) + "\n")
+                handle.write(json.dumps({"step": step, "log_likelihoods": lls}) + "\n")
     model.train()
     return scores(tasks, found)
-
-
-def arrange(task: Task, scored) -> list[list[float]]:
-    """(question, choice, log-likelihood) items as each question's list of its choices' log-likelihoods."""
-    lls = [[0.0] * len(choices) for choices in task.choices]
-    for index, choice, value in scored:
-        lls[index][choice] = value
-    return lls
 
 
 def scores(tasks: list[Task], lls: list[list[list[float]]]) -> dict[str, float]:
