@@ -179,9 +179,9 @@ def test_a_task_the_model_learns_rises_from_chance_the_same_on_one_process_and_u
 @pytest.mark.parametrize("shots", [0, 5])
 def test_the_scores_are_lm_eval_harness_scores_on_the_exported_model(trained, hinted_task, benchmark_specs, tmp_path,
                                                                      capsys, shots):
-    """lm-eval-harness on the exported ZeRO-2 model, through the recipe (python -m pretrain.evaluation.lm_eval_tasks): the
-    benchmarks' subjects by lm-eval's own tasks with only their data pointed at the same files, the hinted task by the
-    generic prompt. The same text scored, the same log-likelihood for every question and choice, and the same acc,
+    """lm-eval-harness on the exported ZeRO-2 model, through the recipe (python -m pretrain.evaluation.lm_eval_tasks):
+    the benchmarks' subjects by lm-eval's own tasks with only their data pointed at the same files, the hinted task by
+    the generic prompt. The same text scored, the same log-likelihood for every question and choice, and the same acc,
     acc_norm and group scores as the loop's: 0-shot, the run's own last evaluation (two processes); 5-shot, the
     loop's scoring (score_tasks) on one process."""
     import lm_eval

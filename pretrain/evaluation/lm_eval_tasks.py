@@ -1,7 +1,7 @@
 """The recipe to check a run's task scores with lm-eval-harness on its exported model: lm-eval task files over the
 same local files as the run's --eval_tasks, and the command that runs them.
 
-    python -m pretrain.evaluation.lm_eval_tasks FOLDER NAME=TEST_FILE[,DEV_FILE] ... [--model OUTPUT_DIR] [--num_fewshot K]
+    python -m pretrain.evaluation.lm_eval_tasks FOLDER NAME=TEST_FILE[,DEV_FILE] ... [--model DIR] [--num_fewshot K]
 
 A C-Eval, CMMLU or MMLU subject's file includes lm-eval's own task file and changes only where its data comes from:
 the local files, their cells read as text (as the loop reads them; a CSV loader would read "0.50" as 0.5 and "NA"
@@ -106,7 +106,8 @@ def benchmark_task(harness_file: Path, name: str, splits: dict[str, str], text_c
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.evaluation.lm_eval_tasks", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pretrain.evaluation.lm_eval_tasks",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path, help="where the task files go (lm_eval --include_path)")
     parser.add_argument("tasks", nargs="+", help="the run's --eval_tasks values, NAME=TEST_FILE[,DEV_FILE] each")
     parser.add_argument("--model", default="OUTPUT_DIR", help="the exported model's folder, for the command")
