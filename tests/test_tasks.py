@@ -1,14 +1,17 @@
 """--eval_tasks: multiple-choice tasks from local files, scored in the loop as lm-eval-harness scores them."""
 
+import csv
 import json
 import random
+import shlex
 
 import pytest
 from conftest import launch, run_in_process, tiny_flags
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pretrain.base.errors import DataError, UsageError
-from pretrain.evaluation.tasks import load_tasks, log_likelihoods, prompt, read_rows
+from pretrain.evaluation import lm_eval_tasks
+from pretrain.evaluation.tasks import load_tasks, log_likelihoods, prompt, read_rows, score_tasks
 
 HINTS = "wxyz"  # the last choice's text says which letter is right: a rule a tiny model learns in 150 steps
 
@@ -32,39 +35,136 @@ def hinted_task(tmp_path_factory):
     return root
 
 
-def task_flags(assets, task, output, micro, *extra):
+# Questions for the benchmark files, the right answer first (the files rotate the choices). Chinese ones with cells
+# that a CSV loader reads as something else unless told (NA, 1.00), and a subject whose choices are all numbers.
+CHINESE = [("中国的首都是哪座城市？", "北京", "上海", "广州", "深圳"), ("水在标准大气压下的沸点是多少摄氏度？", "100", "90", "110", "120"),
+           ("下列哪一项是钠的元素符号？", "Na", "NA", "N", "Ne"), ("《红楼梦》的作者是谁？", "曹雪芹", "罗贯中", "施耐庵", "吴承恩"),
+           ("长城最初修建的主要目的是什么？", "防御外敌", "发展旅游", "运输粮食", "划分省界"),
+           ("光合作用主要发生在植物细胞的哪个部位？", "叶绿体", "线粒体", "细胞核", "液泡"), ("唐朝的都城是哪里？", "长安", "洛阳", "南京", "开封"),
+           ("下列哪种作物属于粮食作物？", "水稻", "棉花", "甘蔗", "烟草"), ("人体最大的器官是什么？", "皮肤", "心脏", "肝脏", "大脑"),
+           ("秦始皇统一六国是在哪一年？", "公元前221年", "公元前206年", "公元前256年", "公元220年"),
+           ("下列哪一种肥料主要提供氮元素？", "尿素", "过磷酸钙", "氯化钾", "石灰"), ("“床前明月光”的下一句是什么？", "疑是地上霜", "举头望明月",
+                                                                          "低头思故乡", "春眠不觉晓"),
+           ("地球绕太阳公转一周大约需要多长时间？", "一年", "一天", "一个月", "十年")]
+NUMBERS = [("0.5 + 0.25 等于多少？", "0.75", "0.70", "1.00", "0.50"), ("3 × 4 等于多少？", "12", "7", "14", "1"),
+           ("1 的一半是多少？", "0.50", "0.25", "1.50", "2.00"), ("方程 2x = 5 的解是多少？", "2.50", "3.00", "5.00", "10.0"),
+           ("10 ÷ 4 等于多少？", "2.5", "2.0", "2.25", "4.0"), ("9 的正平方根是多少？", "3", "4.5", "81", "9.0"),
+           ("-2 + 5 等于多少？", "3", "-3", "7", "-7"), ("0.1 × 0.2 等于多少？", "0.02", "0.2", "0.03", "0.002"),
+           ("1/4 写成小数是多少？", "0.25", "0.40", "0.14", "0.50"), ("2 的 3 次方是多少？", "8", "6", "9", "5")]
+ENGLISH = {"anatomy": [("Which bone is the longest in the human body?", "femur", "tibia", "humerus", "radius"),
+                       ("How many chambers does the human heart have?", "four", "two", "three", "five"),
+                       ("Which organ produces insulin?", "pancreas", "liver", "kidney", "spleen"),
+                       ("The patella is commonly known as the", "kneecap", "shoulder blade", "collarbone",
+                        "ankle bone"),
+                       ("Which blood vessels carry blood away from the heart?", "arteries", "veins", "capillaries",
+                        "lymph vessels"),
+                       ("Where does gas exchange take place in the lungs?", "alveoli", "bronchi", "trachea", "pleura"),
+                       ("How many pairs of ribs does an adult usually have?", "12", "10", "14", "7"),
+                       ("Which part of the brain coordinates balance?", "cerebellum", "medulla", "hypothalamus",
+                        "frontal lobe")],
+           "astronomy": [("Which planet is closest to the Sun?", "Mercury", "Venus", "Earth", "Mars"),
+                         ("What is the largest planet in the Solar System?", "Jupiter", "Saturn", "Neptune", "Earth"),
+                         ("About how long does sunlight take to reach Earth?", "8 minutes", "8 seconds", "8 hours",
+                          "8 days"),
+                         ("Which planet is known as the Red Planet?", "Mars", "Venus", "Jupiter", "Mercury"),
+                         ("Which galaxy contains the Solar System?", "the Milky Way", "Andromeda", "Triangulum",
+                          "the Large Magellanic Cloud"),
+                         ("Which force keeps the planets in orbit?", "gravity", "magnetism", "friction", "None"),
+                         ("Which star is nearest to Earth?", "the Sun", "Proxima Centauri", "Sirius", "Polaris")],
+           "philosophy": [("Who wrote The Republic?", "Plato", "Aristotle", "Kant", "Hume"),
+                          ("'I think, therefore I am' is associated with", "Descartes", "Locke", "Nietzsche", "Hobbes"),
+                          ("Which branch of philosophy studies knowledge?", "epistemology", "ethics", "aesthetics",
+                           "metaphysics"),
+                          ("Utilitarianism judges actions by their", "consequences", "intentions", "duties", "virtues"),
+                          ("Who wrote the Critique of Pure Reason?", "Immanuel Kant", "G. W. F. Hegel", "David Hume",
+                           "John Stuart Mill"),
+                          ("The study of valid reasoning is called", "logic", "rhetoric", "theology", "ontology")]}
+
+
+def rotated(questions, shift):
+    """(question, choices, the answer's index): the right answer moved to a different place in each question."""
+    for number, (question, right, *wrong) in enumerate(questions):
+        place = (number + shift) % 4
+        yield question, wrong[:place] + [right] + wrong[place:], place
+
+
+@pytest.fixture(scope="module")
+def benchmark_specs(tmp_path_factory):
+    """--eval_tasks values for two CMMLU subjects, two C-Eval subjects and three MMLU subjects in two categories,
+    each in the layout its dataset ships (CMMLU's and C-Eval's CSVs, MMLU's Parquet as lm-eval's dataset has it),
+    with 5 dev questions each and tests of different sizes (the groups weigh subjects by size)."""
+    import pyarrow
+    import pyarrow.parquet
+
+    root = tmp_path_factory.mktemp("benchmarks")
+    specs = []
+    for subject, dev, test in (("agronomy", CHINESE[:5], CHINESE[5:]), ("chinese_history", CHINESE[8:], CHINESE[:6])):
+        for split, questions in (("dev", dev), ("test", test)):
+            (root / "cmmlu" / split).mkdir(parents=True, exist_ok=True)
+            with open(root / "cmmlu" / split / f"{subject}.csv", "w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["", "Question", "A", "B", "C", "D", "Answer"])
+                for number, (question, choices, gold) in enumerate(rotated(questions, len(split))):
+                    writer.writerow([number, question, *choices, "ABCD"[gold]])
+        specs.append(f"cmmlu_{subject}={root}/cmmlu/test/{subject}.csv,{root}/cmmlu/dev/{subject}.csv")
+    for subject, dev, test in (("high_school_chinese", CHINESE[6:11], CHINESE[1:10]),
+                               ("middle_school_mathematics", NUMBERS[:5], NUMBERS[2:])):
+        for split, questions in (("dev", dev), ("val", test)):
+            (root / "ceval" / split).mkdir(parents=True, exist_ok=True)
+            with open(root / "ceval" / split / f"{subject}_{split}.csv", "w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["id", "question", "A", "B", "C", "D", "answer"] + ["explanation"] * (split == "dev"))
+                for number, (question, choices, gold) in enumerate(rotated(questions, len(split))):
+                    writer.writerow([number, question, *choices, "ABCD"[gold]] + ["见教材。"] * (split == "dev"))
+        specs.append(f"ceval-valid_{subject}={root}/ceval/val/{subject}_val.csv,{root}/ceval/dev/{subject}_dev.csv")
+    for subject, questions in ENGLISH.items():
+        (root / "mmlu" / subject).mkdir(parents=True)
+        for split, part, shift in (("dev", questions[:5], 1), ("test", questions, 2)):
+            rows = [{"question": question, "subject": subject, "choices": choices, "answer": gold}
+                    for question, choices, gold in rotated(part, shift)]
+            pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows),
+                                        root / "mmlu" / subject / f"{split}-00000-of-00001.parquet")
+        specs.append(f"mmlu_{subject}={root}/mmlu/{subject}/test-00000-of-00001.parquet,"
+                     f"{root}/mmlu/{subject}/dev-00000-of-00001.parquet")
+    return specs
+
+
+def task_flags(assets, task, output, micro, tasks, *extra):
     return tiny_flags(assets, output, task / "cache", "--train_files", task / "train.jsonl",
-                      "--validation_split_percentage", 0, "--eval_tasks", f"hinted={task / 'test.jsonl'}",
+                      "--validation_split_percentage", 0, "--eval_tasks", *tasks,
                       "--eval_tasks_steps", 50, "--max_steps", 150, "--learning_rate", 5e-3, "--warmup_steps", 10,
                       "--lr_scheduler_type", "constant_with_warmup",
                       "--per_device_train_batch_size", micro, "--logging_steps", 10, *extra)
 
 
 @pytest.fixture(scope="module")
-def trained(assets, hinted_task):
-    """The same 150 steps on one process (16 blocks a step) and under ZeRO-2 with 2 processes (8 each)."""
+def trained(assets, hinted_task, benchmark_specs):
+    """The same 150 steps on one process (16 blocks a step) and under ZeRO-2 with 2 processes (8 each), scoring the
+    hinted task 0-shot, and under ZeRO-2 the benchmarks' subjects too (the tasks given). Not 5-shot: the hinted
+    task's 5 examples and question, about 120 tokens, run past the 64-token blocks the model is trained on."""
     single, zero2 = hinted_task / "single", hinted_task / "zero2"
-    run_in_process(task_flags(assets, hinted_task, single, 16))
-    launch("zero2.yaml", 2, task_flags(assets, hinted_task, zero2, 8))
-    return single, zero2
+    tasks = [f"hinted={hinted_task / 'test.jsonl'},{hinted_task / 'dev.jsonl'}", *benchmark_specs]
+    run_in_process(task_flags(assets, hinted_task, single, 16, tasks[:1]))
+    launch("zero2.yaml", 2, task_flags(assets, hinted_task, zero2, 8, tasks))
+    return single, zero2, tasks
 
 
-def final_log_likelihoods(output):
-    return json.loads((output / "eval_tasks" / "hinted.jsonl").read_text().splitlines()[-1])["log_likelihoods"]
+def final_log_likelihoods(output, name="hinted"):
+    return json.loads((output / "eval_tasks" / f"{name}.jsonl").read_text().splitlines()[-1])["log_likelihoods"]
 
 
 @pytest.mark.slow
 def test_a_task_the_model_learns_rises_from_chance_the_same_on_one_process_and_under_zero2(trained, hinted_task):
-    single, zero2 = trained
-    for output in trained:
+    single, zero2, _ = trained
+    for output in (single, zero2):
         scores = [json.loads(line) for line in (output / "eval_tasks" / "hinted.jsonl").read_text().splitlines()]
         assert [score["step"] for score in scores] == [50, 100, 150]
         records = [record for record in map(json.loads, (output / "metrics.jsonl").read_text().splitlines())
                    if "task/hinted/acc" in record]
         assert records[0]["task/hinted/acc"] <= 0.45 and records[-1]["task/hinted/acc"] >= 0.9, records
-    # The same answer to every question on both layouts at the end. The log-likelihoods themselves drift apart as the
-    # weights do (fp32 sums in another order: 4e-3 relative at step 50, tenths by step 150).
-    mine, theirs = map(final_log_likelihoods, trained)
+    # The same answer to every question on both layouts at the end (with 5 shots and without). The log-likelihoods
+    # themselves drift apart as the weights do (fp32 sums in another order) and the prompts differ.
+    mine, theirs = map(final_log_likelihoods, (single, zero2))
     assert [question.index(max(question)) for question in mine] == [question.index(max(question)) for question in
                                                                     theirs]
     # The scoring spread over two processes, in batches, is each question scored alone on the exported model.
@@ -75,59 +175,52 @@ def test_a_task_the_model_learns_rises_from_chance_the_same_on_one_process_and_u
         assert final[index][choice] == pytest.approx(value, abs=1e-5)
 
 
-HARNESS_TASK = r"""task: hinted
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {test}
-    dev: {dev}
-test_split: test
-fewshot_split: dev
-fewshot_config:
-  sampler: first_n
-output_type: multiple_choice
-doc_to_text: "{{{{question.strip()}}}}\n{{% for choice in choices %}}{{{{ 'ABCDEFGHIJKLMNOPQRSTUVWXYZ'[loop.index0] }}}}. {{{{choice}}}}\n{{% endfor %}}Answer:"
-doc_to_choice: "{{{{ 'ABCDEFGHIJKLMNOPQRSTUVWXYZ'[:choices | length] | list }}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("shots", [0, 2])
-def test_the_scores_are_lm_eval_harness_scores_on_the_exported_model(trained, hinted_task, tmp_path, shots):
-    """lm-eval-harness on the exported ZeRO-2 model, with a task YAML over the same local files: the same
-    log-likelihood for every question and choice, so the same acc and acc_norm; 0-shot is the run's own last
-    evaluation, 2-shot is scored with the loop's functions."""
+@pytest.mark.parametrize("shots", [0, 5])
+def test_the_scores_are_lm_eval_harness_scores_on_the_exported_model(trained, hinted_task, benchmark_specs, tmp_path,
+                                                                     capsys, shots):
+    """lm-eval-harness on the exported ZeRO-2 model, through the recipe (python -m pretrain.evaluation.lm_eval_tasks):
+    the benchmarks' subjects by lm-eval's own tasks with only their data pointed at the same files, the hinted task by
+    the generic prompt. The same text scored, the same log-likelihood for every question and choice, and the same acc,
+    acc_norm and group scores as the loop's: 0-shot, the run's own last evaluation (two processes); 5-shot, the
+    loop's scoring (score_tasks) on one process."""
     import lm_eval
+    from accelerate import Accelerator
     from lm_eval.tasks import TaskManager
 
-    zero2 = trained[1]
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "hinted.yaml").write_text(HARNESS_TASK.format(test=hinted_task / "test.jsonl",
-                                                                        dev=hinted_task / "dev.jsonl"))
-    harness = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={zero2},dtype=float32", tasks=["hinted"],
-                                      num_fewshot=shots, batch_size=8, device="cpu", log_samples=True,
-                                      task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
-    theirs = {sample["doc_id"]: [response[0] for response in sample["filtered_resps"]]
-              for sample in harness["samples"]["hinted"]}
+    _, zero2, specs = trained
+    lm_eval_tasks.main([str(tmp_path / "tasks"), *specs, "--model", str(zero2), "--num_fewshot", str(shots)])
+    command = shlex.split(capsys.readouterr().out.splitlines()[-1])
+    flag = dict(zip(command[1::2], command[2::2]))
+    assert flag["--tasks"].split(",") == ["cmmlu", "ceval-valid", "mmlu", "hinted"]
+    harness = lm_eval.simple_evaluate(model=flag["--model"], model_args=flag["--model_args"],
+                                      tasks=flag["--tasks"].split(","), num_fewshot=int(flag["--num_fewshot"]),
+                                      batch_size=int(flag["--batch_size"]), device="cpu", log_samples=True,
+                                      task_manager=TaskManager(include_path=flag["--include_path"]))
+    tokenizer = AutoTokenizer.from_pretrained(zero2)
+    tasks = load_tasks(specs, shots, tokenizer)
     if shots == 0:
-        mine = final_log_likelihoods(zero2)
+        scored = zero2
         record = [json.loads(line) for line in (zero2 / "metrics.jsonl").read_text().splitlines()
                   if "task/hinted/acc" in line][-1]
     else:
-        task, = load_tasks([f"hinted={hinted_task / 'test.jsonl'},{hinted_task / 'dev.jsonl'}"], shots,
-                           AutoTokenizer.from_pretrained(zero2))
-        mine = [[0.0] * 4 for _ in task.golds]
-        for index, choice, value in log_likelihoods(AutoModelForCausalLM.from_pretrained(zero2).eval(),
-                                                    task.requests, len(task.requests), 1, 256, "cpu"):
-            mine[index][choice] = value
-        record = {"task/hinted/acc": sum(ll.index(max(ll)) == gold for ll, gold in zip(mine, task.golds)) / 40}
-    assert [theirs[index] for index in range(len(mine))] == [pytest.approx(ll, abs=1e-4) for ll in mine]
-    assert harness["results"]["hinted"]["acc,none"] == record["task/hinted/acc"]
-    assert harness["results"]["hinted"]["acc_norm,none"] == record.get("task/hinted/acc_norm", record["task/hinted/acc"])
+        scored = tmp_path
+        record = score_tasks(Accelerator(cpu=True), AutoModelForCausalLM.from_pretrained(zero2), tasks, 8, 256,
+                             str(tmp_path), 150)
+    mine = [final_log_likelihoods(scored, task.name) for task in tasks]
+    for task, lls in zip(tasks, mine):
+        samples = sorted(harness["samples"][task.name], key=lambda sample: sample["doc_id"])
+        # The same text scored: a barely trained model's log-likelihoods hardly tell one prompt from another.
+        assert [tokenizer.decode(context) + tokenizer.decode(continuation) for _, _, context, continuation in
+                task.requests] == [context + continuation for sample in samples for context, continuation in
+                                   sample["arguments"]], task.name
+        theirs = [[response[0] for response in sample["filtered_resps"]] for sample in samples]
+        assert theirs == [pytest.approx(ll, abs=1e-4) for ll in lls], task.name
+    reported = {f"task/{name}/{key.split(',')[0]}": value for name, result in harness["results"].items()
+                for key, value in result.items() if key.endswith(",none") and "_stderr" not in key}
+    # hinted's 2, CMMLU's and C-Eval's 2 subjects x 2 and groups' 2 each, MMLU's 3 subjects, group and 2 categories
+    assert len(reported) == 2 + 2 * (2 * 2 + 2) + 3 + 1 + 2
+    assert {key: value for key, value in record.items() if key.startswith("task/")} == reported
 
 
 def test_the_prompt_and_the_continuations_are_the_harness_mmlu_format(assets, tmp_path):

@@ -126,8 +126,9 @@ class TrainArguments:
     max_eval_samples: int | None = field(default=None, metadata={
         "help": "Evaluate on the first N validation blocks only (default: all of them)."})
     eval_tasks: list[str] | None = field(default=None, metadata={
-        "help": "Multiple-choice tasks scored at each evaluation, NAME=TEST_FILE[,DEV_FILE] each: C-Eval/CMMLU CSV "
-                "or JSON Lines of question, choices, answer (docs/flags.md#multiple-choice-tasks).", "nargs": "+"})
+        "help": "Multiple-choice tasks scored at each evaluation, NAME=TEST_FILE[,DEV_FILE] each; NAME "
+                "cmmlu_<subject>, ceval-valid_<subject> or mmlu_<subject> scores as lm-eval's task does, others get "
+                "a generic prompt (docs/flags.md#multiple-choice-tasks).", "nargs": "+"})
     eval_tasks_num_fewshot: int = field(default=0, metadata={"help": "Few-shot examples, the DEV_FILE's first."})
     eval_tasks_steps: int | None = field(default=None, metadata={
         "help": "Score the tasks every N steps (default: at each evaluation, and at the end)."})

@@ -7,5 +7,8 @@ it is charged to its own time, never to training's tokens/s.
 Modules:
 heldout       eval_loss, perplexity and bits per byte on the held-out blocks, per source of a mixture
               (model.chunked_loss, data.mixture)
-tasks         multiple-choice tasks from local files, scored as lm-eval-harness scores them
+benchmarks    C-Eval, CMMLU and MMLU subjects as lm-eval-harness names, prompts and groups them
+tasks         multiple-choice tasks from local files, scored as lm-eval-harness scores them (benchmarks)
+lm_eval_tasks  the recipe: lm-eval task files over a run's --eval_tasks files, and the command that runs them
+              (benchmarks, tasks)
 """
