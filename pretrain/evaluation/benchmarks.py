@@ -12,7 +12,6 @@ by their numbers of questions, as lm-eval's groups aggregate. The names are the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from pretrain.base.errors import UsageError
 
