@@ -60,14 +60,15 @@ def run_in_process(argv, entry="main"):
         GradientState._reset_state()
 
 
-def launch_command(config, num_processes, argv, extra_launch=()):
+def launch_command(config, num_processes, argv, extra_launch=(), script=ROOT / "train_loop.py"):
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / config),
-            "--num_processes", str(num_processes), *extra_launch, str(ROOT / "train_loop.py"), *argv]
+            "--num_processes", str(num_processes), *extra_launch, str(script), *argv]
 
 
 def launch_env():
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env["MASTER_PORT"] = str(free_port())
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # a script's too
     return env
 
 
@@ -78,11 +79,12 @@ def launch_in_background(config, num_processes, argv, log, extra_env=None, **pop
                          log, env=env, **popen)
 
 
-def launch(config, num_processes, argv, timeout=300, extra_launch=(), cwd=ROOT):
-    """`accelerate launch` (from the repository root unless told), as a user would; fails with the output's tail."""
+def launch(config, num_processes, argv, timeout=300, extra_launch=(), cwd=ROOT, script=ROOT / "train_loop.py"):
+    """`accelerate launch` of train_loop.py (or another script), from the repository root unless told, as a user
+    would; fails with the output's tail."""
     env = launch_env()
     command = launch_command(config, num_processes, argv,
-                             ("--main_process_port", env["MASTER_PORT"], *extra_launch))
+                             ("--main_process_port", env["MASTER_PORT"], *extra_launch), script)
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result

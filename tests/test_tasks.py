@@ -11,8 +11,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pretrain.base.errors import DataError, UsageError
 from pretrain.evaluation import lm_eval_tasks
-from pretrain.evaluation.tasks import load_tasks, log_likelihoods, prompt, read_rows, score_tasks
+from pretrain.evaluation.tasks import load_tasks, log_likelihoods, prompt, read_rows
 
+TWO_PROCESS_SCORING = """import json, sys
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from pretrain.evaluation.tasks import load_tasks, score_tasks
+
+model, output, *specs = sys.argv[1:]
+accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+tasks = load_tasks(specs, 5, AutoTokenizer.from_pretrained(model))
+record = score_tasks(accelerator, AutoModelForCausalLM.from_pretrained(model), tasks, 8, 256, output, 150)
+if accelerator.is_main_process:
+    (__import__("pathlib").Path(output) / "record.json").write_text(json.dumps(record))
+"""
 HINTS = "wxyz"  # the last choice's text says which letter is right: a rule a tiny model learns in 150 steps
 
 
@@ -182,10 +195,10 @@ def test_the_scores_are_lm_eval_harness_scores_on_the_exported_model(trained, hi
     """lm-eval-harness on the exported ZeRO-2 model, through the recipe (python -m pretrain.evaluation.lm_eval_tasks):
     the benchmarks' subjects by lm-eval's own tasks with only their data pointed at the same files, the hinted task by
     the generic prompt. The same text scored, the same log-likelihood for every question and choice, and the same acc,
-    acc_norm and group scores as the loop's: 0-shot, the run's own last evaluation (two processes); 5-shot, the
-    loop's scoring (score_tasks) on one process."""
+    acc_norm and group scores as the loop's: 0-shot, the run's own last evaluation under ZeRO-2 (two processes);
+    5-shot, the loop's scoring (score_tasks) of the exported model on two processes (the run scores 0-shot: the
+    hinted task's 5 examples would run past the blocks it trains on)."""
     import lm_eval
-    from accelerate import Accelerator
     from lm_eval.tasks import TaskManager
 
     _, zero2, specs = trained
@@ -203,10 +216,11 @@ def test_the_scores_are_lm_eval_harness_scores_on_the_exported_model(trained, hi
         scored = zero2
         record = [json.loads(line) for line in (zero2 / "metrics.jsonl").read_text().splitlines()
                   if "task/hinted/acc" in line][-1]
-    else:
+    else:  # the loop's scoring (score_tasks) spread over two processes, as an evaluation of a launch spreads it
         scored = tmp_path
-        record = score_tasks(Accelerator(cpu=True), AutoModelForCausalLM.from_pretrained(zero2), tasks, 8, 256,
-                             str(tmp_path), 150)
+        (tmp_path / "score.py").write_text(TWO_PROCESS_SCORING)
+        launch("ddp.yaml", 2, [str(zero2), str(tmp_path), *specs], script=tmp_path / "score.py")
+        record = json.loads((tmp_path / "record.json").read_text())
     mine = [final_log_likelihoods(scored, task.name) for task in tasks]
     for task, lls in zip(tasks, mine):
         samples = sorted(harness["samples"][task.name], key=lambda sample: sample["doc_id"])
