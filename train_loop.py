@@ -41,7 +41,7 @@ from pretrain.model.chunked_loss import block_loss_sums, block_sums_of_tokens, c
 from pretrain.model.loading import build_config, load_config, load_tokenizer, load_weights, resolve_block_size
 from pretrain.model.speedups import apply_liger_kernel, compile_layers
 from pretrain.optim.optimizers import build_optimizer
-from pretrain.optim.schedule import build_scheduler, check_schedule, schedule_of, warmup_steps_of
+from pretrain.optim.schedule import build_scheduler, check_schedule, schedule_of
 from pretrain.preflight import describe_model, describe_run
 from pretrain.resilience.run_control import RunControl, ensure_finite, ensure_savable
 from pretrain.resilience.step_guard import StepGuard, rewind
@@ -74,6 +74,7 @@ class RunPlan:
     token_bytes: torch.Tensor  # the text bytes of each token id, for eval_bpb
     tasks: list[Task]  # --eval_tasks, encoded
     max_length: int  # the model's context, to which a task's prompt is cut on the left
+    schedule: dict[str, Any]  # what shapes the learning rate, resolved to steps (pretrain.optim.schedule)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -101,11 +102,11 @@ def main(argv: list[str] | None = None) -> str:
         train_loader, eval_loaders, global_batch_blocks = build_loaders(accelerator, data, tokenizer, model_args, args)
         plan = plan_run(model, tokenizer, data.train, global_batch_blocks, data_args.block_size, args, tasks)
         optimizer = build_optimizer(model, args, deepspeed_config(accelerator))
-        run = prepare(accelerator, model, optimizer, train_loader, eval_loaders, args, plan.total_steps)
+        run = prepare(accelerator, model, optimizer, train_loader, eval_loaders, args, plan.schedule)
 
         # Resume from the newest complete checkpoint, if any.
-        state = launch_state(accelerator, global_batch_blocks, len(data.train), schedule_of(args, plan.total_steps),
-                             plan.mixture, args.optim)
+        state = launch_state(accelerator, global_batch_blocks, len(data.train), plan.schedule, plan.mixture,
+                             args.optim)
         state = resume(accelerator, checkpoint, state, args, run.scheduler, plan.mixture)
         describe_run(accelerator, accelerator.unwrap_model(run.model), model_args, args, state, plan.total_steps,
                      plan.steps_per_epoch, plan.mixture)
@@ -197,7 +198,8 @@ def plan_run(model, tokenizer, train, global_batch_blocks: int, block_size: int,
                    mixture=train if isinstance(train, Mixture) else None,
                    token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size),
                    tasks=tasks,
-                   max_length=model.config.max_position_embeddings)
+                   max_length=model.config.max_position_embeddings,
+                   schedule=schedule_of(args, total_steps, tokens_per_step))
 
 
 def build_model(model_args: ModelArguments, config, tokenizer, args: TrainArguments):
@@ -219,12 +221,12 @@ def build_model(model_args: ModelArguments, config, tokenizer, args: TrainArgume
 
 
 def prepare(accelerator, model, optimizer, train_loader, eval_loaders: dict[str, Any], args: TrainArguments,
-            total_steps: int) -> Prepared:
+            schedule: dict[str, Any]) -> Prepared:
     """Wrap everything for the launch's layout (DDP, ZeRO-2/3 or one process)."""
     from accelerate.utils import DummyScheduler
 
     fill_deepspeed_config(accelerator, args)
-    warmup = warmup_steps_of(args, total_steps)
+    warmup, total_steps = schedule["warmup_steps"], schedule["total_steps"]
     if warmup >= total_steps and accelerator.is_main_process:
         logger.warning(f"the warmup ({warmup} steps) is as long as the run ({total_steps} "
                        f"steps): the learning rate never reaches --learning_rate nor decays; lower --warmup_steps or "
@@ -240,7 +242,7 @@ def prepare(accelerator, model, optimizer, train_loader, eval_loaders: dict[str,
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
         # Built on the prepared optimizer, whose parameter groups ZeRO-3 has rebuilt. With
         # step_scheduler_with_optimizer=False, Accelerate's wrapper steps it exactly once per call.
-        scheduler = accelerator.prepare_scheduler(build_scheduler(optimizer, args, total_steps))
+        scheduler = accelerator.prepare_scheduler(build_scheduler(optimizer, schedule))
     eval_loaders = {name: accelerator.prepare_data_loader(loader) for name, loader in eval_loaders.items()}
     return Prepared(model, optimizer, scheduler, train_loader, eval_loaders)
 

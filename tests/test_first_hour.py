@@ -1,5 +1,5 @@
 """What a new user meets in the first hour: a tokenizer that encodes nothing, two runs in one folder, errors and
-Ctrl-C under the launcher, a changed schedule on resume (the README's debugging section after the quickstart is
+Ctrl-C under the launcher, a resume with another schedule (the README's debugging section after the quickstart is
 run by tests/test_demo.py, in the quickstart's own checkout)."""
 
 import json
@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, LoggedProcess, assert_stopped_under_the_launcher, cosine_lr, launch_command, launch_env, \
+import torch
+from conftest import ROOT, LoggedProcess, assert_stopped_under_the_launcher, launch_command, launch_env, \
     launch_in_background, logged_steps, read_metrics, run_in_process, tiny_flags
 
 from pretrain.checkpointing.output_lock import LOCK_FILE
@@ -113,23 +114,63 @@ def test_ctrl_c_under_the_launcher_saves_and_shows_no_traceback_of_ours(assets, 
     assert len(list(checkpoint.rglob("*optim_states.pt"))) == 2
 
 
-def test_a_changed_schedule_is_said_on_resume(assets, tmp_path, capfd):
+def rate_of_step(before, after, config):
+    """The learning rate that one AdamW step took between two checkpoints of one process, from the weights and the
+    moments: each weight without decay (norms, biases) moved by lr * m_hat / (sqrt(v_hat) + eps); solved for lr."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    old, new = load_file(before / "model.safetensors"), load_file(after / "model.safetensors")
+    optimizer = torch.load(after / "optimizer.bin", weights_only=False)
+    group = optimizer["param_groups"][1]  # pretrain.optim.optimizers.parameter_groups: the group without decay
+    names = [name for name, parameter in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config))
+             .named_parameters() if parameter.dim() < 2]
+    (beta1, beta2), moved, direction = group["betas"], [], []
+    assert group["weight_decay"] == 0 and len(names) == len(group["params"])
+    for index, name in zip(group["params"], names):
+        state = optimizer["state"][index]
+        step = float(state["step"])
+        m_hat, v_hat = state["exp_avg"] / (1 - beta1 ** step), state["exp_avg_sq"] / (1 - beta2 ** step)
+        moved.append((old[name] - new[name]).flatten())
+        direction.append((m_hat / (v_hat.sqrt() + group["eps"])).flatten())
+    moved, direction = torch.cat(moved).double(), torch.cat(direction).double()
+    return float((moved @ direction) / (direction @ direction))
+
+
+def test_a_resume_trains_at_the_schedule_on_its_command_line(assets, tmp_path, capfd):
+    """The demo case of a new rate on resume: 6 steps at 5e-3 (cosine, no warmup), then 1e-4, constant: step 7
+    trains at 1e-4 (the checkpoint's schedule would have given 0, where its cosine ended), as the line says, the
+    metrics log and the optimizer holds. Then a WSD cooldown from that checkpoint: continuous, down to its floor."""
     output = tmp_path / "run"
-    argv = tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 6)
+    argv = tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 6, "--save_steps", 3, "--learning_rate",
+                      5e-3, "--warmup_steps", 0)
     run_in_process(argv)
     capfd.readouterr()
-    run_in_process(argv[:-2] + ["--max_steps", "10"])
-    expected = cosine_lr(6, 3e-3, 3, 10)
-    warnings = [line for line in capfd.readouterr().err.splitlines() if "schedule changed" in line]
-    assert len(warnings) == 1 and warnings[0].endswith(
-        f"the learning-rate schedule changed since the checkpoint (total_steps 6 -> 10): at step 6 the learning "
-        f"rate was 0 and is now {expected:.4g}")
+    constant = argv + ["--max_steps", "9", "--save_steps", "1", "--learning_rate", "1e-4", "--lr_scheduler_type",
+                       "constant"]
+    run_in_process(constant)
+    changed = [line for line in capfd.readouterr().err.splitlines() if "schedule changed" in line]
+    assert len(changed) == 1 and changed[0].endswith(
+        "the learning-rate schedule changed since the checkpoint (lr_scheduler_type cosine -> constant, "
+        "learning_rate 0.005 -> 0.0001, total_steps 6 -> 9): step 7 trains at 0.0001, this run's schedule at step 6 "
+        "(the checkpoint's schedule gave 0)")
     train, _ = read_metrics(output)
-    assert train[7]["lr"] == pytest.approx(cosine_lr(7, 3e-3, 3, 10), abs=1e-12)
-    capfd.readouterr()
-    run_in_process(argv[:-2] + ["--max_steps", "12"])  # the same schedule shape again: only total_steps changes
-    assert "schedule changed" in capfd.readouterr().err
-    run_in_process(argv[:-2] + ["--max_steps", "12"])  # unchanged: nothing said
+    assert [train[step]["lr"] for step in (6, 7, 8, 9)] == [0, 1e-4, 1e-4, 1e-4]
+    assert rate_of_step(output / "checkpoint-6", output / "checkpoint-7", assets["config"]) == pytest.approx(
+        1e-4, rel=1e-3)
+    groups = torch.load(output / "checkpoint-9" / "optimizer.bin", weights_only=False)["param_groups"]
+    assert {(group["lr"], group["initial_lr"]) for group in groups} == {(1e-4, 1e-4)}
+
+    cooldown = constant + ["--max_steps", "12", "--lr_scheduler_type", "wsd", "--decay_steps", "3", "--decay_type",
+                           "linear", "--min_lr_ratio", "0.1"]
+    run_in_process(cooldown)
+    assert ("schedule changed since the checkpoint (lr_scheduler_type constant -> wsd, total_steps 9 -> 12, "
+            "decay_steps None -> 3, decay_type None -> linear, min_lr_ratio None -> 0.1): step 10 trains at 0.0001, "
+            "this run's schedule at step 9 (the checkpoint's schedule gave 0.0001)") in capfd.readouterr().err
+    train, _ = read_metrics(output)
+    for step, progress in ((10, 1 / 3), (11, 2 / 3), (12, 1)):
+        assert train[step]["lr"] == pytest.approx(1e-4 * (0.1 + 0.9 * (1 - progress)), rel=1e-12), step
+    run_in_process(cooldown)  # unchanged: nothing said, nothing left to train
     assert "schedule changed" not in capfd.readouterr().err
 
 

@@ -210,6 +210,8 @@ BAD_ARGUMENTS = [
                                                       "num_key_value_heads (2)"),
     (["--lr_scheduler_type", "linear", "--lr_scheduler_kwargs", '{"min_lr_rate": 0.1}'],
      "--lr_scheduler_type linear / --lr_scheduler_kwargs: "),
+    (["--lr_scheduler_type", "wsd", "--decay_steps", "2"],
+     "--decay_steps 2: the decay and the warmup (3 steps) do not fit in the run's 1 steps"),
     (["--eval_tasks", "mc_test.csv"], "--eval_tasks mc_test.csv: expected NAME=TEST_FILE or NAME=TEST_FILE,DEV_FILE"),
 ]
 

@@ -26,7 +26,8 @@ DEFAULT_SPLIT_SEED = 42  # the validation split's seed unless --data_seed is giv
 DEFAULT_CACHE_ROOT = Path(os.environ.get("PRETRAIN_LOOP_CACHE", Path.home() / ".cache" / "pretrain_loop"))
 
 SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"]
+              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay", "wsd"]
+DEFAULT_DECAY_RATIO = 0.2  # wsd's decay: Hägele et al. 2024's cooldowns of 20 % matched a cosine
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -147,10 +148,21 @@ class TrainArguments:
     max_tokens: int | None = field(default=None, metadata={
         "help": "Train on this many tokens (rounded up to whole optimizer steps); overrides num_train_epochs, "
                 "and --max_steps wins over it."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Schedule after warmup.",
-                                                                "choices": SCHEDULERS})
+    lr_scheduler_type: str = field(default="cosine", metadata={
+        "help": "Schedule after warmup; wsd: a stable phase, then --decay_type (docs/schedules.md).",
+        "choices": SCHEDULERS})
     lr_scheduler_kwargs: str | None = field(default=None, metadata={
         "help": "JSON of extra schedule arguments, e.g. '{\"min_lr_rate\": 0.1}' for cosine_with_min_lr."})
+    decay_ratio: float | None = field(default=None, metadata={
+        "help": f"wsd: the decay's share of the run's steps (default {DEFAULT_DECAY_RATIO} unless --decay_steps or "
+                f"--decay_tokens is given)."})
+    decay_steps: int | None = field(default=None, metadata={"help": "wsd: the decay's length in optimizer steps."})
+    decay_tokens: int | None = field(default=None, metadata={
+        "help": "wsd: the decay's length in tokens (rounded up to whole steps)."})
+    decay_type: str | None = field(default=None, metadata={
+        "help": "wsd: the decay's shape (default 1-sqrt).", "choices": ["linear", "cosine", "1-sqrt"]})
+    min_lr_ratio: float | None = field(default=None, metadata={
+        "help": "wsd: the rate the decay ends at, as a fraction of --learning_rate (default 0)."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps (wins over warmup_ratio)."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Warmup as a fraction of all steps."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N optimizer steps."})

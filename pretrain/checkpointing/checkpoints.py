@@ -25,6 +25,7 @@ from pretrain.checkpointing.background_save import sync_to_disk
 from pretrain.checkpointing.universal import load_universal, universal_copy
 from pretrain.data.mixture import Mixture, resume_mixture
 from pretrain.distributed.launch import zero_stage_of
+from pretrain.optim.schedule import peak_rates, take_up_schedule
 
 logger = logging.getLogger("train_loop")
 
@@ -218,6 +219,7 @@ def resume(accelerator, checkpoint: Path | None, state: TrainState, args: TrainA
     reshard = saved.distributed_type == "DEEPSPEED" and saved.num_processes != state.num_processes
     # ZeRO shards are cut for their world size: another one loads them through DeepSpeed's universal format.
     universal = universal_copy(accelerator, checkpoint, checkpoint_damage) if reshard else None
+    peaks = peak_rates(scheduler)  # this run's, which the load replaces with the checkpoint's
     try:
         if universal is not None:
             load_universal(accelerator, universal)
@@ -231,8 +233,7 @@ def resume(accelerator, checkpoint: Path | None, state: TrainState, args: TrainA
     accelerator.step = 0
     logger.info(f"resumed from {checkpoint} at step {saved.step} (epoch {saved.epoch}, step {saved.step_in_epoch})"
                 + (f", resharded from {saved.num_processes} to {state.num_processes} processes" if reshard else ""))
-    if accelerator.is_main_process:
-        warn_if_schedule_changed(saved, state, scheduler)
+    take_up_changed_schedule(saved, state, scheduler, peaks, accelerator.is_main_process)
     logged_epoch = saved.epochs_done() if saved.train_blocks and saved.global_batch_blocks else None
     changed = carry_mixture_position(saved, state, mixture) if mixture is not None else None
     if mixture is None:
@@ -273,16 +274,25 @@ def start_afresh_advice(args: TrainArguments) -> str:
             f"checkpoints in {args.output_dir})")
 
 
-def warn_if_schedule_changed(saved: TrainState, current: TrainState, scheduler) -> None:
-    """A resume with another --max_steps, epochs, warmup or schedule re-stretches the learning rate: say so, once."""
+def take_up_changed_schedule(saved: TrainState, current: TrainState, scheduler, peaks: list[float] | None,
+                             main_process: bool) -> None:
+    """A resume with another learning rate, schedule, warmup or length trains at this run's schedule evaluated at the
+    checkpoint's step (docs/schedules.md), and says so once, with the rate the next step gets. An unchanged
+    schedule is left as the checkpoint restored it, to the bit. A DeepSpeed config's own scheduler is left alone."""
     if saved.schedule is None or saved.schedule == current.schedule:
         return
-    changes = ", ".join(f"{key} {saved.schedule.get(key)} -> {value}" for key, value in current.schedule.items()
-                        if saved.schedule.get(key) != value)
-    inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate's wrapper, then the LambdaLR
-    now = f"{inner.base_lrs[0] * inner.lr_lambdas[0](saved.step):.4g}" if hasattr(inner, "lr_lambdas") else "?"
-    logger.warning(f"the learning-rate schedule changed since the checkpoint ({changes}): at step {saved.step} the "
-                   f"learning rate was {saved.lr:.4g} and is now {now}")
+    keys = [*current.schedule, *(key for key in saved.schedule if key not in current.schedule)]
+    changes = ", ".join(f"{key} {saved.schedule.get(key)} -> {current.schedule.get(key)}" for key in keys
+                        if saved.schedule.get(key) != current.schedule.get(key))
+    if peaks is None:
+        taken = ("the DeepSpeed config's 'scheduler' block sets the learning rate: DeepSpeed restores its step count "
+                 "and takes its other settings from the config")
+    else:
+        rate = take_up_schedule(scheduler, peaks)
+        taken = (f"step {saved.step + 1} trains at {rate:.4g}, this run's schedule at step {saved.step} (the "
+                 f"checkpoint's schedule gave {saved.lr:.4g})")
+    if main_process:
+        logger.warning(f"the learning-rate schedule changed since the checkpoint ({changes}): {taken}")
 
 
 def carry_data_position(saved: TrainState, current: TrainState) -> None:

@@ -5,5 +5,6 @@ state reach a checkpoint through checkpointing.
 
 Modules:
 optimizers    --optim: AdamW, or Muon on the hidden matrices and AdamW on the rest, as one optimizer
-schedule      the learning-rate schedule: warmup, transformers' schedulers by name
+schedule      the learning-rate schedule: warmup, transformers' schedulers by name, a resume that changes it
+wsd           WSD: warmup, a stable phase and a decay (linear, cosine, 1-sqrt) to a floor
 """
