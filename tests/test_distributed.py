@@ -367,6 +367,30 @@ def reshard(assets, cache, straight, config, processes, micro, accumulation, wor
     return result
 
 
+def test_a_resume_with_a_new_learning_rate_trains_at_it_under_zero2(assets, runs, tmp_path):
+    """The demo case on the ZeRO-2 run's checkpoint-6, whose cosine would give step 7 2.25e-3: resumed at 1e-4,
+    constant, the line says so, steps 7-9 log 1e-4, every rank's optimizer holds it, and the losses are those of the
+    same resume on one process (whose rate is measured from its AdamW step in tests/test_first_hour.py)."""
+    new = ("--max_steps", 9, "--learning_rate", 1e-4, "--lr_scheduler_type", "constant", "--warmup_steps", 0)
+    zero2 = resume_elsewhere(runs / "zero2" / "checkpoint-6", tmp_path / "zero2")
+    result = launch("zero2.yaml", 2, flags(assets, zero2, runs / "cache", 2, 2, *new))
+    assert result.stderr.count("schedule changed") == 1 and "learning_rate 0.003 -> 0.0001" in result.stderr
+    assert "step 7 trains at 0.0001, this run's schedule at step 6 (the checkpoint's schedule gave 0.00225)" in \
+        result.stderr
+    single = resume_elsewhere(runs / "single" / "checkpoint-6", tmp_path / "single")
+    run_in_process(flags(assets, single, runs / "cache", 2, 4, *new))
+    resumed, alone, straight = (read_metrics(folder)[0] for folder in (zero2, single, runs / "zero2"))
+    assert sorted(resumed) == [7, 8, 9] and {resumed[step]["lr"] for step in resumed} == {1e-4}
+    for step in (8, 9):
+        assert resumed[step]["loss"] == pytest.approx(alone[step]["loss"], rel=1e-5), step
+        assert resumed[step]["loss"] != pytest.approx(straight[step]["loss"], rel=1e-3), step  # the rate mattered
+    shards = sorted((zero2 / "checkpoint-9" / "pytorch_model").glob("*optim_states.pt"))
+    assert len(shards) == 2
+    for shard in shards:
+        groups = torch.load(shard, weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
+        assert {(group["lr"], group["initial_lr"]) for group in groups} == {(1e-4, 1e-4)}, shard.name
+
+
 def test_zero2_resumes_on_fewer_and_on_more_processes_exactly(assets, runs, tmp_path):
     """2 -> 1 process (micro-batch 2 x accumulation 2 x 2 processes = 2 x 4 x 1: the same global batch), and
     1 -> 2, each from the checkpoint at step 6 of a 12-step run, against that run's steps 7-12."""

@@ -285,8 +285,8 @@ def take_up_changed_schedule(saved: TrainState, current: TrainState, scheduler, 
     changes = ", ".join(f"{key} {saved.schedule.get(key)} -> {current.schedule.get(key)}" for key in keys
                         if saved.schedule.get(key) != current.schedule.get(key))
     if peaks is None:
-        taken = ("the DeepSpeed config's 'scheduler' block sets the learning rate: DeepSpeed restores its step count "
-                 "and takes its other settings from the config")
+        taken = ("the DeepSpeed config's 'scheduler' block sets the learning rate (DeepSpeed restores its step count "
+                 "and takes its other settings from the config)")
     else:
         rate = take_up_schedule(scheduler, peaks)
         taken = (f"step {saved.step + 1} trains at {rate:.4g}, this run's schedule at step {saved.step} (the "
