@@ -62,6 +62,12 @@ def test_resume_after_sigkill_is_bit_exact_across_an_epoch_boundary(assets, tmp_
     process.wait()
     assert not (resumed / "model.safetensors").exists(), "the run ended before the kill"
     assert 7 in scalars(logs / "tensorboard")["loss"]  # logged, then lost with the kill: the resume logs it again
+    # TensorBoard reads a run's event files in name order, and a name starts with its writer's second. A rerun's new
+    # process takes seconds to start, so its file sorts after the killed run's; this resume runs in the test process,
+    # whose lower pid sorts first within the same second (a quick killed run): its purge would be read before the
+    # steps it purges. Rerun in the next second, as a user's rerun does.
+    killed_at = max(int(path.name.split(".")[3]) for path in (logs / "tensorboard").rglob("events.out.tfevents.*"))
+    time.sleep(max(0.0, killed_at + 1 - time.time()))
     log = finish(argv, capfd)
     assert "resumed from" in log and "checkpoint-6" in log
     expected, _ = read_metrics(straight)
