@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pretrain.evaluation.tasks import load_tasks, score_tasks
 
 model, output, *specs = sys.argv[1:]
-accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])  # DDP on CPUs
 tasks = load_tasks(specs, 5, AutoTokenizer.from_pretrained(model))
 record = score_tasks(accelerator, AutoModelForCausalLM.from_pretrained(model), tasks, 8, 256, output, 150)
 if accelerator.is_main_process:
