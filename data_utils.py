@@ -214,8 +214,10 @@ def _prepare_data(args: DataArguments, tokenizer: Any, seed: int, show_progress:
     validation_files = resolve_files(args.validation_files, "--validation_files") if args.validation_files else None
 
     cache_root = Path(args.data_cache_dir or DEFAULT_CACHE_ROOT / "data").expanduser().absolute()  # workers: cwd ROOT
+    tokenizer_json = tokenizer.backend_tokenizer.to_str()  # once: for the cache's key and the workers' copy
     description = cache_description(train_files, validation_files, args.validation_split_percentage,
-                                    args.block_size, args.text_column, tokenizer, seed, args.parse_special_tokens)
+                                    args.block_size, args.text_column, tokenizer, seed, args.parse_special_tokens,
+                                    tokenizer_json)
     directory = cache_root / cache_key(description)
     cached = load_cache(directory)
     if cached is not None:
@@ -239,7 +241,7 @@ def _prepare_data(args: DataArguments, tokenizer: Any, seed: int, show_progress:
             "special_strings": special_strings(tokenizer)}
     folder = directory.with_name(directory.name + ".build")
     workers = args.preprocessing_num_workers or default_workers()
-    built = corpus_build.build(folder, directory, plan, tokenizer.backend_tokenizer.to_str(), workers, show_progress)
+    built = corpus_build.build(folder, directory, plan, tokenizer_json, workers, show_progress)
     if not (directory / "meta.json").exists():  # else finished by another process while this one waited
         stats, shapes = _stats_of(parts, plan, built["pieces"], args, directory, flag)
         corpus_build.assemble_or_wait(folder, directory, built["pieces"], plan, shapes, stats)

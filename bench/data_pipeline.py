@@ -209,15 +209,32 @@ def cjk_corpus(path: Path, documents: int, seed: int = 0) -> Path:
     return path
 
 
-def cjk_tokenizer(corpus: Path, output_dir: Path, vocab_size: int = 70_000) -> Path:
-    """A Qwen2-style byte-level BPE with more than 65,536 entries (so int32 ids), trained on the CJK corpus."""
-    from tokenizers import pre_tokenizers
+# Qwen2.5's added tokens after its BPE, in its order; the last eight are not special (matched in text as they are).
+QWEN_ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>",
+                     "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>",
+                     "<|file_sep|>"]
+QWEN_SPECIAL = 14
+
+
+def cjk_tokenizer(corpus: Path, output_dir: Path, vocab_size: int = 70_000, qwen_added_tokens: bool = False) -> Path:
+    """A Qwen2-style byte-level BPE with more than 65,536 entries (so int32 ids), trained on the CJK corpus: Qwen2's
+    split pattern, NFC, byte-level. `qwen_added_tokens`: shaped like Qwen's own, its 22 added tokens too (special
+    and not, as Qwen2.5 has them) within `vocab_size` entries."""
+    from tokenizers import AddedToken, pre_tokenizers
     from transformers import Qwen2Tokenizer
 
     with open(corpus, encoding="utf-8") as handle:
         texts = [json.loads(line)["text"] for _, line in zip(range(8000), handle)]
+    added = QWEN_ADDED_TOKENS[1:] if qwen_added_tokens else []  # <|endoftext|> is Qwen2Tokenizer's own
     tokenizer = Qwen2Tokenizer().train_new_from_iterator(
-        texts, vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        texts, vocab_size=vocab_size - len(added), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False)
+    if added:
+        tokenizer.add_special_tokens({"additional_special_tokens": QWEN_ADDED_TOKENS[1:QWEN_SPECIAL]})
+        tokenizer.add_tokens([AddedToken(text, special=False, normalized=False)
+                              for text in QWEN_ADDED_TOKENS[QWEN_SPECIAL:]])
     tokenizer.save_pretrained(output_dir)
     return output_dir
 
@@ -426,7 +443,7 @@ def cjk_table(options, work: Path, caches, counts: list[int], with_earlier: bool
     corpus with a large byte-level BPE, in rotated rounds; the ratio of every round's pair beside the best."""
     workers, block = options.workers, options.block_size
     cjk = cjk_corpus(work / "cjk.jsonl", options.cjk_documents)
-    cjk_tok = str(cjk_tokenizer(cjk, work / "cjk_tokenizer", vocab_size=options.cjk_vocab_size))
+    cjk_tok = str(cjk_tokenizer(cjk, work / "cjk_tokenizer", options.cjk_vocab_size, qwen_added_tokens=True))
     print(f"\nCJK corpus: {cjk.stat().st_size / 1e6:.1f} MB, {options.cjk_documents} documents; byte-level BPE "
           f"of {options.cjk_vocab_size:,} entries (int32 ids); N worker processes against the encoder's N threads")
     names = ["tokenizer batch encoder alone", "data_utils (ours)"]

@@ -60,8 +60,9 @@ def run_in_process(argv, entry="main"):
         GradientState._reset_state()
 
 
-def launch_command(config, num_processes, argv, extra_launch=(), script=ROOT / "train_loop.py"):
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / config),
+def launch_command(config, num_processes, argv, extra_launch=(), script=ROOT / "train_loop.py",
+                   python=sys.executable):
+    return [python, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / config),
             "--num_processes", str(num_processes), *extra_launch, str(script), *argv]
 
 
@@ -79,12 +80,16 @@ def launch_in_background(config, num_processes, argv, log, extra_env=None, **pop
                          log, env=env, **popen)
 
 
-def launch(config, num_processes, argv, timeout=300, extra_launch=(), cwd=ROOT, script=ROOT / "train_loop.py"):
+def launch(config, num_processes, argv, timeout=300, extra_launch=(), cwd=ROOT, script=ROOT / "train_loop.py",
+           python=sys.executable, env_changes=None):
     """`accelerate launch` of train_loop.py (or another script), from the repository root unless told, as a user
-    would; fails with the output's tail."""
+    would; fails with the output's tail. `python`: the environment it runs in; `env_changes`: variables set, or
+    removed where the value is None."""
     env = launch_env()
+    for name, value in (env_changes or {}).items():
+        env.pop(name, None) if value is None else env.__setitem__(name, value)
     command = launch_command(config, num_processes, argv,
-                             ("--main_process_port", env["MASTER_PORT"], *extra_launch), script)
+                             ("--main_process_port", env["MASTER_PORT"], *extra_launch), script, python)
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -287,6 +288,38 @@ def test_bad_data_stops_every_rank_with_the_same_line(assets, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {corpus}:2: malformed JSON (Expecting value at the end of the line); fix or remove that line"]
     assert "[rank1]: Traceback" not in result.stderr and "[rank0]: Traceback" not in result.stderr
+
+
+def test_each_python_environment_builds_deepspeed_comm_op_once_in_a_folder_of_its_own(assets, tmp_path):
+    """Two Python environments on one machine (this one and a venv over it), TORCH_EXTENSIONS_DIR unset: each one's
+    first ZeRO-2 launch compiles DeepSpeed's CPU communication op into its own folder and says so, with the time;
+    each one's second launch, after the other environment's, loads that build without a word."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    environments = {"this": sys.executable, "venv": str(venv / "bin" / "python")}
+    home_cache = tmp_path / "home_cache"  # torch's default root, ~/.cache/torch_extensions, moves under it
+    built = re.compile(r"DeepSpeed's CPU communication op was built in (\d+) s, into (\S+);")
+    folders, stamps = {}, {}
+    for launch_number in (1, 2):
+        for name, python in environments.items():
+            result = launch("zero2.yaml", 2, tiny_flags(assets, tmp_path / f"{name}{launch_number}", tmp_path / "cache",
+                                                        "--train_files", assets["tiny"], "--max_steps", 1),
+                            python=python, env_changes={"TORCH_EXTENSIONS_DIR": None,
+                                                        "XDG_CACHE_HOME": str(home_cache)})
+            lines = built.findall(result.stderr)
+            assert "built successfully" not in result.stdout  # DeepSpeed's line, printed on a cache hit too
+            if launch_number == 1:
+                assert len(lines) == 1 and int(lines[0][0]) > 0, result.stderr[-3000:]
+                folders[name] = Path(lines[0][1])
+                library = folders[name] / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
+                stamps[name] = library.stat().st_mtime_ns
+            else:
+                assert lines == [], result.stderr[-3000:]
+                assert (folders[name] / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").stat().st_mtime_ns \
+                    == stamps[name]
+    assert folders["this"] != folders["venv"]
+    assert sorted(path.name for path in (home_cache / "torch_extensions").iterdir()) == \
+        sorted(folder.name for folder in folders.values())  # and nothing in torch's shared py311_cpu
 
 
 @pytest.mark.parametrize("config, processes, micro, accumulation, reference",

@@ -132,7 +132,9 @@ def tokenize_piece(folder: Path, index: int, piece: Piece, plan: dict[str, Any],
             flush()
     # Test-only: PRETRAIN_LOOP_TEST_BUILD_DELAY=SECONDS makes every piece that slow, to test long builds and crashes
     # without a large corpus. Never set it otherwise.
-    time.sleep(float(os.environ.get("PRETRAIN_LOOP_TEST_BUILD_DELAY", "0")))
+    delay = float(os.environ.get("PRETRAIN_LOOP_TEST_BUILD_DELAY", "0"))
+    if delay:  # not time.sleep(0), which gives the CPU away once per piece on a busy machine
+        time.sleep(delay)
     for name, path in paths.items():
         os.replace(path, shard_path(folder, index, name))
     atomic_write(shard_path(folder, index, "json"), json.dumps({**counts, "input_bytes": piece.input_bytes}))
@@ -249,6 +251,18 @@ def _stop(workers: list[subprocess.Popen]) -> None:
         worker.wait()
 
 
+def _wait_for_a_worker(workers: list[subprocess.Popen], seconds: float) -> None:
+    """Sleep up to `seconds`, but wake within 50 ms when a running worker exits, as they do after the last piece."""
+    running = next((worker for worker in workers if worker.poll() is None), None)
+    if running is None:
+        time.sleep(seconds)
+        return
+    try:
+        running.wait(seconds)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 def _done_counts(folder: Path, seen: dict[int, dict[str, Any]]) -> None:
     """Read the .json of every piece done since the last call into `seen`."""
     for name in os.listdir(folder):
@@ -328,7 +342,7 @@ def build(folder: Path, final_dir: Path, plan: dict[str, Any], tokenizer_json: s
                         raise RuntimeError(f"tokenizing workers for {folder} keep stopping without finishing a "
                                            f"piece; see their output above")
                     running = _start_workers(folder, min(workers, len(claimable)))
-            time.sleep(POLL_S)
+            _wait_for_a_worker(running, POLL_S)
     finally:
         _stop(running)
         progress.close()

@@ -27,20 +27,24 @@ def file_fingerprint(path: Path) -> dict[str, Any]:
     return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    content = tokenizer.backend_tokenizer.to_str() + json.dumps([len(tokenizer), tokenizer.eos_token_id])
+def tokenizer_fingerprint(tokenizer: Any, serialized: str | None = None) -> str:
+    """A hash of the tokenizer. `serialized`: its backend's to_str(), where the caller has it already (it takes
+    0.2 s at Qwen's 151,936 entries)."""
+    serialized = tokenizer.backend_tokenizer.to_str() if serialized is None else serialized
+    content = serialized + json.dumps([len(tokenizer), tokenizer.eos_token_id])
     return hashlib.sha256(content.encode("utf-8")).hexdigest()
 
 
 def cache_description(train: list[Path], validation: list[Path] | None, split_percentage: float, block_size: int,
-                      text_column: str, tokenizer: Any, seed: int, parse_special_tokens: bool) -> dict[str, Any]:
+                      text_column: str, tokenizer: Any, seed: int, parse_special_tokens: bool,
+                      serialized_tokenizer: str | None = None) -> dict[str, Any]:
     """Everything that changes the packed result (and nothing else: not the number of workers)."""
     return {
         "version": CACHE_FORMAT_VERSION,
         "train": [file_fingerprint(p) for p in train],
         "validation": [file_fingerprint(p) for p in validation] if validation else None,
         "split": None if validation else {"percentage": split_percentage, "seed": seed},
-        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "tokenizer": tokenizer_fingerprint(tokenizer, serialized_tokenizer),
         "block_size": block_size,
         "text_column": text_column,
         "eos_policy": "append-eos-after-every-document",

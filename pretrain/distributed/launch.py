@@ -7,10 +7,12 @@ It owns how a process joins the run; it must not build models, data or optimizer
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import os
 import signal
 import sys
+import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -58,6 +60,7 @@ def build_accelerator(args: TrainArguments):
     handlers = [InitProcessGroupKwargs(backend=backend, timeout=timeout)]
     if args.fp8:  # torchao's float8 Linear layers, swapped in by prepare() before DeepSpeed wraps the model
         handlers.append(AORecipeKwargs())
+    op_build_seconds = load_deepspeed_comm_op() if uses_deepspeed else None
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision="fp8" if args.fp8 else "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
@@ -79,10 +82,52 @@ def build_accelerator(args: TrainArguments):
                          f"independently; check the accelerate config's distributed_type")
     configure_logging(accelerator.is_main_process)
     stop_with_the_launcher()
+    if op_build_seconds is not None and accelerator.is_main_process:
+        logger.info(f"DeepSpeed's CPU communication op was built in {op_build_seconds:.0f} s, into "
+                    f"{os.environ['TORCH_EXTENSIONS_DIR']}; later launches from this Python environment reuse it")
     if not torch.cuda.is_available() and accelerator.is_main_process:
         logger.warning(f"no CUDA GPU is visible: training runs on the CPU ({accelerator.num_processes} process"
                        f"{'es' if accelerator.num_processes > 1 else ''})")
     return accelerator
+
+
+def extensions_folder() -> Path:
+    """Where this Python environment's compiled torch extensions go: torch's default is one folder per Python
+    version, which every environment on the machine shares, so two environments with different builds of torch or
+    DeepSpeed evict each other's op there and each launch compiles it again (70-86 s on 2 CPU cores)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    identity = hashlib.sha256(f"{sys.prefix}\n{torch.__version__}".encode()).hexdigest()[:12]
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return Path(get_default_build_root()) / f"{python}-torch{torch.__version__}-{identity}"
+
+
+def load_deepspeed_comm_op() -> float | None:
+    """Load DeepSpeed's CPU communication op in this rank before DeepSpeed does, compiling it first when this
+    environment has no up-to-date build (in extensions_folder() unless TORCH_EXTENSIONS_DIR is set). Returns the
+    seconds a real build took, or None: a build already there, or no such op here (a GPU; an op shipped built)."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_folder()))
+    import importlib
+
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return None  # DeepSpeed's own test: then it uses no such op
+    library = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / builder.name / f"{builder.name}.so"
+
+    def stamp() -> tuple[int, int] | None:
+        return (library.stat().st_ino, library.stat().st_mtime_ns) if library.exists() else None
+
+    before, start = stamp(), time.perf_counter()
+    module = builder.load()
+    seconds = time.perf_counter() - start
+    backend = importlib.import_module("deepspeed.comm.torch")  # the attribute deepspeed.comm.torch is torch itself
+    if hasattr(backend, "build_shm_op"):
+        # DeepSpeed's loader prints "built successfully" even when it only loaded a build already there.
+        backend.build_shm_op = lambda: module
+    return seconds if stamp() != before else None
 
 
 # bf16 matmuls against fp32 where oneDNN emulates bf16, at Qwen2.5-1.5B's widths (bench/bf16_emulation.py, oneDNN
