@@ -291,35 +291,39 @@ def test_bad_data_stops_every_rank_with_the_same_line(assets, tmp_path):
 
 
 def test_each_python_environment_builds_deepspeed_comm_op_once_in_a_folder_of_its_own(assets, tmp_path):
-    """Two Python environments on one machine (this one and a venv over it), TORCH_EXTENSIONS_DIR unset: each one's
-    first ZeRO-2 launch compiles DeepSpeed's CPU communication op into its own folder and says so, with the time;
-    each one's second launch, after the other environment's, loads that build without a word."""
+    """Two Python environments on one machine (a venv over this one, then this one), TORCH_EXTENSIONS_DIR unset:
+    the venv's first ZeRO-2 launch compiles DeepSpeed's CPU communication op into a folder of its own and says so,
+    with the time; this environment's launch uses its own folder (a name of its own, so the two never evict each
+    other in one root) and is silent where its build was there already; the venv's second launch, after it, loads
+    the venv's build without a word. One compile: this environment's was made by the suite's earlier launches."""
+    from pretrain.distributed.launch import extensions_folder
+
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
-    environments = {"this": sys.executable, "venv": str(venv / "bin" / "python")}
-    home_cache = tmp_path / "home_cache"  # torch's default root, ~/.cache/torch_extensions, moves under it
+    venv_cache = {"TORCH_EXTENSIONS_DIR": None, "XDG_CACHE_HOME": str(tmp_path / "home_cache")}  # a root of its own
     built = re.compile(r"DeepSpeed's CPU communication op was built in (\d+) s, into (\S+);")
-    folders, stamps = {}, {}
-    for launch_number in (1, 2):
-        for name, python in environments.items():
-            result = launch("zero2.yaml", 2, tiny_flags(assets, tmp_path / f"{name}{launch_number}", tmp_path / "cache",
-                                                        "--train_files", assets["tiny"], "--max_steps", 1),
-                            python=python, env_changes={"TORCH_EXTENSIONS_DIR": None,
-                                                        "XDG_CACHE_HOME": str(home_cache)})
-            lines = built.findall(result.stderr)
-            assert "built successfully" not in result.stdout  # DeepSpeed's line, printed on a cache hit too
-            if launch_number == 1:
-                assert len(lines) == 1 and int(lines[0][0]) > 0, result.stderr[-3000:]
-                folders[name] = Path(lines[0][1])
-                library = folders[name] / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
-                stamps[name] = library.stat().st_mtime_ns
-            else:
-                assert lines == [], result.stderr[-3000:]
-                assert (folders[name] / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").stat().st_mtime_ns \
-                    == stamps[name]
-    assert folders["this"] != folders["venv"]
-    assert sorted(path.name for path in (home_cache / "torch_extensions").iterdir()) == \
-        sorted(folder.name for folder in folders.values())  # and nothing in torch's shared py311_cpu
+    library = Path("deepspeed_shm_comm") / "deepspeed_shm_comm.so"
+
+    def launch_in(name, python, env_changes):
+        result = launch("zero2.yaml", 2, tiny_flags(assets, tmp_path / name, tmp_path / "cache", "--train_files",
+                                                    assets["tiny"], "--max_steps", 1), python=python,
+                        env_changes=env_changes)
+        assert "built successfully" not in result.stdout  # DeepSpeed's line, printed on a cache hit too
+        return built.findall(result.stderr), result.stderr[-3000:]
+
+    lines, log = launch_in("venv1", str(venv / "bin" / "python"), venv_cache)
+    assert len(lines) == 1 and int(lines[0][0]) > 0, log
+    venv_folder = Path(lines[0][1])
+    assert venv_folder.parent == tmp_path / "home_cache" / "torch_extensions"
+    stamp = (venv_folder / library).stat().st_mtime_ns
+    this_folder = extensions_folder()
+    assert this_folder.name != venv_folder.name and this_folder.name.startswith("py3")
+    this_was_built = (this_folder / library).exists()
+    lines, log = launch_in("this", sys.executable, {"TORCH_EXTENSIONS_DIR": None})
+    assert [Path(folder) for _, folder in lines] == ([] if this_was_built else [this_folder]), log
+    lines, log = launch_in("venv2", str(venv / "bin" / "python"), venv_cache)
+    assert lines == [] and (venv_folder / library).stat().st_mtime_ns == stamp, log
+    assert [path.name for path in venv_folder.parent.iterdir()] == [venv_folder.name]  # nothing in a shared folder
 
 
 @pytest.mark.parametrize("config, processes, micro, accumulation, reference",
