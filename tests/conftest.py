@@ -12,6 +12,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# One thread per process, in this process and in every process the tests start (as launch_env gives each rank): a
+# tiny model's ops are too small to share between threads, which spin while they wait (twice the CPU time for the
+# same run, and slower still when the machine is busy), and every run then adds its floats in one order.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 from pretrain.data import demo_corpus  # noqa: E402
 from pretrain.distributed.launch import free_local_port as free_port  # noqa: E402,F401  (a port nothing listens on)

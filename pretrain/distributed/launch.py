@@ -31,15 +31,13 @@ def build_accelerator(args: TrainArguments):
     from accelerate import Accelerator
     from accelerate.utils import AORecipeKwargs, DeepSpeedPlugin, InitProcessGroupKwargs
 
-    from pretrain.optim.optimizers import refuse_muon_where_deepspeed_differs
-
     plugin = None
     launched_with = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if launched_with and not Path(launched_with).is_file() and (REPOSITORY / launched_with).is_file():
         # Our yamls name ds_config_*.json relative to the repository: found from any working directory.
         launched_with = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(REPOSITORY / launched_with)
-    if launched_with:
-        read_json_object("the accelerate config's deepspeed_config_file", launched_with)
+    written = read_json_object("the accelerate config's deepspeed_config_file", launched_with) \
+        if launched_with else None
     if args.deepspeed and launched_with and Path(launched_with).resolve() != Path(args.deepspeed).resolve():
         raise UsageError(f"--deepspeed {args.deepspeed}: the accelerate config already selects {launched_with}; "
                          f"drop one of the two")
@@ -60,6 +58,10 @@ def build_accelerator(args: TrainArguments):
     handlers = [InitProcessGroupKwargs(backend=backend, timeout=timeout)]
     if args.fp8:  # torchao's float8 Linear layers, swapped in by prepare() before DeepSpeed wraps the model
         handlers.append(AORecipeKwargs())
+    if args.deepspeed:
+        written = read_json_object("--deepspeed", args.deepspeed)
+    if written is not None:  # refused before DeepSpeed loads, and perhaps compiles, its op: no work done yet
+        refuse_what_deepspeed_cannot_run(args, written)
     op_build_seconds = load_deepspeed_comm_op() if uses_deepspeed else None
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -73,10 +75,8 @@ def build_accelerator(args: TrainArguments):
         # `cpu=True` would drop a DeepSpeed plugin, so it is set only for runs without DeepSpeed.
         cpu=not torch.cuda.is_available() and launched and not uses_deepspeed,
     )
-    refuse_muon_where_deepspeed_differs(args, deepspeed_config(accelerator))
-    if args.loss_chunk_size and zero_stage_of(accelerator) == 3:
-        raise UsageError("--loss_chunk_size with ZeRO-3: the output projection's weight is partitioned outside its "
-                         "own forward; use accelerate_configs/zero2.yaml or --loss_chunk_size 0")
+    if written is None and deepspeed_config(accelerator) is not None:  # DeepSpeed set up in the accelerate yaml
+        refuse_what_deepspeed_cannot_run(args, deepspeed_config(accelerator))
     if accelerator.num_processes > 1 and accelerator.distributed_type.value == "NO":
         raise UsageError(f"{accelerator.num_processes} processes but no distributed backend: they would train "
                          f"independently; check the accelerate config's distributed_type")
@@ -189,6 +189,17 @@ def not_the_tied_head_note(record: logging.LogRecord) -> bool:
     """Drop Accelerate's note on every save that the tied output projection is stored once: transformers ties it
     back on load, as the final model's reload test shows."""
     return "Removed shared tensor {'lm_head.weight'}" not in record.getMessage()
+
+
+def refuse_what_deepspeed_cannot_run(args: TrainArguments, config: dict[str, Any]) -> None:
+    """One line for flags that this DeepSpeed config cannot train with: Muon off ZeRO stage 2, chunked loss on
+    ZeRO-3."""
+    from pretrain.optim.optimizers import refuse_muon_where_deepspeed_differs
+
+    refuse_muon_where_deepspeed_differs(args, config)
+    if args.loss_chunk_size and config.get("zero_optimization", {}).get("stage") == 3:
+        raise UsageError("--loss_chunk_size with ZeRO-3: the output projection's weight is partitioned outside its "
+                         "own forward; use accelerate_configs/zero2.yaml or --loss_chunk_size 0")
 
 
 def deepspeed_config(accelerator) -> dict[str, Any] | None:
