@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 import data_utils
-from pretrain.base.arguments import DataArguments, ModelArguments, TrainArguments, is_demo, order_seed, parse_args, \
-    split_seed
+from pretrain.base.arguments import DEMO_DEFAULTS, DataArguments, ModelArguments, TrainArguments, is_demo, \
+    order_seed, parse_args, split_seed
 from pretrain.base.errors import SEEN_BY_EVERY_RANK, CheckpointError, DataError, NonFiniteLoss, UsageError, exit_with, \
     first_line
 from pretrain.base.faults import FaultInjector
@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> str:
     accelerator = build_accelerator(args)
     with hold_output_dir(accelerator, args.output_dir):  # one run per folder: a second one is refused
         torch.manual_seed(args.seed)
+        if demo and accelerator.is_main_process:  # its defaults are not the ones --help shows
+            logger.info("the built-in demo, with its own defaults for flags not given: "
+                        + ", ".join(f"--{name} {value}" for name, value in DEMO_DEFAULTS.items()))
 
         # What the run resumes from, the tokenizer, the tasks and the model come before the data build, so that a
         # foreign --output_dir, a bad task file or a model that cannot be built is refused before that work.

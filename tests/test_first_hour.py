@@ -165,7 +165,7 @@ def test_a_resume_trains_at_the_schedule_on_its_command_line(assets, tmp_path, c
                            "linear", "--min_lr_ratio", "0.1"]
     run_in_process(cooldown)
     assert ("schedule changed since the checkpoint (lr_scheduler_type constant -> wsd, total_steps 9 -> 12, "
-            "decay_steps None -> 3, decay_type None -> linear, min_lr_ratio None -> 0.1): step 10 trains at 0.0001, "
+            "decay_steps 3 (new), decay_type linear (new), min_lr_ratio 0.1 (new)): step 10 trains at 0.0001, "
             "this run's schedule at step 9 (the checkpoint's schedule gave 0.0001)") in capfd.readouterr().err
     train, _ = read_metrics(output)
     for step, progress in ((10, 1 / 3), (11, 2 / 3), (12, 1)):

@@ -282,7 +282,9 @@ def take_up_changed_schedule(saved: TrainState, current: TrainState, scheduler, 
     if saved.schedule is None or saved.schedule == current.schedule:
         return
     keys = [*current.schedule, *(key for key in saved.schedule if key not in current.schedule)]
-    changes = ", ".join(f"{key} {saved.schedule.get(key)} -> {current.schedule.get(key)}" for key in keys
+    changes = ", ".join(f"{key} {saved.schedule[key]} -> {current.schedule[key]}" if key in saved.schedule
+                        and key in current.schedule else f"{key} {current.schedule.get(key, saved.schedule.get(key))}"
+                        f" ({'new' if key in current.schedule else 'gone'})" for key in keys
                         if saved.schedule.get(key) != current.schedule.get(key))
     if peaks is None:
         taken = ("the DeepSpeed config's 'scheduler' block sets the learning rate (DeepSpeed restores its step count "

@@ -121,6 +121,10 @@ def load_deepspeed_comm_op() -> float | None:
         return (library.stat().st_ino, library.stat().st_mtime_ns) if library.exists() else None
 
     before, start = stamp(), time.perf_counter()
+    if before is None and os.environ.get("RANK", "0") == "0":  # logging is set up later, with the Accelerator
+        print(f"{time.strftime('%H:%M:%S')} INFO building DeepSpeed's CPU communication op for this Python "
+              f"environment, once (1-2 minutes on 2 CPU cores), into {os.environ['TORCH_EXTENSIONS_DIR']}",
+              file=sys.stderr, flush=True)
     module = builder.load()
     seconds = time.perf_counter() - start
     backend = importlib.import_module("deepspeed.comm.torch")  # the attribute deepspeed.comm.torch is torch itself
