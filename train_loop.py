@@ -21,8 +21,8 @@ import torch
 import data_utils
 from pretrain.base.arguments import DEMO_DEFAULTS, DataArguments, ModelArguments, TrainArguments, is_demo, \
     order_seed, parse_args, split_seed
-from pretrain.base.errors import SEEN_BY_EVERY_RANK, CheckpointError, DataError, NonFiniteLoss, UsageError, exit_with, \
-    first_line
+from pretrain.base.errors import SEEN_BY_EVERY_RANK, CheckpointError, DataError, Diverged, NonFiniteLoss, UsageError, \
+    exit_with, first_line
 from pretrain.base.faults import FaultInjector
 from pretrain.base.state import TrainState
 from pretrain.checkpointing.background_save import CheckpointWriter
@@ -259,7 +259,7 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
     """Optimizer steps until plan.total_steps; returns why the loop ended: 'done' or the stop signal's name."""
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
     window = LogWindow(accelerator.device, len(plan.mixture.names) if plan.mixture else 0)
-    guard = StepGuard(accelerator, optimizer, args, state)
+    guard = StepGuard(accelerator, optimizer, args, state, accelerator.unwrap_model(model).config.vocab_size)
     faults = FaultInjector(accelerator.unwrap_model(model), accelerator.process_index)
     stopping = False
     model.train()
@@ -297,6 +297,7 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
                 writer.wait_everywhere()  # a checkpoint still being written may be the one to go back to
                 rewind(accelerator, scheduler, state, args, guard, plan.mixture)
                 metrics.log({"step": state.step, "event": "rewind", **guard.records["rewinds"][-1]})
+        guard.stop_if_diverged(accelerator, args, state.step, scheduler.get_last_lr()[0], metrics, writer)
 
         # Log: the loss over the window's micro-batches and processes (and per source of a mixture), throughput, memory.
         if is_due(args.logging_strategy, args.logging_steps, state, epoch_done) or last:
@@ -436,7 +437,7 @@ def cli(argv: list[str] | None = None) -> None:
     """main() with the errors a user can fix turned into one line (and exit status 1) instead of a traceback."""
     try:
         main(argv)
-    except (UsageError, DataError, NonFiniteLoss, CheckpointError) as error:
+    except (UsageError, DataError, NonFiniteLoss, Diverged, CheckpointError) as error:
         exit_with(f"error: {error}", every_rank_has_it=isinstance(error, SEEN_BY_EVERY_RANK))
     except torch.OutOfMemoryError as error:  # the most common bad input on a GPU: a batch that does not fit
         what = ". ".join(first_line(error).split(". ")[:2])  # "CUDA out of memory. Tried to allocate 9.27 GiB"

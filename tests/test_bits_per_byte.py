@@ -1,4 +1,5 @@
-"""eval_bpb: bits per byte of the held-out text, which compares across tokenizers where a loss per token does not."""
+"""eval_bpb: bits per byte of the held-out text, which compares across tokenizers where a loss per token does not;
+and the perplexity beside it, never capped."""
 
 import json
 import math
@@ -13,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data_utils
 from pretrain.base.arguments import DEFAULT_SPLIT_SEED, DataArguments
-from pretrain.evaluation.heldout import token_byte_lengths
+from pretrain.evaluation.heldout import perplexity, token_byte_lengths
 
 MIXED_TEXTS = ["天气很好，我们去公园散步吧。", "数据清洗 data cleaning 很重要！", "naïve café — 3½ €", "一二三四五六七八九十。"]
 
@@ -29,6 +30,12 @@ def cjk_tokenizer(tmp_path):
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.save_pretrained(tmp_path / "cjk")
     return AutoTokenizer.from_pretrained(tmp_path / "cjk")
+
+
+def test_perplexity_is_the_number_or_inf_never_a_cap():
+    """Eval losses of 60.7 and 1596 (a diverged run's) both showed 5.185e+21 when exp was capped at 50."""
+    assert perplexity(60.7) == math.exp(60.7) > 2e26 and perplexity(709.7) < math.inf
+    assert perplexity(1596.0) == math.inf
 
 
 @pytest.mark.parametrize("which", ["demo", "cjk"])

@@ -1,9 +1,10 @@
 """Skipped steps and rewinds, provoked with PRETRAIN_FAULT (pretrain/base/faults.py): a loss spike and NaN gradients are
 skipped with weights and optimizer state unchanged to the bit, on one process and under ZeRO-2; a poisoned stretch of
 data is rewound past; trouble that comes back stops the run in one line; SIGKILL right after a skip and after a
-rewind resumes to the bit."""
+rewind resumes to the bit; a run that diverges on a real-sized vocabulary stops in one line, and a spike does not."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, LoggedProcess, kill_tree, launch, read_metrics, run_in_process, tiny_flags
+from conftest import ROOT, LoggedProcess, kill_tree, launch, launch_command, launch_env, read_metrics, run_in_process, \
+    tiny_flags
 
 STEPS = 60
 SPIKE, NAN_GRAD = 40, 44  # after the rolling window (32 steps) is full, at a third of the peak learning rate
@@ -57,6 +59,14 @@ def flat(obj, prefix=""):
         yield prefix, obj
 
 
+# A real-sized vocabulary (a uniform guess scores ln 32000 = 10.37) at a learning rate that diverges at its first
+# update: 10.36 at step 1, then 1.6e4, 2.7e4, 5.1e4, 1.4e5. At --learning_rate 5 it falls back to 30 by step 30 of a
+# linear decay (10.36, 420, 624, ... 114 at step 20, 30 at step 30), as the runs seen with Qwen's tokenizer did.
+DIVERGING = ("--config_overrides", "vocab_size=32000", "--learning_rate", 30, "--lr_scheduler_type", "constant",
+             "--warmup_steps", 0, "--max_steps", 30, "--divergence_steps", 4, "--save_steps", 1, "--eval_steps", 3,
+             "--max_eval_samples", 8)
+DIVERGED = ("error: the run diverged: its loss stayed above 20.72 (a uniform guess over 32,000 tokens scores 10.37, "
+            "the run's lowest was 10.36) over steps 2-5, and was ")
 # What may change over a skipped step: the learning rate (the schedule goes on), DeepSpeed's own step and skip
 # counters, and its overflow flag (the skip itself). Weights, master weights, moments and AdamW's step may not.
 MAY_CHANGE = ("/lr", "/global_steps", "/global_samples", "/skipped_steps", "/loss_scaler", "/overflow")
@@ -267,3 +277,51 @@ def test_a_change_of_level_is_taken_in_after_a_few_skips_and_never_causes_a_rewi
     assert skipped[0] == 150 and 200 in skipped  # the NaN, and the jump
     assert max(skipped) < 200 + guard.window // 32 and guard.records["in_a_row"] == 0
     assert all(value == value for value in guard.records["norms"])  # no NaN in the window
+
+
+def test_a_diverged_run_stops_with_one_line_and_saves_no_model_on_one_process(assets, one_process, tmp_path, capfd):
+    """Through cli(), as the command line runs it (on the fixture's data cache). The checkpoints of the diverged
+    stretch are deleted, the one from before it stays; an eval loss beyond a float's exp has perplexity inf."""
+    output = tmp_path / "run"
+    with pytest.raises(SystemExit) as exited:
+        run_in_process(list(map(str, tiny_flags(assets, output, one_process[0] / "cache", *DIVERGING))), entry="cli")
+    line = exited.value.code
+    assert line.startswith(DIVERGED) and line.endswith(
+        "at step 5 at learning rate 30; lower --learning_rate or raise --warmup_steps, and run again (checkpoints "
+        "from step 2 on were deleted)"), line
+    assert "Traceback" not in capfd.readouterr().err
+    assert not (output / "model.safetensors").exists()
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1"]
+    [diverged] = events(output, "diverged")
+    assert diverged["step"] == 5 and diverged["since_step"] == 2 and diverged["step_loss"] > 1000
+    [evaluated] = read_metrics(output)[1]
+    assert evaluated["eval_loss"] > 709.79 and evaluated["perplexity"] == math.inf  # exp overflows a float there
+
+
+def test_a_diverged_run_stops_every_rank_with_one_line_under_zero2(assets, one_process, tmp_path):
+    """The same run under zero2.yaml x 2 (1 block per rank: the same global batch of 2 blocks): every rank stops
+    at the same step from the same all-reduced loss, the launch exits 1, no rank hangs or prints a traceback, and
+    the launcher's report names the line as the root cause."""
+    output = tmp_path / "run"
+    argv = tiny_flags(assets, output, one_process[0] / "cache", *DIVERGING, "--per_device_train_batch_size", 1,
+                      "--eval_strategy", "no")
+    env = launch_env()
+    result = subprocess.run(launch_command("zero2.yaml", 2, list(map(str, argv)),
+                                           ("--main_process_port", env["MASTER_PORT"])),
+                            env=env, capture_output=True, text=True, timeout=300)
+    [line] = [line for line in result.stderr.splitlines() if line.startswith(DIVERGED)]  # printed once, by rank 0
+    assert result.returncode == 1 and "at step 5 at learning rate 30;" in line, result.stderr[-3000:]
+    ours, report = result.stderr.split("\n" + line + "\n")
+    assert "Traceback" not in ours and f"traceback : {line}" in report.split("Root Cause")[1]  # the launcher's
+    assert not (output / "model.safetensors").exists()
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1"]
+
+
+def test_a_spike_trained_through_does_not_count_as_divergence(one_process):
+    """The unguarded run trained through a loss of over 100 at SPIKE (a uniform guess over the test tokenizer's 387
+    tokens scores 5.96): one step above the line, then back under it; every run finished and saved its model."""
+    root, _ = one_process
+    train_records, _ = read_metrics(root / "unguarded")
+    assert train_records[SPIKE]["loss"] > 100 and train_records[STEPS]["loss"] < math.log(387)
+    for name in ("faulted", "clean", "spiked", "unguarded"):
+        assert not events(root / name, "diverged") and (root / name / "model.safetensors").is_file(), name

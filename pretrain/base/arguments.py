@@ -212,6 +212,8 @@ class TrainArguments:
                 "the stretch read since, plus --rewind_margin_steps; 0: never rewind (the skips go on)."})
     rewind_margin_steps: int = field(default=100, metadata={
         "help": "Global batches of data skipped past the trouble on a rewind (PaLM skipped 200-500 batches)."})
+    divergence_steps: int = field(default=20, metadata={"help": "Steps in a row whose loss is above a uniform guess "
+        "over the vocabulary and twice the run's lowest stop the run as diverged (docs/spikes.md); 0: never."})
     report_to: list[str] = field(default_factory=lambda: ["swanlab"], metadata={
         "help": "Trackers, through Accelerate's tracker classes: swanlab, tensorboard, wandb, trackio (several, "
                 "space- or comma-separated), all (every one installed) or none.", "nargs": "+"})
@@ -338,8 +340,8 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, args: Tr
         (args.max_grad_norm < 0, "--max_grad_norm must be >= 0"),
         (args.spike_sigma < 0, "--spike_sigma must be >= 0 (0 skips only non-finite steps)"),
         (args.spike_window < 4, "--spike_window must be at least 4"),
-        (args.rewind_after_skips < 0 or args.rewind_margin_steps < 0,
-         "--rewind_after_skips and --rewind_margin_steps must be >= 0"),
+        (min(args.rewind_after_skips, args.rewind_margin_steps, args.divergence_steps) < 0,
+         "--rewind_after_skips, --rewind_margin_steps and --divergence_steps must be >= 0"),
         (args.loss_chunk_size < 0, "--loss_chunk_size must be >= 0 (0 turns chunking off)"),
         (args.eval_tasks_num_fewshot < 0 or (args.eval_tasks_steps or 1) < 1,
          "--eval_tasks_num_fewshot must be >= 0 and --eval_tasks_steps at least 1"),

@@ -31,6 +31,10 @@ class NonFiniteLoss(RuntimeError):
     """The loss or the weights stopped being finite; nothing was saved over the last good checkpoint."""
 
 
+class Diverged(RuntimeError):
+    """The loss stayed far above where training had brought it (docs/spikes.md); no final model was saved."""
+
+
 def first_line(error: BaseException) -> str:
     """An exception's message cut to its first line, for one-line errors."""
     text = str(error).strip()
@@ -71,7 +75,7 @@ def moved_api(package: str, tested: str, what: str) -> str:
 
 
 # Errors from the flags, the files and the main process's broadcast decisions, and the all-reduced loss.
-SEEN_BY_EVERY_RANK = (UsageError, DataError, NonFiniteLoss)
+SEEN_BY_EVERY_RANK = (UsageError, DataError, NonFiniteLoss, Diverged)
 
 
 def exit_with(line: str, every_rank_has_it: bool) -> None:

@@ -94,7 +94,7 @@ def evaluate_sources(accelerator, model, eval_loaders: dict[str, Any], mixture: 
                        f"perplexity/{name}": measured["perplexity"]})
         for key in mean:
             mean[key] += weights[name] * measured[key] / sum(weights[source] for source in eval_loaders)
-    return {**mean, "perplexity": math.exp(min(mean["eval_loss"], 50.0)), **record}
+    return {**mean, "perplexity": perplexity(mean["eval_loss"]), **record}
 
 
 def evaluate(accelerator, model, eval_loader, chunk_size: int, token_bytes: torch.Tensor) -> dict[str, float]:
@@ -118,7 +118,16 @@ def evaluate(accelerator, model, eval_loader, chunk_size: int, token_bytes: torc
     loss_sums, counted, text_loss_sums, text_bytes = torch.cat(block_sums).double().unbind(dim=1)
     loss = (loss_sums / counted.clamp(min=1)).mean().item()
     bpb = (text_loss_sums.sum() / (math.log(2) * text_bytes.sum().clamp(min=1))).item()
-    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_bpb": bpb}
+    return {"eval_loss": loss, "perplexity": perplexity(loss), "eval_bpb": bpb}
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), never capped: inf beyond a float's range (a loss above 709.78), which metrics.jsonl writes as
+    Infinity and the screen as inf."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def eval_token_losses(accelerator, model, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:

@@ -4,7 +4,8 @@ A step whose global-batch loss or gradient norm is more than --spike_sigma stand
 the last --spike_window steps (OLMo-core's SkipStepOptimizer rule), or is not finite, is skipped: weights,
 optimizer moments and the optimizer's step count stay as they were. --rewind_after_skips skips in a row reload the
 newest checkpoint from before them (PaLM's answer to spikes) and move the data --rewind_margin_steps global batches
-past the stretch read since then. Trouble again within --spike_window steps of a rewind stops the run in one line.
+past the stretch read since then. Trouble again within --spike_window steps of a rewind stops the run in one line,
+and so does a loss that stays above both a uniform guess and twice the run's lowest for --divergence_steps steps.
 
 Every rank decides alike from the same numbers: the loss is all-reduced once per optimizer step, and the gradient
 norm is the reduced one (clip_grad_norm_'s, or the one DeepSpeed computes inside its step before the update, where
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from pretrain.base.arguments import TrainArguments
-from pretrain.base.errors import NonFiniteLoss, private_api
+from pretrain.base.errors import Diverged, NonFiniteLoss, private_api
 from pretrain.base.state import TrainState
 from pretrain.checkpointing.checkpoints import TRAINER_STATE, checkpoint_damage, checkpoint_step, list_checkpoints, \
     remove_checkpoint
@@ -34,18 +35,21 @@ DEEPSPEED_TESTED = "0.19.8"
 
 
 def fresh_records() -> dict[str, Any]:
-    """What the guard keeps in the checkpoint (TrainState.guard): the rolling windows, the counts and the rewinds."""
-    return {"losses": [], "norms": [], "skipped_steps": 0, "in_a_row": 0, "rewinds": []}
+    """What the guard keeps in the checkpoint (TrainState.guard): the rolling windows, the counts and the rewinds,
+    and for the divergence verdict the lowest step loss and the steps in a row above the line."""
+    return {"losses": [], "norms": [], "skipped_steps": 0, "in_a_row": 0, "rewinds": [], "lowest_loss": None,
+            "above": 0}
 
 
 class StepGuard:
     """Decides, once per optimizer step and before its update, whether the step is applied."""
 
-    def __init__(self, accelerator, optimizer, args: TrainArguments, state: TrainState):
+    def __init__(self, accelerator, optimizer, args: TrainArguments, state: TrainState, vocab_size: int):
         self.enabled = args.skip_bad_steps
+        self.divergence_steps, self.vocab_size = args.divergence_steps, vocab_size
         self.sigma, self.window = args.spike_sigma, args.spike_window
         self.accelerator = accelerator
-        state.guard = state.guard or fresh_records()
+        state.guard = {**fresh_records(), **(state.guard or {})}  # a checkpoint from before a record was added
         self.records = state.guard
         self.step_loss = torch.zeros((), device=accelerator.device)
         self.micro_steps = 0
@@ -58,7 +62,7 @@ class StepGuard:
 
     def add_loss(self, loss: torch.Tensor, last: bool) -> None:
         """A micro-batch's loss; at the step's last one, the global-batch loss (one all-reduce per step)."""
-        if not self.enabled:
+        if not self.enabled and not self.divergence_steps:
             return
         self.step_loss += loss.detach()
         self.micro_steps += 1
@@ -114,6 +118,31 @@ class StepGuard:
                            f"{self.records['in_a_row']} in a row, {self.records['skipped_steps']} in the run")
         metrics.log({"step": state.step, "event": "skipped", "why": self.skipped,
                      "skipped_steps": self.records["skipped_steps"]})
+
+    def stop_if_diverged(self, accelerator, args: TrainArguments, step: int, lr: float, metrics, writer) -> None:
+        """Count the step's loss against the line (a uniform guess over the vocabulary, or twice the run's lowest
+        loss when higher); after --divergence_steps steps in a row above it, stop the run in one line, as every rank
+        does alike from the same all-reduced loss, and delete the checkpoints saved since the stretch began."""
+        if not self.divergence_steps or self.loss is None:
+            return
+        records, loss = self.records, self.loss
+        if math.isfinite(loss) and (records["lowest_loss"] is None or loss < records["lowest_loss"]):
+            records["lowest_loss"] = loss
+        uniform = math.log(self.vocab_size)
+        line = max(uniform, 2 * (records["lowest_loss"] or 0.0))
+        records["above"] = records["above"] + 1 if loss > line else 0  # NaN: the non-finite checks' to stop
+        if records["above"] < self.divergence_steps:
+            return
+        first = step - records["above"] + 1
+        metrics.log({"step": step, "event": "diverged", "step_loss": loss, "line": line, "lr": lr,
+                     "since_step": first})
+        writer.wait_everywhere()  # a checkpoint of the stretch may still be being written
+        forget_checkpoints_after(accelerator, args, first - 1)
+        raise Diverged(f"the run diverged: its loss stayed above {line:.4g} (a uniform guess over {self.vocab_size:,} "
+                       f"tokens scores {uniform:.4g}, the run's lowest was {records['lowest_loss']:.4g}) over steps "
+                       f"{first}-{step}, and was {loss:.4g} at step {step} at learning rate {lr:.3g}; lower "
+                       f"--learning_rate or raise --warmup_steps, and run again (checkpoints from step {first} on "
+                       f"were deleted)")
 
     def needs_rewind(self, args: TrainArguments) -> bool:
         return self.enabled and 0 < args.rewind_after_skips <= self.records["in_a_row"]
@@ -202,7 +231,7 @@ def rewind(accelerator, scheduler, state: TrainState, args: TrainArguments, guar
     if mixture is not None:
         before, after = mixture.reads(start), mixture.reads(end)
         skipped["sources"] = {name: after[name] - before[name] for name in mixture.names}
-    records.update(losses=saved.guard["losses"] if saved.guard else [], in_a_row=0,
+    records.update(losses=saved.guard["losses"] if saved.guard else [], in_a_row=0, above=0,
                    norms=saved.guard["norms"] if saved.guard else [])
     records["rewinds"].append(skipped)
     forget_checkpoints_after(accelerator, args, saved.step)
