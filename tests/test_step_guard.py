@@ -265,7 +265,7 @@ def test_a_change_of_level_is_taken_in_after_a_few_skips_and_never_causes_a_rewi
     from pretrain.resilience.step_guard import StepGuard
 
     accelerator = types.SimpleNamespace(device="cpu", state=types.SimpleNamespace(deepspeed_plugin=None))
-    guard = StepGuard(accelerator, None, TrainArguments(), TrainState())
+    guard = StepGuard(accelerator, None, TrainArguments(), TrainState(), vocab_size=387)
     noise = random.Random(0)
     skipped = []
     for step in range(1, 301):
