@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> str:
     with hold_output_dir(accelerator, args.output_dir):  # one run per folder: a second one is refused
         torch.manual_seed(args.seed)
         if demo and accelerator.is_main_process:  # its defaults are not the ones --help shows
-            logger.info("the built-in demo, with its own defaults for flags not given: "
-                        + ", ".join(f"--{name} {value}" for name, value in DEMO_DEFAULTS.items()))
+            logger.info(f"the built-in demo, with its own defaults for the flags not given: {DEMO_DEFAULTS}")
 
         # What the run resumes from, the tokenizer, the tasks and the model come before the data build, so that a
         # foreign --output_dir, a bad task file or a model that cannot be built is refused before that work.
