@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pretrain.base.errors import DataError, UsageError
 from pretrain.evaluation import lm_eval_tasks
-from pretrain.evaluation.tasks import load_tasks, log_likelihoods, prompt, read_rows
+from pretrain.evaluation.tasks import load_tasks, log_likelihoods, prompt, read_rows, score_tasks
 
 TWO_PROCESS_SCORING = """import json, sys
 from accelerate import Accelerator
@@ -197,8 +197,9 @@ def test_the_scores_are_lm_eval_harness_scores_on_the_exported_model(trained, hi
     the generic prompt. The same text scored, the same log-likelihood for every question and choice, and the same acc,
     acc_norm and group scores as the loop's: 0-shot, the run's own last evaluation under ZeRO-2 (two processes);
     5-shot, the loop's scoring (score_tasks) of the exported model on two processes (the run scores 0-shot: the
-    hinted task's 5 examples would run past the blocks it trains on)."""
+    hinted task's 5 examples would run past the blocks it trains on); and both on one process."""
     import lm_eval
+    from accelerate import Accelerator
     from lm_eval.tasks import TaskManager
 
     _, zero2, specs = trained
@@ -212,29 +213,32 @@ def test_the_scores_are_lm_eval_harness_scores_on_the_exported_model(trained, hi
                                       task_manager=TaskManager(include_path=flag["--include_path"]))
     tokenizer = AutoTokenizer.from_pretrained(zero2)
     tasks = load_tasks(specs, shots, tokenizer)
-    if shots == 0:
-        scored = zero2
-        record = [json.loads(line) for line in (zero2 / "metrics.jsonl").read_text().splitlines()
-                  if "task/hinted/acc" in line][-1]
+    if shots == 0:  # the run's own last evaluation under ZeRO-2
+        scorings = {"zero2 run": (zero2, [json.loads(line) for line in (zero2 / "metrics.jsonl").read_text()
+                                          .splitlines() if "task/hinted/acc" in line][-1])}
     else:  # the loop's scoring (score_tasks) spread over two processes, as an evaluation of a launch spreads it
-        scored = tmp_path
         (tmp_path / "score.py").write_text(TWO_PROCESS_SCORING)
         launch("ddp.yaml", 2, [str(zero2), str(tmp_path), *specs], script=tmp_path / "score.py")
-        record = json.loads((tmp_path / "record.json").read_text())
-    mine = [final_log_likelihoods(scored, task.name) for task in tasks]
-    for task, lls in zip(tasks, mine):
-        samples = sorted(harness["samples"][task.name], key=lambda sample: sample["doc_id"])
-        # The same text scored: a barely trained model's log-likelihoods hardly tell one prompt from another.
-        assert [tokenizer.decode(context) + tokenizer.decode(continuation) for _, _, context, continuation in
-                task.requests] == [context + continuation for sample in samples for context, continuation in
-                                   sample["arguments"]], task.name
-        theirs = [[response[0] for response in sample["filtered_resps"]] for sample in samples]
-        assert theirs == [pytest.approx(ll, abs=1e-4) for ll in lls], task.name
+        scorings = {"two processes": (tmp_path, json.loads((tmp_path / "record.json").read_text()))}
+    one = tmp_path / "one_process"  # and on one process, as a one-process run scores
+    one.mkdir()
+    scorings["one process"] = (one, score_tasks(Accelerator(cpu=True), AutoModelForCausalLM.from_pretrained(zero2),
+                                                tasks, 8, 256, str(one), 150))
     reported = {f"task/{name}/{key.split(',')[0]}": value for name, result in harness["results"].items()
                 for key, value in result.items() if key.endswith(",none") and "_stderr" not in key}
     # hinted's 2, CMMLU's and C-Eval's 2 subjects x 2 and groups' 2 each, MMLU's 3 subjects, group and 2 categories
     assert len(reported) == 2 + 2 * (2 * 2 + 2) + 3 + 1 + 2
-    assert {key: value for key, value in record.items() if key.startswith("task/")} == reported
+    for where, (scored, record) in scorings.items():
+        for task in tasks:
+            samples = sorted(harness["samples"][task.name], key=lambda sample: sample["doc_id"])
+            # The same text scored: a barely trained model's log-likelihoods hardly tell one prompt from another.
+            assert [tokenizer.decode(context) + tokenizer.decode(continuation) for _, _, context, continuation in
+                    task.requests] == [context + continuation for sample in samples for context, continuation in
+                                       sample["arguments"]], task.name
+            theirs = [[response[0] for response in sample["filtered_resps"]] for sample in samples]
+            assert theirs == [pytest.approx(ll, abs=1e-4) for ll in final_log_likelihoods(scored, task.name)], \
+                (where, task.name)
+        assert {key: value for key, value in record.items() if key.startswith("task/")} == reported, where
 
 
 def test_the_prompt_and_the_continuations_are_the_harness_mmlu_format(assets, tmp_path):
