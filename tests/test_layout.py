@@ -24,7 +24,9 @@ def project_imports(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names if node.module.startswith("pretrain")]
+            names = [node.module]
+            if node.module.startswith("pretrain"):  # `from pretrain.room import module` names a module too
+                names += [f"{node.module}.{alias.name}" for alias in node.names]
         else:
             continue
         for name in names:
@@ -36,7 +38,8 @@ def project_imports(path: Path) -> set[str]:
 
 
 def module_name(dotted: str) -> str:
-    """The module that a dotted name is or lies in: 'pretrain.room.module', or 'pretrain.module' at the package's top."""
+    """The module that a dotted name is or lies in: 'pretrain.room.module', or 'pretrain.module' at the package's
+    top."""
     parts = dotted.split(".")
     return ".".join(parts[:3] if len(parts) > 2 and parts[1] in pretrain.ROOMS else parts[:2])
 

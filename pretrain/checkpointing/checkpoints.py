@@ -281,11 +281,15 @@ def take_up_changed_schedule(saved: TrainState, current: TrainState, scheduler, 
     schedule is left as the checkpoint restored it, to the bit. A DeepSpeed config's own scheduler is left alone."""
     if saved.schedule is None or saved.schedule == current.schedule:
         return
+    def change(key: str) -> str:
+        if key not in saved.schedule:
+            return f"{key} {current.schedule[key]} (new)"
+        if key not in current.schedule:
+            return f"{key} {saved.schedule[key]} (gone)"
+        return f"{key} {saved.schedule[key]} -> {current.schedule[key]}"
+
     keys = [*current.schedule, *(key for key in saved.schedule if key not in current.schedule)]
-    changes = ", ".join(f"{key} {saved.schedule[key]} -> {current.schedule[key]}" if key in saved.schedule
-                        and key in current.schedule else f"{key} {current.schedule.get(key, saved.schedule.get(key))}"
-                        f" ({'new' if key in current.schedule else 'gone'})" for key in keys
-                        if saved.schedule.get(key) != current.schedule.get(key))
+    changes = ", ".join(change(key) for key in keys if saved.schedule.get(key) != current.schedule.get(key))
     if peaks is None:
         taken = ("the DeepSpeed config's 'scheduler' block sets the learning rate (DeepSpeed restores its step count "
                  "and takes its other settings from the config)")

@@ -42,8 +42,8 @@ def build_scheduler(optimizer, schedule: dict[str, Any]):
 def check_schedule(args: TrainArguments) -> None:
     """Refuse a schedule that cannot be built before any work: WSD's flags, transformers' schedule (a missing or
     unknown --lr_scheduler_kwargs entry), built once over one parameter, and a WSD decay that does not fit in
-    --max_steps with the warmup. The real one is built after the data, when the run's length is known: a length from epochs or
-    tokens, or a decay in tokens, is checked only then."""
+    --max_steps with the warmup. The real one is built after the data, when the run's length is known: a length
+    from epochs or tokens, or a decay in tokens, is checked only then."""
     import torch
 
     check_wsd_flags(args)
