@@ -36,10 +36,10 @@ from pretrain.distributed.launch import build_accelerator, create_output_dirs, d
     fill_deepspeed_config, run_program, warn_if_precision_is_emulated
 from pretrain.evaluation.heldout import eval_blocks, evaluate_sources, token_byte_lengths, validation_sets
 from pretrain.evaluation.tasks import Task, load_tasks, score_tasks
-from pretrain.model.chunked_loss import block_loss_sums, block_sums_of_tokens, compute_loss_in_chunks, \
-    next_token_losses
+from pretrain.model.chunked_loss import compute_loss_in_chunks, losses_of
 from pretrain.model.loading import build_config, load_config, load_tokenizer, load_weights, resolve_block_size
 from pretrain.model.speedups import apply_liger_kernel, compile_layers
+from pretrain.optim.gradients import clip_gradients, grad_norm_after_step
 from pretrain.optim.optimizers import build_optimizer
 from pretrain.optim.schedule import build_scheduler, check_schedule, schedule_of
 from pretrain.preflight import describe_model, describe_run
@@ -363,32 +363,6 @@ def step_batches(batches, accumulation: int, window: LogWindow, state: TrainStat
             raise RuntimeError(f"the data loader ended inside step {state.step + 1} (epoch {state.epoch}, step "
                                f"{state.step_in_epoch} of it): the data position is inconsistent")
         yield batch
-
-
-def losses_of(model, batch: dict[str, torch.Tensor], sources: torch.Tensor | None, chunked: bool):
-    """The micro-batch's loss, and for a mixture each block's loss sum and counted targets, from the same token
-    losses: the chunked loss's, or one cross-entropy over the logits (the outputs are dropped before backward)."""
-    if sources is None or chunked:
-        outputs = model(**batch)
-        return outputs.loss, None if sources is None else block_loss_sums(outputs, batch["labels"])
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
-    loss, token_losses = next_token_losses(model(**inputs).logits, batch["labels"])
-    return loss, block_sums_of_tokens(token_losses, batch["labels"])
-
-
-def clip_gradients(accelerator, model, max_grad_norm: float):
-    """Clip the reduced gradients (plain/DDP) and return their norm before clipping, a tensor read only when logged.
-    None under DeepSpeed, which clips inside its optimizer step (gradient_clipping in its config)."""
-    if accelerator.state.deepspeed_plugin is not None:
-        return None
-    return accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
-
-
-def grad_norm_after_step(accelerator, model, clip_norm, optim: str) -> float | None:
-    """The gradient norm of the step. None under ZeRO-2's Muon, whose norm covers the orthogonalized updates."""
-    if accelerator.state.deepspeed_plugin is not None:
-        clip_norm = model.get_global_grad_norm() if optim != "muon" else None
-    return None if clip_norm is None else float(clip_norm)
 
 
 def evaluations_due(args: TrainArguments, run: Prepared, plan: RunPlan, state: TrainState, epoch_done: bool,

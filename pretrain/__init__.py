@@ -22,4 +22,4 @@ preflight      what runs and what it costs, said before the first step: paramete
 # lowest first: a room imports only itself and the rooms before it
 ROOMS = ("base", "data", "model", "telemetry", "optim", "distributed", "checkpointing", "evaluation", "resilience")
 # the base room in order: each imports only those before it
-BASE = ("errors", "args_file", "mixture_spec", "arguments", "state", "faults")
+BASE = ("errors", "args_file", "mixture_spec", "flag_values", "arguments", "state", "faults")

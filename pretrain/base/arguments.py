@@ -3,7 +3,7 @@ defaults, and validation with one-line `UsageError`s, all before any work is don
 
 It owns what the flags mean and which combinations are refused; it must not load models, data or an Accelerator.
 Part of the package's base: it imports nothing from the project but `pretrain.base.errors`,
-`pretrain.base.args_file` and `pretrain.base.mixture_spec`.
+`pretrain.base.args_file`, `pretrain.base.mixture_spec` and `pretrain.base.flag_values`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from typing import Any, Callable
 import torch
 
 from pretrain.base.args_file import args_file_to_argv
-from pretrain.base.errors import UsageError, first_line
+from pretrain.base.errors import UsageError
+from pretrain.base.flag_values import describe_gpu, has_fp8_tensor_cores, parse_config_overrides, \
+    parse_task_specs, read_json_object
 from pretrain.base.mixture_spec import parse_mixture
 
 DEFAULT_SPLIT_SEED = 42  # the validation split's seed unless --data_seed is given: the cache outlives --seed
@@ -392,58 +394,3 @@ def check_mixture_flags(data_args: DataArguments) -> None:
         if data_args.epoch_source is not None and data_args.epoch_source not in [s.name for s in sources]:
             raise UsageError(f"--epoch_source {data_args.epoch_source}: no such source in --train_mixture (its "
                              f"sources: {', '.join(s.name for s in sources)})")
-
-
-def has_fp8_tensor_cores() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
-
-
-def describe_gpu() -> str:
-    if not torch.cuda.is_available():
-        return "no CUDA GPU"
-    major, minor = torch.cuda.get_device_capability()
-    return f"a {torch.cuda.get_device_name()} (compute capability {major}.{minor})"
-
-
-def read_json_object(flag: str, path: str) -> dict[str, Any]:
-    if not Path(path).is_file():
-        where = "" if Path(path).is_absolute() else f" in {Path.cwd()} (a relative path starts from where you launch)"
-        raise UsageError(f"{flag} {path}: no such file{where}")
-    try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{flag} {path}: not a readable JSON file ({first_line(error)}); fix it") from None
-    if not isinstance(value, dict):
-        raise UsageError(f"{flag} {path}: expected a JSON object of DeepSpeed settings")
-    return value
-
-
-def parse_config_overrides(text: str) -> dict[str, Any]:
-    overrides = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--config_overrides: '{item}' is not key=value; write e.g. 'hidden_size=256'")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except ValueError:
-            overrides[key.strip()] = value
-    return overrides
-
-
-def parse_task_specs(specs: list[str] | None, num_fewshot: int) -> list[tuple[str, str, str]]:
-    """--eval_tasks NAME=TEST_FILE[,DEV_FILE] ...: (name, test file, dev file or "") of each task."""
-    parsed = []
-    for spec in specs or []:
-        name, equals, files = spec.partition("=")
-        if not equals or not name or not files or not name.replace("_", "").replace("-", "").isalnum():
-            raise UsageError(f"--eval_tasks {spec}: expected NAME=TEST_FILE or NAME=TEST_FILE,DEV_FILE (NAME of "
-                             f"letters, digits, - and _)")
-        test, _, dev = files.partition(",")
-        if num_fewshot and not dev:
-            raise UsageError(f"--eval_tasks {spec}: --eval_tasks_num_fewshot {num_fewshot} needs a DEV_FILE for the "
-                             f"examples: NAME=TEST_FILE,DEV_FILE")
-        parsed.append((name, test, dev))
-    if len({name for name, _, _ in parsed}) < len(parsed):
-        raise UsageError("--eval_tasks: a task name is given twice; give each task its own NAME")
-    return parsed

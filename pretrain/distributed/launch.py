@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 import torch
 
-from pretrain.base.arguments import TrainArguments, read_json_object
+from pretrain.base.arguments import TrainArguments
+from pretrain.base.flag_values import read_json_object
 from pretrain.base.errors import UsageError, unwritable
 from pretrain.telemetry.tracking import requested_trackers, tracker_folders
 

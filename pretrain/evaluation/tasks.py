@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 
-from pretrain.base.arguments import parse_task_specs
+from pretrain.base.flag_values import parse_task_specs
 from pretrain.base.errors import DataError
 from pretrain.evaluation.benchmarks import benchmark_of, groups
 

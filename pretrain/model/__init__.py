@@ -7,5 +7,5 @@ distributed) nor touch an optimizer.
 Modules:
 loading       tokenizer, config and weights from the Hub or a folder (the demo's from data.demo_corpus)
 speedups      regional torch.compile and Liger-Kernel, applied to the built model
-chunked_loss  the output projection and cross-entropy a chunk of tokens at a time
+chunked_loss  the output projection and cross-entropy a chunk of tokens at a time; a micro-batch's losses
 """

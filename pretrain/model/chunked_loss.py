@@ -150,3 +150,14 @@ def block_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
         return torch.stack([torch.nn.functional.cross_entropy(block_logits[:-1].float(), block_targets,
                                                               reduction="none")
                             for block_logits, block_targets in zip(logits, labels[:, 1:])])
+
+
+def losses_of(model, batch: dict[str, torch.Tensor], sources: torch.Tensor | None, chunked: bool):
+    """The micro-batch's loss, and for a mixture each block's loss sum and counted targets, from the same token
+    losses: the chunked loss's, or one cross-entropy over the logits (the outputs are dropped before backward)."""
+    if sources is None or chunked:
+        outputs = model(**batch)
+        return outputs.loss, None if sources is None else block_loss_sums(outputs, batch["labels"])
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    loss, token_losses = next_token_losses(model(**inputs).logits, batch["labels"])
+    return loss, block_sums_of_tokens(token_losses, batch["labels"])

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from pretrain.base.arguments import DEFAULT_CACHE_ROOT, DEMO_MODEL, DataArguments, ModelArguments, is_demo, \
-    parse_config_overrides
+from pretrain.base.arguments import DEFAULT_CACHE_ROOT, DEMO_MODEL, DataArguments, ModelArguments, is_demo
 from pretrain.base.errors import UsageError, cannot_load, first_line
+from pretrain.base.flag_values import parse_config_overrides
 from pretrain.data.demo_corpus import ensure_demo_assets
 
 
