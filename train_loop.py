@@ -262,15 +262,16 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
     faults = FaultInjector(accelerator.unwrap_model(model), accelerator.process_index)
     stopping = False
     model.train()
-    for micro_batches in optimizer_steps(accelerator, run.train_loader, state, plan, window):
+    for micro_batches in optimizer_steps(accelerator, run.train_loader, state, plan, window, faults):
         # Forward and backward on each micro-batch; at the last one the gradients are reduced and clipped, and the
         # guard decides whether the step is applied (under DeepSpeed it decides inside the engine's step).
         skipped = False
         for batch in micro_batches:
             sources = batch.pop("source", None)  # a mixture's blocks name their source, which is no model input
             with accelerator.accumulate(model):
-                loss, block_sums = losses_of(model, batch, sources, chunked=args.loss_chunk_size > 0)
-                loss = faults.loss(loss, state)  # only under PRETRAIN_FAULT (pretrain/base/faults.py)
+                with window.timed_forward():  # this rank's own compute, before the step's first collective
+                    loss, block_sums = losses_of(model, batch, sources, chunked=args.loss_chunk_size > 0)
+                    loss = faults.loss(loss, state)  # only under PRETRAIN_FAULT (pretrain/base/faults.py)
                 guard.add_loss(loss, last=accelerator.sync_gradients)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -334,7 +335,8 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
     return (control.stop.signal_name or "signal on another rank") if stopping else "done"
 
 
-def optimizer_steps(accelerator, train_loader, state: TrainState, plan: RunPlan, window: LogWindow):
+def optimizer_steps(accelerator, train_loader, state: TrainState, plan: RunPlan, window: LogWindow,
+                    faults: FaultInjector):
     """The micro-batches of each optimizer step still to take, from the state's place in its epoch onwards.
 
     Each epoch sets the sampler's epoch and skips the batches a checkpoint had already read (by index: the skipped
@@ -346,7 +348,8 @@ def optimizer_steps(accelerator, train_loader, state: TrainState, plan: RunPlan,
     while state.step < plan.total_steps:
         epoch, start = state.epoch, state.step_in_epoch
         train_loader.set_epoch(epoch)
-        batches = iter(accelerator.skip_first_batches(train_loader, start * accumulation) if start else train_loader)
+        batches = faults.slow_reads(iter(accelerator.skip_first_batches(train_loader, start * accumulation)
+                                         if start else train_loader), state)  # PRETRAIN_FAULT=slow_data delays them
         steps_left = min(plan.steps_per_epoch - start, plan.total_steps - state.step)
         for taken in range(1, steps_left + 1):
             yield step_batches(batches, accumulation, window, state)
@@ -383,14 +386,15 @@ def is_due(strategy: str, every: int, state: TrainState, epoch_done: bool) -> bo
 
 def log_window(accelerator, window: LogWindow, plan: RunPlan, state: TrainState, args: TrainArguments,
                metrics: MetricsLogger, lr: float, grad_norm: float | None) -> dict[str, Any]:
-    """The log record of the steps since the last one (the loss is reduced across processes: one sync). A
-    mixture's loss is token-weighted over every source, and each source's loss, blocks and tokens seen are added."""
+    """The log record of the steps since the last one (the loss is gathered across processes with every rank's
+    timings, for the straggler fields: one sync). A mixture's loss is token-weighted over every source, and each
+    source's loss, blocks and tokens seen are added."""
+    summed = metrics.stragglers.gather(accelerator, window.by_source if plan.mixture else
+                                       window.loss_sum / max(window.micro_steps, 1), window.per_step())
     if plan.mixture is None:
-        mean_loss, by_source = accelerator.reduce(window.loss_sum / max(window.micro_steps, 1),
-                                                  reduction="mean").item(), {}
+        mean_loss, by_source = (summed / accelerator.num_processes).item(), {}
     else:
-        mean_loss, by_source = plan.mixture.source_losses(accelerator.reduce(window.by_source, reduction="sum"),
-                                                          state.position(), plan.block_size)
+        mean_loss, by_source = plan.mixture.source_losses(summed, state.position(), plan.block_size)
     if window.micro_steps == 0:
         mean_loss = None  # every step of the window was skipped
     else:
@@ -400,7 +404,7 @@ def log_window(accelerator, window: LogWindow, plan: RunPlan, state: TrainState,
               "lr": lr, "grad_norm": grad_norm, "tokens_seen": state.tokens_seen,
               "elapsed_s": round(state.elapsed_s, 3), "skipped_steps": (state.guard or {}).get("skipped_steps", 0),
               **throughput(window, plan.tokens_per_step, accelerator.num_processes, plan.flops_per_token,
-                           plan.peak_tflops), **by_source}
+                           plan.peak_tflops), **by_source, **metrics.stragglers.fields(state.step)}
     metrics.log(record)
     window.reset()
     return record

@@ -17,13 +17,16 @@ import torch
 
 from conftest import ROOT, LoggedProcess, assert_stopped_under_the_launcher, checkpoint_estimate_error, cosine_lr, \
     data_stats, free_port, kill_tree, launch, launch_command, launch_env, launch_in_background, logged_steps, \
-    read_metrics, run_in_process, tiny_flags
+    read_metrics, run_in_process, scalars, tiny_flags
 
 from pretrain.checkpointing.checkpoints import checkpoint_damage
 
 pytestmark = pytest.mark.slow  # every test here launches training processes
 
 STEPS = 12
+# Rank 1 of the ZeRO-2 run is slow in compute at steps 2-3, then in reading data at 9-10 (0.2 s per micro-batch: the
+# faults only sleep, so the losses stay those of every other layout); the writes of checkpoint-6 are over by then.
+SLOW_RANK = "slow_compute@step=2-3@rank=1,slow_data@step=9-10@rank=1"
 
 
 def flags(assets, output, cache, micro, accumulation, *extra):
@@ -35,15 +38,16 @@ def flags(assets, output, cache, micro, accumulation, *extra):
 
 @pytest.fixture(scope="module")
 def runs(assets, tmp_path_factory):
-    """(a) 1 process mb 2 x GA 4; (b) ddp.yaml 2 x mb 2 x GA 2; (c) zero2.yaml 2 x mb 2 x GA 2 (checkpoints at 6, 12);
-    (d) as (a) with attention masked at documents, and (e) as (c) with attention masked at documents and the loss
-    computed in chunks."""
+    """(a) 1 process mb 2 x GA 4; (b) ddp.yaml 2 x mb 2 x GA 2; (c) zero2.yaml 2 x mb 2 x GA 2 (checkpoints at 6, 12;
+    rank 1 slow at times: SLOW_RANK; TensorBoard); (d) as (a) with attention masked at documents, and (e) as (c) with attention
+    masked at documents and the loss computed in chunks."""
     root = tmp_path_factory.mktemp("layouts")
     cache = root / "cache"
     run_in_process(flags(assets, root / "single", cache, 2, 4, "--save_steps", 6))
     launch("ddp.yaml", 2, flags(assets, root / "ddp", cache, 2, 2))
     (root / "zero2.log").write_text(launch("zero2.yaml", 2, flags(assets, root / "zero2", cache, 2, 2,
-                                                                   "--save_steps", 6)).stderr)
+                                                                   "--save_steps", 6, "--report_to", "tensorboard"),
+                                           env_changes={"PRETRAIN_FAULT": SLOW_RANK}).stderr)
     run_in_process(flags(assets, root / "single_masked", cache, 2, 4, "--attn_mask_type", "block_causal"))
     launch("zero2.yaml", 2, flags(assets, root / "zero2_masked", cache, 2, 2, "--attn_mask_type", "block_causal",
                                   "--loss_chunk_size", 50))
@@ -101,6 +105,28 @@ def test_document_masked_eval_under_zero2_is_each_documents_loss_alone(runs):
             block_means.append(sum(losses) / sum(len(doc) - 1 for doc in documents))
     _, evals = read_metrics(output)
     assert float(torch.stack(block_means).mean()) == pytest.approx(evals[-1]["eval_loss"], abs=1e-5)
+
+
+def test_a_slow_rank_is_named_within_two_records_in_compute_and_in_data(runs):
+    """Step time cannot tell a rank slow in compute: the other waits for it in the step's collectives. Its forward
+    can; a rank slow in reading data shows in its data wait. Each is named once, at its first or second record
+    (one a step here; the launch's first record is not judged), and nobody else at any record."""
+    records = [json.loads(line) for line in (runs / "zero2" / "metrics.jsonl").read_text().splitlines()]
+    compute, data = [(r["step"], r["straggler/rank"], r["straggler/slow_in"]) for r in records
+                     if r.get("event") == "straggler"]
+    assert compute == (3, 1, "compute")
+    assert data[0] in (9, 10) and data[1:] == (1, "data"), data
+    log = (runs / "zero2.log").read_text()
+    assert re.findall(r"straggler: rank (\d) is slow in (compute|reading data): .* to step (\d+);", log) == [
+        ("1", "compute", str(compute[0])), ("1", "reading data", str(data[0]))]
+    train, _ = read_metrics(runs / "zero2")
+    for step, kind in ((3, "forward"), (10, "data_wait")):  # 2 micro-batches, each 0.2 s late
+        record = train[step]
+        assert record[f"straggler/{kind}_slowest_rank"] == 1 and record[f"straggler/{kind}_slowest_s"] >= 0.4
+        assert record[f"straggler/{kind}_fastest_s"] < 0.1
+        assert record["straggler/step_time_slowest_s"] < 1.1 * record["straggler/step_time_fastest_s"], record
+    tags = scalars(runs / "zero2")  # the trackers get every field, grouped under straggler/
+    assert tags["straggler/forward_slowest_s"] == list(range(1, STEPS + 1)) and tags["straggler/rank"] == [3, data[0]]
 
 
 def test_eval_gathers_every_validation_block_once(runs):

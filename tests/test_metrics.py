@@ -210,3 +210,60 @@ def test_a_step_longer_than_the_launchers_grace_is_warned_about_once(monkeypatch
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     with RunControl(TrainArguments(), 1, 0, 0) as control:
         assert control.grace_s is None  # python train_loop.py: no launcher, no grace period
+
+
+def test_a_rank_slow_for_two_records_is_named_once_per_episode_and_noise_never(caplog):
+    """The verdict on the gathered per-rank rows (step time, data wait, forward: seconds per step), four ranks."""
+    from pretrain.telemetry.stragglers import Stragglers
+
+    named = []
+    stragglers = Stragglers(4, True, named.append)
+
+    def record(step, forward, data=(0.001,) * 4):
+        stragglers.rows = [[0.5, wait, seconds] for wait, seconds in zip(data, forward)]
+        return stragglers.fields(step)
+
+    fields = record(1, (0.010, 0.300, 0.012, 0.011))  # the launch's first record is not judged
+    assert fields["straggler/forward_slowest_rank"] == 1 and fields["straggler/forward_slowest_s"] == 0.3
+    assert fields["straggler/forward_fastest_rank"] == 0 and fields["straggler/data_wait_fastest_s"] == 0.001
+    for step in (2, 3):  # 5x, but 44 ms: the noise of tiny steps, under the floor
+        record(step, (0.010, 0.055, 0.012, 0.011))
+    for step in (4, 5):  # 1.15x and 60 ms: under the ratio
+        record(step, (0.400, 0.400, 0.460, 0.400))
+    assert named == []
+    for step in range(6, 10):  # rank 2 at 1.6x and 60 ms more, for four records: named once, at the second
+        record(step, (0.100, 0.100, 0.160, 0.101))
+    record(10, (0.100, 0.100, 0.100, 0.101))  # recovered: a new episode may be named again
+    record(11, (0.100, 0.100, 0.160, 0.101))
+    record(12, (0.100, 0.100, 0.100, 0.101), data=(0.101, 0.001, 0.002, 0.001))  # rank 0 waits for its data
+    record(13, (0.100, 0.100, 0.100, 0.101), data=(0.101, 0.001, 0.002, 0.001))
+    assert [(r["step"], r["straggler/rank"], r["straggler/slow_in"]) for r in named] == [(7, 2, "compute"),
+                                                                                          (13, 0, "data")]
+    assert named[0]["straggler/own_s"] == 0.161 and named[0]["straggler/peers_s"] == 0.101
+    assert [line for line in caplog.messages if line.startswith("straggler:")] == [
+        "straggler: rank 2 is slow in compute: 0.161 s per step on its own (data wait + forward) against 0.101 s for "
+        "the median of the other ranks, 1.6x, over the last 2 records to step 7; every rank waits for it "
+        "(docs/resilience.md#stragglers)",
+        "straggler: rank 0 is slow in reading data: 0.201 s per step on its own (data wait + forward) against 0.102 s "
+        "for the median of the other ranks, 2.0x, over the last 2 records to step 13; every rank waits for it "
+        "(docs/resilience.md#stragglers)"]
+
+
+def test_slow_data_delays_the_reads_of_its_steps_on_its_rank_only(monkeypatch):
+    import time
+
+    from pretrain.base.faults import SLOW_S, FaultInjector
+    from pretrain.base.state import TrainState
+
+    monkeypatch.setenv("PRETRAIN_FAULT", "slow_data@step=2@rank=1")
+    batches = iter(range(3))
+    assert FaultInjector(None, rank=0).slow_reads(batches, TrainState()) is batches  # nothing to delay there
+    state = TrainState(global_batch_blocks=1, train_blocks=10)
+    reads = FaultInjector(None, rank=1).slow_reads(iter(range(3)), state)
+    seconds = []
+    for step in range(3):
+        state.step = step  # the read of step `step + 1`
+        begin = time.perf_counter()
+        next(reads)
+        seconds.append(time.perf_counter() - begin)
+    assert seconds[1] >= SLOW_S and seconds[0] < SLOW_S / 2 and seconds[2] < SLOW_S / 2

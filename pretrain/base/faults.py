@@ -9,6 +9,10 @@ KIND is what goes wrong:
   hang      the process sleeps for an hour before its backward (a stuck filesystem, a deadlock), saying so first
   slow_write  the background write of the checkpoint saved at that step starts 5 s late (a slow disk: room to
             see training go on, or to kill the run mid-write)
+  slow_compute  each micro-batch's forward takes 0.2 s longer (a throttled GPU, a busy host): a straggler that
+            the all-reduce hides in every rank's step time
+  slow_data   each micro-batch is read from the data loader 0.2 s late (a slow disk or loader worker): a straggler
+            whose wait shows in its data wait
 WHEN is when: `step=K` or `step=K-L` (optimizer steps as logged, from 1), or `batch=K` / `batch=K-L` (the global
 batches of the data order, from 1: what a poisoned stretch of the corpus would do, which a rewind skips past).
 `@rank=R` limits the fault to the process of global rank R (default: every rank).
@@ -23,6 +27,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -31,10 +36,11 @@ from pretrain.base.state import TrainState
 
 logger = logging.getLogger("train_loop")
 
-KINDS = ("spike", "nan_loss", "nan_grad", "hang", "slow_write")
+KINDS = ("spike", "nan_loss", "nan_grad", "hang", "slow_write", "slow_compute", "slow_data")
 SPIKE_FACTOR = 1000.0
 HANG_S = 3600.0
 SLOW_WRITE_S = 5.0
+SLOW_S = 0.2  # slow_compute and slow_data, per micro-batch: well above the straggler verdict's floor
 SPEC = re.compile(r"^(\w+)@(step|batch)=(\d+)(?:-(\d+))?(?:@rank=(\d+))?$")
 
 
@@ -62,7 +68,8 @@ def parse_faults(text: str, rank: int) -> list[Fault]:
 
 
 class FaultInjector:
-    """Applies PRETRAIN_FAULT to each micro-batch's loss (and, for nan_grad, to one gradient) of the steps it names."""
+    """Applies PRETRAIN_FAULT to each micro-batch's loss (and, for nan_grad, to one gradient) and to the data
+    loader's reads (slow_data) of the steps it names."""
 
     def __init__(self, model, rank: int = 0):
         self.faults = parse_faults(os.environ.get("PRETRAIN_FAULT", ""), rank)
@@ -76,8 +83,7 @@ class FaultInjector:
         """The micro-batch's loss, changed as the fault of the step under way says."""
         if not self.faults:
             return loss
-        where = {"step": state.step + 1, "batch": state.position() // state.global_batch_blocks + 1}
-        self.now = {fault.kind for fault in self.faults if fault.first <= where[fault.counted_in] <= fault.last}
+        self.now = self.kinds_now(state)
         if "spike" in self.now:
             loss = loss * SPIKE_FACTOR
         if "nan_loss" in self.now:
@@ -85,7 +91,27 @@ class FaultInjector:
         if "hang" in self.now:
             logger.warning(f"PRETRAIN_FAULT: rank {self.rank} hangs at step {state.step + 1}")
             time.sleep(HANG_S)
+        if "slow_compute" in self.now:
+            time.sleep(SLOW_S)
         return loss
+
+    def kinds_now(self, state: TrainState) -> set[str]:
+        """The kinds that apply to the step under way (the one after state.step)."""
+        where = {"step": state.step + 1, "batch": state.position() // state.global_batch_blocks + 1}
+        return {fault.kind for fault in self.faults if fault.first <= where[fault.counted_in] <= fault.last}
+
+    def slow_reads(self, batches: Iterator, state: TrainState) -> Iterator:
+        """The loader's batches, each handed over SLOW_S late in the steps slow_data names; the batches themselves
+        when it names none."""
+        if not any(fault.kind == "slow_data" for fault in self.faults):
+            return batches
+        return self._late(batches, state)
+
+    def _late(self, batches: Iterator, state: TrainState) -> Iterator:
+        for batch in batches:
+            if "slow_data" in self.kinds_now(state):
+                time.sleep(SLOW_S)
+            yield batch
 
 
 def write_delay(step: int, rank: int) -> float:

@@ -6,5 +6,6 @@ loop's losses are the same with it on or off.
 
 Modules:
 tracking      the trackers of --report_to, SwanLab's mode and start
-metrics       timing, tokens/s, FLOPs and MFU, compiled graphs, metrics.jsonl and the console (tracking)
+stragglers    every rank's step time, data wait and forward, gathered with the record's loss; a slow rank named
+metrics       timing, tokens/s, FLOPs and MFU, compiled graphs, metrics.jsonl and the console (tracking, stragglers)
 """

@@ -1,5 +1,5 @@
 """Metrics: step timing, tokens/s, FLOPs per token and MFU, peak memory, and the logger that writes the console,
-<output_dir>/metrics.jsonl and SwanLab on the main process.
+<output_dir>/metrics.jsonl and SwanLab on the main process (with the stragglers of a launch).
 
 It owns what a logged record holds; it must not change training (it never synchronises the device by itself).
 """
@@ -20,10 +20,12 @@ import torch
 from pretrain.base.arguments import TrainArguments
 from pretrain.base.errors import UsageError, moved_api
 from pretrain.base.state import TrainState
+from pretrain.telemetry.stragglers import Stragglers
 from pretrain.telemetry.tracking import start_trackers
 
 logger = logging.getLogger("train_loop")
 TORCH_TESTED = "2.13.0"
+CONSOLE_LEAVES_OUT = ("straggler/",)  # fields for the file and the trackers: a straggler is said in its own line
 
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s (not the 2:4-sparsity figures), matched against the device name.
 PEAK_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0), ("A100", 312.0),
@@ -77,6 +79,7 @@ class MetricsLogger:
         self.first_graphs: int | None = None
         self.eval_every = args.eval_tasks_steps or args.eval_steps or args.save_steps
         self.eval_cost_said = args.eval_strategy != "steps"
+        self.stragglers = Stragglers(accelerator.num_processes, self.enabled, self.log)
         if not self.enabled:
             return
         from tqdm.auto import tqdm
@@ -100,7 +103,8 @@ class MetricsLogger:
             self.say_eval_cost(record["eval_s"], record["step_time_s"])
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                         if not k.startswith(CONSOLE_LEAVES_OUT))
         self.progress.write(shown)
         self.accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
                              step=record["step"])
@@ -163,6 +167,8 @@ class LogWindow:
     `save_s`) and never charged to the steps. It never synchronises the device."""
 
     def __init__(self, device, sources: int = 0):
+        self.on_cuda = torch.device(device).type == "cuda"
+        self.forward_events: list[tuple[Any, Any]] = []  # a GPU's (begin, end) of each forward, read at logging
         self.loss_sum = torch.zeros((), device=device)
         self.step_loss_sum = torch.zeros((), device=device)  # the step under way's, kept unless the step is skipped
         # A mixture's (loss sum, counted targets, blocks) per source, summed on the device
@@ -179,6 +185,8 @@ class LogWindow:
         self.steps = 0
         self.start = time.perf_counter()
         self.data_wait = 0.0
+        self.forward_s = 0.0
+        self.forward_events.clear()
         self.aside = {"eval_s": 0.0, "save_s": 0.0}
 
     @contextlib.contextmanager
@@ -218,6 +226,31 @@ class LogWindow:
         item = next(iterator, None)
         self.data_wait += time.perf_counter() - begin
         return item
+
+    @contextlib.contextmanager
+    def timed_forward(self) -> Iterator[None]:
+        """Time a micro-batch's forward and loss, the part of a step before its first collective (on every layout but
+        ZeRO-3): a rank slow in compute takes longer here, while the others' extra time is spent waiting later. A
+        GPU's own clock (CUDA events, read at logging steps: no synchronisation in between), else the host's."""
+        if self.on_cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            yield
+            end.record()
+            self.forward_events.append((begin, end))
+        else:
+            begin = time.perf_counter()
+            yield
+            self.forward_s += time.perf_counter() - begin
+
+    def per_step(self) -> list[float]:
+        """This rank's step time, data wait and forward time, in seconds per optimizer step of the window."""
+        if self.forward_events:
+            self.forward_events[-1][1].synchronize()  # done already: the loss read at this logging step waits too
+            self.forward_s += sum(begin.elapsed_time(end) for begin, end in self.forward_events) / 1000
+            self.forward_events.clear()
+        steps = max(self.steps, 1)
+        return [self.seconds() / steps, self.data_wait / steps, self.forward_s / steps]
 
     def wall_seconds(self) -> float:
         """Since the last line, evaluations and saves included."""
