@@ -12,5 +12,5 @@ flag_values   single flags' values: JSON settings files, --config_overrides, --e
 arguments     flags and argument files (model, data, training), the demo's defaults, validation
 state         the run state a checkpoint carries, and how one optimizer step advances it
 faults        PRETRAIN_FAULT, the fault-injection hook for tests: loss spikes, NaN losses and gradients, hangs,
-              slow checkpoint writes
+              slow checkpoint writes, ranks slow in compute or in reading data
 """

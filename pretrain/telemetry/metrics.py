@@ -164,7 +164,8 @@ def compiled_graphs() -> int:
 class LogWindow:
     """What one log line sums up: this process's micro-batch losses and the optimizer steps since the last line, their
     time and the part of it spent waiting for data. Evaluations and checkpoint saves are timed apart (`eval_s`,
-    `save_s`) and never charged to the steps. It never synchronises the device."""
+    `save_s`) and never charged to the steps. It never synchronises the device, except for a GPU's forward timings
+    at a logging step, whose loss read waits longer anyway."""
 
     def __init__(self, device, sources: int = 0):
         self.on_cuda = torch.device(device).type == "cuda"
@@ -246,7 +247,7 @@ class LogWindow:
     def per_step(self) -> list[float]:
         """This rank's step time, data wait and forward time, in seconds per optimizer step of the window."""
         if self.forward_events:
-            self.forward_events[-1][1].synchronize()  # done already: the loss read at this logging step waits too
+            self.forward_events[-1][1].synchronize()  # the loss read of this logging step waits for more
             self.forward_s += sum(begin.elapsed_time(end) for begin, end in self.forward_events) / 1000
             self.forward_events.clear()
         steps = max(self.steps, 1)
