@@ -18,8 +18,9 @@ import torch
 logger = logging.getLogger("train_loop")
 
 KINDS = ("step_time", "data_wait", "forward")  # LogWindow.per_step's order
-RATIO = 1.2  # a rank's own time against the median of the others': 20 % of the step lost on every rank
-FLOOR_S = 0.05  # and this much more per step: over 3x the noise of tiny CPU steps on a busy 2-core host
+RATIO = 1.2  # a rank's own time against the median of the others': a fifth slower holds every rank back
+FLOOR_S = 0.05  # and this much more per step: single-step records of tiny CPU steps beside other runs pass 50 ms
+# in about 1 of 200, 20 ms in 1 of 6 (docs/resilience.md#the-verdict)
 IN_A_ROW = 2  # records: one slow window (a checkpoint load, a page-cache miss) is no straggler
 
 
