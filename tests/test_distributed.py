@@ -39,8 +39,8 @@ def flags(assets, output, cache, micro, accumulation, *extra):
 @pytest.fixture(scope="module")
 def runs(assets, tmp_path_factory):
     """(a) 1 process mb 2 x GA 4; (b) ddp.yaml 2 x mb 2 x GA 2; (c) zero2.yaml 2 x mb 2 x GA 2 (checkpoints at 6, 12;
-    rank 1 slow at times: SLOW_RANK; TensorBoard); (d) as (a) with attention masked at documents, and (e) as (c) with attention
-    masked at documents and the loss computed in chunks."""
+    rank 1 slow at times: SLOW_RANK; TensorBoard); (d) as (a) with attention masked at documents, and (e) as (c) with
+    attention masked at documents and the loss computed in chunks."""
     root = tmp_path_factory.mktemp("layouts")
     cache = root / "cache"
     run_in_process(flags(assets, root / "single", cache, 2, 4, "--save_steps", 6))
