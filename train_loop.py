@@ -26,6 +26,7 @@ from pretrain.base.errors import SEEN_BY_EVERY_RANK, CheckpointError, DataError,
 from pretrain.base.faults import FaultInjector
 from pretrain.base.state import TrainState
 from pretrain.checkpointing.background_save import CheckpointWriter
+from pretrain.checkpointing.branch import check_branch, start_branch
 from pretrain.checkpointing.checkpoints import choose_checkpoint, launch_state, resume, save_checkpoint, \
     save_final_model
 from pretrain.checkpointing.output_lock import hold_output_dir
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> str:
     model_args, data_args, args = parse_args(argv)
     check_tracker(args)
     check_schedule(args)
+    check_branch(args)  # before the output folder is made: it must not be in the parent's
     create_output_dirs(args)
     demo = is_demo(model_args, data_args)  # before load_tokenizer_and_config points the demo at its corpus
 
@@ -106,10 +108,11 @@ def main(argv: list[str] | None = None) -> str:
         optimizer = build_optimizer(model, args, deepspeed_config(accelerator))
         run = prepare(accelerator, model, optimizer, train_loader, eval_loaders, args, plan.schedule)
 
-        # Resume from the newest complete checkpoint, if any.
+        # Resume from the newest complete checkpoint, if any (or a branch's --branch_from).
         state = launch_state(accelerator, global_batch_blocks, len(data.train), plan.schedule, plan.mixture,
                              args.optim)
         state = resume(accelerator, checkpoint, state, args, run.scheduler, plan.mixture)
+        start_branch(accelerator, checkpoint, args, state, run.scheduler, plan.schedule, plan.mixture)  # --branch_from
         describe_run(accelerator, accelerator.unwrap_model(run.model), model_args, args, state, plan.total_steps,
                      plan.steps_per_epoch, plan.mixture)
 

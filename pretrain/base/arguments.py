@@ -177,6 +177,9 @@ class TrainArguments:
                 "blocks until written. One process and DDP always save synchronously."})
     resume_from_checkpoint: str | None = field(default=None, metadata={
         "help": "A checkpoint folder or 'latest'. Default: resume from output_dir's newest complete checkpoint."})
+    branch_from: str | None = field(default=None, metadata={
+        "help": "Start a branch (e.g. a cooldown) from another run's checkpoint-N in a new --output_dir, the rate "
+                "continuous there; a rerun resumes from the branch's own checkpoints (docs/mid-training.md)."})
     seed: int = field(default=42, metadata={"help": "Seed of initialisation and data order."})
     data_seed: int | None = field(default=None, metadata={
         "help": f"Seed of the validation split, and of the data order when given (default: the split uses "
@@ -338,6 +341,8 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, args: Tr
         (args.logging_steps < 1, "--logging_steps must be at least 1"),
         (args.save_steps < 1, "--save_steps must be at least 1"),
         (args.eval_steps is not None and args.eval_steps < 1, "--eval_steps must be at least 1"),
+        (args.branch_from and (args.resume_from_checkpoint or args.overwrite_output_dir), "--branch_from with "
+         "--resume_from_checkpoint or --overwrite_output_dir: a branch resumes from its own folder; drop the other"),
         (args.save_total_limit is not None and args.save_total_limit < 1, "--save_total_limit must be at least 1"),
         (args.max_grad_norm < 0, "--max_grad_norm must be >= 0"),
         (args.spike_sigma < 0, "--spike_sigma must be >= 0 (0 skips only non-finite steps)"),

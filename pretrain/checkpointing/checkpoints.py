@@ -30,11 +30,13 @@ from pretrain.optim.schedule import peak_rates, take_up_schedule
 logger = logging.getLogger("train_loop")
 
 # What a run writes before its first checkpoint.
-RUN_FILES = {"metrics.jsonl", "run_config.json", "swanlog", "tensorboard", "wandb", "logs", "run.lock", "eval_tasks"}
+RUN_FILES = {"metrics.jsonl", "run_config.json", "swanlog", "tensorboard", "wandb", "logs", "run.lock", "eval_tasks",
+             "branch.json", "branch_universal"}
 WATCHDOG_FILES = re.compile(r"^(hang|error)-rank\d+\.txt$")  # pretrain/resilience/watchdog.py's, from a run that failed
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
+BRANCH_UNIVERSAL = "branch_universal"  # a branch's conversion of its parent's checkpoint, in the branch's folder
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -177,7 +179,13 @@ def find_resume_checkpoint(args: TrainArguments) -> Path | None:
     if foreign:
         raise UsageError(f"--output_dir {output_dir} holds other files ({', '.join(sorted(foreign)[:3])}) and no "
                          f"checkpoint; pass --overwrite_output_dir or choose another folder")
-    return None
+    return Path(args.branch_from) if args.branch_from else None  # a branch without a checkpoint of its own yet
+
+
+def is_branch_point(args: TrainArguments, checkpoint: Path | None) -> bool:
+    """Whether the checkpoint a run loads is its --branch_from, in another run's folder (not the branch's own)."""
+    return bool(args.branch_from) and checkpoint is not None and \
+        checkpoint.resolve().parent != Path(args.output_dir).resolve()
 
 
 def choose_checkpoint(accelerator, args: TrainArguments) -> Path | None:
@@ -218,7 +226,8 @@ def resume(accelerator, checkpoint: Path | None, state: TrainState, args: TrainA
     saved = TrainState(**json.loads((checkpoint / TRAINER_STATE).read_text()))
     reshard = saved.distributed_type == "DEEPSPEED" and saved.num_processes != state.num_processes
     # ZeRO shards are cut for their world size: another one loads them through DeepSpeed's universal format.
-    universal = universal_copy(accelerator, checkpoint, checkpoint_damage) if reshard else None
+    into = Path(args.output_dir) / BRANCH_UNIVERSAL / "universal" if is_branch_point(args, checkpoint) else None
+    universal = universal_copy(accelerator, checkpoint, checkpoint_damage, into) if reshard else None
     peaks = peak_rates(scheduler)  # this run's, which the load replaces with the checkpoint's
     try:
         if universal is not None:

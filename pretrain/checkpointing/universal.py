@@ -31,11 +31,13 @@ UNIVERSAL = "universal"
 FAILED = "universal.failed"  # the main process's one-line error, for the waiting ranks
 
 
-def universal_copy(accelerator, checkpoint: Path, damage_of) -> Path:
-    """checkpoint/universal, converted now by the main process unless a complete conversion is there already."""
-    target = checkpoint / UNIVERSAL
+def universal_copy(accelerator, checkpoint: Path, damage_of, target: Path | None = None) -> Path:
+    """checkpoint/universal (or `target`: a branch never writes in its parent's folder), converted now by the main
+    process unless a complete conversion is there already."""
+    target = target or checkpoint / UNIVERSAL
     if accelerator.is_main_process:
-        (checkpoint / FAILED).unlink(missing_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (target.parent / FAILED).unlink(missing_ok=True)
         damage = damage_of(target) if target.exists() else "missing"
         if damage is None:
             logger.info(f"reusing the universal conversion {target}")
@@ -47,12 +49,12 @@ def universal_copy(accelerator, checkpoint: Path, damage_of) -> Path:
             except Exception as error:  # DeepSpeed's converter raises plain exceptions and assertions
                 line = (f"checkpoint {checkpoint}: the conversion to DeepSpeed's universal format failed "
                         f"({first_line(error)}); resume with the process count it was saved with")
-                (checkpoint / FAILED).write_text(line)
+                (target.parent / FAILED).write_text(line)
                 raise UsageError(line) from None
     else:
         waiting_since = time.time() - 5  # an older FAILED file is a previous run's
         while damage_of(target) is not None:
-            failed = checkpoint / FAILED
+            failed = target.parent / FAILED
             if failed.exists() and failed.stat().st_mtime >= waiting_since:
                 raise UsageError(failed.read_text())
             time.sleep(1.0)

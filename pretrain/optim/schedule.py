@@ -1,5 +1,5 @@
 """The learning-rate schedule: the warmup, transformers' schedulers by name or our WSD, what a resume compares, and
-how a resume with another schedule takes it up at the checkpoint's step."""
+how a resume with another schedule takes it up at the checkpoint's step, or a branch continues its checkpoint's rate."""
 
 from __future__ import annotations
 
@@ -80,3 +80,18 @@ def take_up_schedule(scheduler, peaks: list[float]) -> float:
     for group, peak, rate in zip(inner.optimizer.param_groups, peaks, rates):
         group["initial_lr"], group["lr"] = peak, rate
     return rates[0]
+
+
+def continue_from(scheduler, rate: float) -> float | None:
+    """Scale this run's schedule so that the next step trains at `rate`, the rate a branch's checkpoint had: the peak
+    of every parameter group and its rate scale alike, so the schedule keeps its shape and its floor stays the same
+    fraction of the peak. Returns the rate this run's schedule gave there when it differed (None when it was `rate`
+    already, left untouched to the bit, or for a DeepSpeed config's own scheduler)."""
+    inner = lambda_schedule(scheduler)
+    own = inner.optimizer.param_groups[0]["lr"] if inner is not None else rate
+    if own == rate or own == 0:
+        return None
+    inner.base_lrs = [peak * rate / own for peak in inner.base_lrs]
+    for group, peak in zip(inner.optimizer.param_groups, inner.base_lrs):
+        group["initial_lr"], group["lr"] = peak, group["lr"] * rate / own
+    return own
