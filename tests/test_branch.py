@@ -42,11 +42,16 @@ def same_weights(first: Path, second: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def inline(assets, tmp_path_factory):
+def cache(tmp_path_factory):
+    """The token caches, built once for the module."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def inline(assets, cache, tmp_path_factory):
     """A (WSD, decay from step 48), B (no decay, saved at 48) and C, the branch from B's checkpoint-48 with a
     12-step WSD decay, on one process; B's folder hashed before and after the branch; C's log."""
     root = tmp_path_factory.mktemp("branch")
-    cache = root / "cache"
     run_in_process(flags(assets, root / "A", cache, *INLINE, "--save_steps", TOTAL - DECAY // 2))
     run_in_process(flags(assets, root / "B", cache, *STABLE))
     before = folder_hashes(root / "B")
@@ -83,6 +88,24 @@ def test_a_branch_from_a_stable_checkpoint_is_the_inline_wsd_run_to_the_bit(inli
     assert "already in its decay" not in log and "is scaled" not in log
 
 
+def test_a_branch_is_the_inline_wsd_run_to_the_bit_under_zero2_too(assets, cache, tmp_path):
+    """A, B (stopped at 48: its constant rate does not depend on the length) and the branch C, each launched with
+    zero2.yaml on 2 processes (micro-batch 1, the same global batch of 2 blocks)."""
+    checkpoint = tmp_path / "B" / f"checkpoint-{BRANCH}"
+    zero2 = ("--per_device_train_batch_size", 1)
+    launch("zero2.yaml", 2, flags(assets, tmp_path / "A", cache, *INLINE, *zero2))
+    launch("zero2.yaml", 2, flags(assets, tmp_path / "B", cache, *STABLE, *zero2, "--max_steps", BRANCH))
+    before = folder_hashes(tmp_path / "B")
+    log = launch("zero2.yaml", 2, flags(assets, tmp_path / "C", cache, *INLINE, *zero2, "--branch_from",
+                                        checkpoint)).stderr
+    assert log.count(f"resumed from {checkpoint} at step {BRANCH}") == 1 and log.count("branched from") == 1, log
+    a, _ = read_metrics(tmp_path / "A")
+    c, _ = read_metrics(tmp_path / "C")
+    assert sorted(c) == list(range(BRANCH + 1, TOTAL + 1))
+    assert [(c[s]["loss"], c[s]["lr"]) for s in c] == [(a[s]["loss"], a[s]["lr"]) for s in c]
+    assert same_weights(tmp_path / "A", tmp_path / "C") and folder_hashes(tmp_path / "B") == before
+
+
 def test_the_manifest_records_the_branch_point_its_hash_schedule_and_mixture(inline):
     root, _, _ = inline
     manifest = json.loads((root / "C" / "branch.json").read_text())
@@ -98,7 +121,8 @@ def test_the_manifest_records_the_branch_point_its_hash_schedule_and_mixture(inl
     assert manifest["mixture"] is None and manifest["parent_mixture"] is None
 
 
-def test_the_parents_folder_a_missing_or_incomplete_checkpoint_and_another_branchs_folder_are_refused(inline, assets):
+def test_the_parents_folder_a_missing_or_incomplete_checkpoint_and_another_branchs_folder_are_refused(inline, assets,
+                                                                                                      cache):
     root, before, _ = inline
     checkpoint = root / "B" / f"checkpoint-{BRANCH}"
     incomplete = root / "incomplete" / "checkpoint-3"
@@ -116,21 +140,21 @@ def test_the_parents_folder_a_missing_or_incomplete_checkpoint_and_another_branc
              (root / "A", checkpoint, "holds a run that is not a branch (checkpoint-60)")]
     for output, branch_from, message in cases:
         with pytest.raises(UsageError) as error:
-            run_in_process(flags(assets, output, root / "cache", *INLINE, "--branch_from", branch_from))
+            run_in_process(flags(assets, output, cache, *INLINE, "--branch_from", branch_from))
         assert message in str(error.value) and "\n" not in str(error.value), output
     assert not (root / "D").exists() and folder_hashes(root / "B") == before
 
 
-def test_a_branch_from_a_checkpoint_in_its_decay_warns_and_goes_on_from_its_rate(inline, assets, capfd):
+def test_a_branch_from_a_checkpoint_in_its_decay_warns_and_goes_on_from_its_rate(inline, assets, cache, capfd):
     """A's checkpoint-60 is at the end of its decay (rate 0: refused); its checkpoint-54 is half-way: a 6-step
     1-sqrt decay from there warns once, starts at A's rate there (the schedule scaled) and ends at 0."""
     root, _, _ = inline
     with pytest.raises(UsageError, match="the checkpoint's learning rate is 0"):
-        run_in_process(flags(assets, root / "E", root / "cache", *INLINE, "--branch_from",
+        run_in_process(flags(assets, root / "E", cache, *INLINE, "--branch_from",
                              root / "A" / f"checkpoint-{TOTAL}"))
     middle = TOTAL - DECAY // 2
     capfd.readouterr()
-    run_in_process(flags(assets, root / "E", root / "cache", "--lr_scheduler_type", "wsd", "--decay_steps",
+    run_in_process(flags(assets, root / "E", cache, "--lr_scheduler_type", "wsd", "--decay_steps",
                          DECAY // 2, "--branch_from", root / "A" / f"checkpoint-{middle}"))
     log = capfd.readouterr().err
     a, _ = read_metrics(root / "A")
@@ -142,3 +166,68 @@ def test_a_branch_from_a_checkpoint_in_its_decay_warns_and_goes_on_from_its_rate
     assert log.count(f"the checkpoint trained at {rate:.4g}: the schedule is scaled by {rate / 3e-3:.4g}") == 1
     assert e[middle + 1]["lr"] == pytest.approx(rate * (1 - math.sqrt(1 / (DECAY // 2))), rel=1e-12)
     assert e[TOTAL]["lr"] == 0 and json.loads((root / "E" / "branch.json").read_text())["lr_at_branch"] == rate
+
+
+PARENT, ANNEAL = {"small": 0.75, "tiny": 0.25}, {"small": 0.25, "tiny": 0.75}  # the anneal reads mostly "tiny"
+SAME = ["loss", "lr", "grad_norm", "tokens_seen", *(f"{kind}/{name}" for kind in ("loss", "blocks", "tokens_seen")
+                                                    for name in ANNEAL)]  # what a bitwise resume logs again
+
+
+def mixture_flags(assets, output, cache, weights, *extra):
+    """16 steps of 8 blocks from two sources, WSD decaying over the last 4 steps, saved every 4."""
+    argv = tiny_flags(assets, output, cache, "--validation_split_percentage", 0, "--max_steps", 16,
+                      "--gradient_accumulation_steps", 4, "--save_steps", 4, "--lr_scheduler_type", "wsd",
+                      "--decay_steps", 4, *extra)
+    at = argv.index("--train_files")
+    return argv[:at] + ["--train_mixture", *(f"{name}={w}:{assets[name]}" for name, w in weights.items())] + \
+        argv[at + 2:]
+
+
+def start(argv, log, fault):
+    return LoggedProcess([sys.executable, str(ROOT / "train_loop.py"), *map(str, argv)], log, cwd=ROOT,
+                         env=dict(os.environ, PRETRAIN_FAULT=fault))
+
+
+def test_a_branch_on_a_new_mixture_beside_its_running_parent_resumes_after_sigkill_to_the_bit(assets, cache, tmp_path,
+                                                                                               capfd):
+    """The parent runs (hanging at step 10, its lock held) while a branch from its checkpoint-8 anneals for 8 steps
+    on the other weights: once straight, and once killed (SIGKILL to its whole tree) after its own checkpoint-12
+    and rerun. Each source's blocks since the branch are within one block of the new weights at every step; the
+    parent's folder is the same to the byte after both; the rerun is the straight branch to the bit and leaves
+    branch.json as it was; the parent then trains on to its end."""
+    parent, straight, branch = tmp_path / "parent", tmp_path / "straight", tmp_path / "branch"
+    running = start(mixture_flags(assets, parent, cache, PARENT), tmp_path / "parent.log", "hang@step=10")
+    running.wait_until(lambda: "hangs at step 10" in running.output(), timeout=120)
+    before = folder_hashes(parent)
+    anneal = ("--decay_steps", 8, "--branch_from", parent / "checkpoint-8")
+    killed = start(mixture_flags(assets, branch, cache, ANNEAL, *anneal), tmp_path / "branch.log", "hang@step=14")
+    run_in_process(mixture_flags(assets, straight, cache, ANNEAL, *anneal))  # while the killed one starts
+    killed.wait_until(lambda: "hangs at step 14" in killed.output(), timeout=120)
+    kill_tree(killed)
+    killed.wait()
+    manifest = (branch / "branch.json").read_bytes()
+    capfd.readouterr()
+    run_in_process(mixture_flags(assets, branch, cache, ANNEAL, *anneal))
+    rerun = capfd.readouterr().err
+    assert f"resumed from {branch / 'checkpoint-12'} at step 12" in rerun and "mixture changed" not in rerun, rerun
+    assert (branch / "branch.json").read_bytes() == manifest
+    assert folder_hashes(parent) == before and running.poll() is None  # untouched, while the parent was running
+    kill_tree(running)
+    running.wait()
+
+    at_branch, _ = read_metrics(parent)
+    expected, _ = read_metrics(straight)
+    got, _ = read_metrics(branch)
+    assert sorted(expected) == sorted(got) == list(range(9, 17))
+    for step in range(9, 17):
+        for name, weight in ANNEAL.items():
+            since = (expected[step][f"tokens_seen/{name}"] - at_branch[8][f"tokens_seen/{name}"]) // 64
+            assert abs(since - weight * (step - 8) * 8) <= 1, (step, name, since)
+        assert [got[step][key] for key in SAME] == [expected[step][key] for key in SAME], step
+    assert same_weights(straight, branch)
+    assert "the mixture changed since the checkpoint (source small weight 0.75 -> 0.25" in \
+        (tmp_path / "branch.log").read_text()
+    assert json.loads(manifest)["mixture"] == ANNEAL and json.loads(manifest)["parent_mixture"] == PARENT
+
+    run_in_process(mixture_flags(assets, parent, cache, PARENT))  # the parent goes on, from its checkpoint-8
+    assert sorted(read_metrics(parent)[0]) == list(range(1, 17)) and (parent / "model.safetensors").exists()
