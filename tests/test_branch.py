@@ -53,12 +53,13 @@ def inline(assets, cache, tmp_path_factory):
     12-step WSD decay, on one process; B's folder hashed before and after the branch; C's log."""
     root = tmp_path_factory.mktemp("branch")
     run_in_process(flags(assets, root / "A", cache, *INLINE, "--save_steps", TOTAL - DECAY // 2))
-    run_in_process(flags(assets, root / "B", cache, *STABLE))
+    run_in_process(flags(assets, root / "B", cache, *STABLE, "--report_to", "tensorboard"))
     before = folder_hashes(root / "B")
     log = root / "C.log"
     handler = logging_to(log)
     try:
-        run_in_process(flags(assets, root / "C", cache, *INLINE, "--branch_from", root / "B" / f"checkpoint-{BRANCH}"))
+        run_in_process(flags(assets, root / "C", cache, *INLINE, "--branch_from", root / "B" / f"checkpoint-{BRANCH}",
+                             "--report_to", "tensorboard"))
     finally:
         handler()
     return root, before, log.read_text()
@@ -86,6 +87,9 @@ def test_a_branch_from_a_stable_checkpoint_is_the_inline_wsd_run_to_the_bit(inli
     assert folder_hashes(root / "B") == before  # the parent's folder: not a byte written, no lock, no metrics
     assert f"resumed from {root / 'B' / f'checkpoint-{BRANCH}'} at step {BRANCH}" in log
     assert "already in its decay" not in log and "is scaled" not in log
+    run_ids = [json.loads((root / run / f"checkpoint-{TOTAL}" / "trainer_state.json").read_text())["swanlab_run_id"]
+               for run in ("B", "C")]
+    assert None not in run_ids and run_ids[0] != run_ids[1]  # the branch is a run of its own in the trackers
 
 
 def test_a_branch_is_the_inline_wsd_run_to_the_bit_under_zero2_too(assets, cache, tmp_path):
@@ -162,7 +166,7 @@ def test_a_branch_from_a_checkpoint_in_its_decay_warns_and_goes_on_from_its_rate
     rate = a[middle]["lr"]
     assert rate == pytest.approx(3e-3 * (1 - math.sqrt(0.5)), rel=1e-12)
     warned = [line for line in log.splitlines() if "already in its decay" in line]
-    assert len(warned) == 1 and f"its step {middle} trained at {rate:.4g}, below its peak 0.003" in warned[0], log
+    assert len(warned) == 1 and f"its rate after step {middle} is {rate:.4g}, below its peak 0.003" in warned[0], log
     assert log.count(f"the checkpoint trained at {rate:.4g}: the schedule is scaled by {rate / 3e-3:.4g}") == 1
     assert e[middle + 1]["lr"] == pytest.approx(rate * (1 - math.sqrt(1 / (DECAY // 2))), rel=1e-12)
     assert e[TOTAL]["lr"] == 0 and json.loads((root / "E" / "branch.json").read_text())["lr_at_branch"] == rate

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -70,16 +71,18 @@ def parent_state(checkpoint: Path) -> TrainState:
 def start_branch(accelerator, checkpoint: Path | None, args: TrainArguments, state: TrainState, scheduler,
                  schedule: dict[str, Any], mixture) -> None:
     """Once the branch point is loaded (a resume from the branch's own checkpoint does nothing here): the learning
-    rate continuous with the checkpoint's, a warning when that checkpoint was already in its decay, and branch.json."""
+    rate continuous with the checkpoint's, a warning when that checkpoint was already in its decay, a run of its own
+    in the trackers (not more steps of the parent's run), and branch.json."""
     if not is_branch_point(args, checkpoint):
         return
     parent, main = parent_state(checkpoint), accelerator.is_main_process
+    state.swanlab_run_id = None  # every tracker's run id: a new one is drawn
     own = continue_from(scheduler, parent.lr)
     peak = (parent.schedule or {}).get("learning_rate")
     if main and peak and parent.step >= parent.schedule["warmup_steps"] and parent.lr < peak * (1 - 1e-9):
-        logger.warning(f"--branch_from {checkpoint}: the checkpoint is already in its decay (its step {parent.step} "
-                       f"trained at {parent.lr:.4g}, below its peak {peak:.4g}): the branch decays on from there; a "
-                       f"cooldown from a checkpoint of the stable phase starts at the peak")
+        logger.warning(f"--branch_from {checkpoint}: the checkpoint is already in its decay (its rate after step "
+                       f"{parent.step} is {parent.lr:.4g}, below its peak {peak:.4g}): the branch decays on from there;"
+                       f" a cooldown from a checkpoint of the stable phase starts at the peak")
     if own is not None and main:
         logger.warning(f"--branch_from {checkpoint}: this schedule gives {own:.4g} at step {parent.step} and the "
                        f"checkpoint trained at {parent.lr:.4g}: the schedule is scaled by {parent.lr / own:.4g} so "
@@ -89,13 +92,18 @@ def start_branch(accelerator, checkpoint: Path | None, args: TrainArguments, sta
 
 
 def checkpoint_sha256(checkpoint: Path) -> str:
-    """One sha256 over the files a complete checkpoint's manifest lists and the manifest itself, in name order: the
-    files resume loads, whatever is added beside them later (a conversion for another process count)."""
-    digest = hashlib.sha256()
-    for name in sorted(json.loads((checkpoint / MANIFEST).read_text())) + [MANIFEST]:
-        with open(checkpoint / name, "rb") as handle:
-            digest.update(f"{name}\0{hashlib.file_digest(handle, 'sha256').hexdigest()}\n".encode())
-    return digest.hexdigest()
+    """One sha256 over the files a complete checkpoint's manifest lists and the manifest itself, in name order (the
+    files resume loads, whatever is added beside them later): the sha256 of the lines "NAME\\0FILE_SHA256\\n". The
+    files are hashed on several threads (hashlib lets go of the GIL): a ZeRO checkpoint is a file per rank."""
+    names = sorted(json.loads((checkpoint / MANIFEST).read_text())) + [MANIFEST]
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(file_sha256, [checkpoint / name for name in names]))
+    return hashlib.sha256("".join(f"{name}\0{digest}\n" for name, digest in zip(names, digests)).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def write_manifest(checkpoint: Path, args: TrainArguments, parent: TrainState, schedule: dict[str, Any],
