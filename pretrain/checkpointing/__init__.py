@@ -10,5 +10,5 @@ background_save  checkpoint files written from a snapshot while training goes on
 checkpoints   atomic saves, choosing and loading a resume, the final model (distributed, data.mixture, universal,
               background_save)
 output_lock   one run per output_dir
-branch        --branch_from: a new run from another run's checkpoint, its manifest and its continuous rate (checkpoints)
+branch        --branch_from: a new run from another run's checkpoint, its manifest, its continuous rate (checkpoints)
 """

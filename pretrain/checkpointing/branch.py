@@ -24,12 +24,12 @@ from typing import Any
 from pretrain.base.arguments import TrainArguments
 from pretrain.base.errors import UsageError
 from pretrain.base.state import TrainState
-from pretrain.checkpointing.checkpoints import CHECKPOINT_PATTERN, MANIFEST, TRAINER_STATE, checkpoint_damage, \
-    is_branch_point, list_checkpoints
+from pretrain.checkpointing.checkpoints import BRANCH_MANIFEST, CHECKPOINT_PATTERN, MANIFEST, TRAINER_STATE, \
+    checkpoint_damage, is_branch_point, list_checkpoints
+from pretrain.data.mixture import Mixture
 from pretrain.optim.schedule import continue_from
 
 logger = logging.getLogger("train_loop")
-BRANCH_MANIFEST = "branch.json"
 
 
 def check_branch(args: TrainArguments) -> None:
@@ -69,7 +69,7 @@ def parent_state(checkpoint: Path) -> TrainState:
 
 
 def start_branch(accelerator, checkpoint: Path | None, args: TrainArguments, state: TrainState, scheduler,
-                 schedule: dict[str, Any], mixture) -> None:
+                 schedule: dict[str, Any], mixture: Mixture | None) -> None:
     """Once the branch point is loaded (a resume from the branch's own checkpoint does nothing here): the learning
     rate continuous with the checkpoint's, a warning when that checkpoint was already in its decay, a run of its own
     in the trackers (not more steps of the parent's run), and branch.json."""
@@ -107,7 +107,7 @@ def file_sha256(path: Path) -> str:
 
 
 def write_manifest(checkpoint: Path, args: TrainArguments, parent: TrainState, schedule: dict[str, Any],
-                   mixture) -> None:
+                   mixture: Mixture | None) -> None:
     """branch.json: where the branch starts (the parent's folder, checkpoint, step, tokens and the checkpoint's
     hash), the rate it goes on from, its schedule and its mixture beside the parent's. Written whenever the branch
     starts from that checkpoint, atomically; a resume from the branch's own checkpoints only checks it

@@ -22,21 +22,22 @@ from pretrain.base.arguments import TrainArguments
 from pretrain.base.errors import CheckpointError, UsageError, first_line
 from pretrain.base.state import TrainState
 from pretrain.checkpointing.background_save import sync_to_disk
-from pretrain.checkpointing.universal import load_universal, universal_copy
+from pretrain.checkpointing.universal import UNIVERSAL, load_universal, universal_copy
 from pretrain.data.mixture import Mixture, resume_mixture
 from pretrain.distributed.launch import zero_stage_of
 from pretrain.optim.schedule import peak_rates, take_up_schedule
 
 logger = logging.getLogger("train_loop")
 
+BRANCH_MANIFEST = "branch.json"  # where a branch (pretrain/checkpointing/branch.py) comes from
+BRANCH_UNIVERSAL = "branch_universal"  # a branch's conversion of its parent's checkpoint, in the branch's folder
 # What a run writes before its first checkpoint.
 RUN_FILES = {"metrics.jsonl", "run_config.json", "swanlog", "tensorboard", "wandb", "logs", "run.lock", "eval_tasks",
-             "branch.json", "branch_universal"}
+             BRANCH_MANIFEST, BRANCH_UNIVERSAL}
 WATCHDOG_FILES = re.compile(r"^(hang|error)-rank\d+\.txt$")  # pretrain/resilience/watchdog.py's, from a run that failed
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
-BRANCH_UNIVERSAL = "branch_universal"  # a branch's conversion of its parent's checkpoint, in the branch's folder
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -226,7 +227,7 @@ def resume(accelerator, checkpoint: Path | None, state: TrainState, args: TrainA
     saved = TrainState(**json.loads((checkpoint / TRAINER_STATE).read_text()))
     reshard = saved.distributed_type == "DEEPSPEED" and saved.num_processes != state.num_processes
     # ZeRO shards are cut for their world size: another one loads them through DeepSpeed's universal format.
-    into = Path(args.output_dir) / BRANCH_UNIVERSAL / "universal" if is_branch_point(args, checkpoint) else None
+    into = Path(args.output_dir) / BRANCH_UNIVERSAL / UNIVERSAL if is_branch_point(args, checkpoint) else None
     universal = universal_copy(accelerator, checkpoint, checkpoint_damage, into) if reshard else None
     peaks = peak_rates(scheduler)  # this run's, which the load replaces with the checkpoint's
     try:
