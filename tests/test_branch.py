@@ -146,6 +146,9 @@ def test_the_parents_folder_a_missing_or_incomplete_checkpoint_and_another_branc
         with pytest.raises(UsageError) as error:
             run_in_process(flags(assets, output, cache, *INLINE, "--branch_from", branch_from))
         assert message in str(error.value) and "\n" not in str(error.value), output
+    for other in (("--resume_from_checkpoint", checkpoint), ("--overwrite_output_dir",)):
+        with pytest.raises(UsageError, match="--branch_from with --resume_from_checkpoint or --overwrite_output_dir"):
+            run_in_process(flags(assets, root / "D", cache, *INLINE, "--branch_from", checkpoint, *other))
     assert not (root / "D").exists() and folder_hashes(root / "B") == before
 
 
