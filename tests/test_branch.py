@@ -136,6 +136,7 @@ def test_the_parents_folder_a_missing_or_incomplete_checkpoint_and_another_branc
                                       f"({(root / 'B').resolve()}), which a branch never writes; give the branch a "
                                       f"new --output_dir"),
              (root / "B" / "cooldown", checkpoint, "is in the folder of the run it branches from"),
+             (root / "D", checkpoint, "--logging_dir " + str(root / "B" / "logs") + " is in the folder of the run"),
              (root / "D", root / "B" / "checkpoint-47", "--branch_from " + str(root / "B" / "checkpoint-47") +
               ": no such checkpoint folder (a run's checkpoint-N)"),
              (root / "D", incomplete, "incomplete checkpoint (no manifest); branch from another one"),
@@ -143,8 +144,9 @@ def test_the_parents_folder_a_missing_or_incomplete_checkpoint_and_another_branc
                                                               f"{checkpoint.resolve()}; rerun with that --branch_from"),
              (root / "A", checkpoint, "holds a run that is not a branch (checkpoint-60)")]
     for output, branch_from, message in cases:
+        logs = ("--logging_dir", root / "B" / "logs") if "--logging_dir" in message else ()
         with pytest.raises(UsageError) as error:
-            run_in_process(flags(assets, output, cache, *INLINE, "--branch_from", branch_from))
+            run_in_process(flags(assets, output, cache, *INLINE, "--branch_from", branch_from, *logs))
         assert message in str(error.value) and "\n" not in str(error.value), output
     for other in (("--resume_from_checkpoint", checkpoint), ("--overwrite_output_dir",)):
         with pytest.raises(UsageError, match="--branch_from with --resume_from_checkpoint or --overwrite_output_dir"):

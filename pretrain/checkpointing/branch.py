@@ -33,16 +33,17 @@ logger = logging.getLogger("train_loop")
 
 
 def check_branch(args: TrainArguments) -> None:
-    """Before any work, on every rank (reading only): the branch's folder is not the parent's nor inside it, a folder
+    """Before any work, on every rank (reading only): the branch's folders are not the parent's nor inside it, a folder
     that already holds a run is this same branch, and the checkpoint it starts from is complete (needed only until
     the branch has a checkpoint of its own)."""
     if not args.branch_from:
         return
     checkpoint, output_dir = Path(args.branch_from).resolve(), Path(args.output_dir).resolve()
     flag = f"--branch_from {args.branch_from}"
-    if output_dir == checkpoint.parent or checkpoint.parent in output_dir.parents:
-        raise UsageError(f"--output_dir {args.output_dir} is in the folder of the run it branches from "
-                         f"({checkpoint.parent}), which a branch never writes; give the branch a new --output_dir")
+    for name, folder in (("--output_dir", args.output_dir), ("--logging_dir", args.logging_dir)):
+        if folder and checkpoint.parent in (Path(folder).resolve(), *Path(folder).resolve().parents):
+            raise UsageError(f"{name} {folder} is in the folder of the run it branches from ({checkpoint.parent}), "
+                             f"which a branch never writes; give the branch a new {name}")
     recorded = output_dir / BRANCH_MANIFEST
     own = [c for c in list_checkpoints(output_dir) if checkpoint_damage(c) is None]
     started_from = json.loads(recorded.read_text())["checkpoint"] if recorded.is_file() else str(checkpoint)
