@@ -364,15 +364,16 @@ def test_each_blocks_loss_is_the_same_from_the_logits_and_from_the_chunked_loss(
     assert torch.allclose(block_sums_of_tokens(token_losses, labels), plain, rtol=1e-6)
 
 
-def test_the_readmes_mixture_flags_and_yaml_are_the_same_run(tmp_path):
-    """The README's two forms of its mixture example parse to the same arguments (and stay valid as they change)."""
+def test_the_docs_mixture_flags_and_yaml_are_the_same_run(tmp_path):
+    """docs/mixtures.md's two forms of its mixture example parse to the same arguments (and stay valid as they
+    change)."""
     import re
     import shlex
 
-    section = (ROOT / "README.md").read_text().split("### Data mixtures", 1)[1]
-    command = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
+    section = (ROOT / "docs" / "mixtures.md").read_text().split("## Writing a mixture", 1)[1]
+    command = shlex.split(re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " "))
     (tmp_path / "run.yaml").write_text(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
-    from_flags = parse_args(shlex.split(command)[2:])
+    from_flags = parse_args(command[command.index("train_loop.py") + 1:])
     from_yaml = parse_args([str(tmp_path / "run.yaml")])
     assert from_flags == from_yaml
     assert [source.name for source in parse_mixture(from_yaml[1].train_mixture)] == ["web_zh", "code", "books"]
