@@ -30,16 +30,15 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pretrain.base.arguments import DEFAULT_CACHE_ROOT, DEFAULT_SPLIT_SEED, DataArguments, ModelArguments, \
+from pretrain.base.arguments import DEFAULT_SPLIT_SEED, DataArguments, ModelArguments, \
     argument_parser, check_mixture_flags
 from pretrain.base.errors import DataError, UsageError, unwritable
 from pretrain.base.mixture_spec import parse_mixture
 from pretrain.data import corpus_build
 from pretrain.data.cache_claims import main_reports_first
-from pretrain.data.corpus_cache import PackedData, cache_description, cache_key, load_cache, near_miss
-from pretrain.data.corpus_files import iter_documents, plan_pieces, resolve_files
+from pretrain.data.corpus_cache import PackedData, cache_site, load_cache, near_miss
+from pretrain.data.corpus_files import iter_documents, plan_pieces
 from pretrain.data.document_mask import BlockCollator
-from pretrain.data.hub_datasets import dataset_files
 from pretrain.data.mixture import Mixture, MixtureBlocks, MixtureData, MixtureSampler
 from pretrain.model.loading import load_config, load_tokenizer
 
@@ -205,20 +204,9 @@ def _prepare_data(args: DataArguments, tokenizer: Any, seed: int, show_progress:
     if not 0 <= args.validation_split_percentage < 100:
         raise DataError(f"--validation_split_percentage {args.validation_split_percentage}: must be in [0, 100)")
     eos = eos_token_id(tokenizer)
-    train_files = resolve_files(args.train_files or [], flag)
-    if args.dataset_name:  # after --train_files: for now one stream of both
-        train_files += dataset_files(args.dataset_name, args.dataset_config_name, args.dataset_split,
-                                     args.dataset_revision)
-    if not train_files:
-        raise DataError(f"{flag}: no training files given")
-    validation_files = resolve_files(args.validation_files, "--validation_files") if args.validation_files else None
-
-    cache_root = Path(args.data_cache_dir or DEFAULT_CACHE_ROOT / "data").expanduser().absolute()  # workers: cwd ROOT
-    tokenizer_json = tokenizer.backend_tokenizer.to_str()  # once: for the cache's key and the workers' copy
-    description = cache_description(train_files, validation_files, args.validation_split_percentage,
-                                    args.block_size, args.text_column, tokenizer, seed, args.parse_special_tokens,
-                                    tokenizer_json)
-    directory = cache_root / cache_key(description)
+    site = cache_site(args, tokenizer, seed, flag)
+    train_files, validation_files, cache_root, directory = site.train_files, site.validation_files, site.root, \
+        site.directory
     cached = load_cache(directory)
     if cached is not None:
         cached.stats.update(cache_hit=True, seconds=round(time.perf_counter() - start, 3), shards_reused=None,
@@ -230,18 +218,18 @@ def _prepare_data(args: DataArguments, tokenizer: Any, seed: int, show_progress:
                         f"--data_cache_dir")
 
     check_tokenizer_encodes(tokenizer, train_files, args.text_column)
-    changed = near_miss(cache_root, description) if show_progress else None  # said by the main process only
+    changed = near_miss(cache_root, site.description) if show_progress else None  # said by the main process only
     if changed:
         logger.warning(f"building a new data cache: the cache of these files differs only in {changed}")
     parts = {"train": train_files, **({"validation": validation_files} if validation_files else {})}
     plan = {"pieces": [piece.to_dict() for piece in plan_pieces(parts)], "dtype": str(token_dtype(len(tokenizer))),
             "eos": eos, "seed": seed, "text_column": args.text_column, "block_size": args.block_size,
             "validation_percentage": 0.0 if validation_files else args.validation_split_percentage,
-            "final_dir": str(directory), "key": description, "parse_special_tokens": args.parse_special_tokens,
+            "final_dir": str(directory), "key": site.description, "parse_special_tokens": args.parse_special_tokens,
             "special_strings": special_strings(tokenizer)}
     folder = directory.with_name(directory.name + ".build")
     workers = args.preprocessing_num_workers or default_workers()
-    built = corpus_build.build(folder, directory, plan, tokenizer_json, workers, show_progress)
+    built = corpus_build.build(folder, directory, plan, site.tokenizer_json, workers, show_progress)
     if not (directory / "meta.json").exists():  # else finished by another process while this one waited
         stats, shapes = _stats_of(parts, plan, built["pieces"], args, directory, flag)
         corpus_build.assemble_or_wait(folder, directory, built["pieces"], plan, shapes, stats)

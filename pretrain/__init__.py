@@ -17,6 +17,7 @@ resilience     skipped steps and rewinds, the watchdog, stop signals
 
 At the top, above every room, importing any of them:
 preflight      what runs and what it costs, said before the first step: parameters, FLOPs, disk
+average_checkpoints  K checkpoints averaged into a Hugging Face model folder, each evaluated beside the average
 """
 
 # lowest first: a room imports only itself and the rooms before it

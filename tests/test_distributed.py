@@ -498,6 +498,7 @@ def test_zero3_final_model_is_complete_and_resumes_on_fewer_processes(assets, ru
     launch("zero3.yaml", 2, flags(assets, straight, runs / "cache", 2, 2, "--save_steps", 6), cwd=tmp_path)
     assert list(straight.glob(f"checkpoint-{STEPS}/pytorch_model/zero_pp_rank_1_*_model_states.pt"))  # ZeRO-3 ran
     final_model_matches_checkpoint(straight, straight / f"checkpoint-{STEPS}")
+    averages_to_the_fp32_mean([straight / "checkpoint-6", straight / f"checkpoint-{STEPS}"], tmp_path / "soup")
     reshard(assets, runs / "cache", straight, "zero3.yaml", 1, 2, 4, tmp_path)
 
 
@@ -565,3 +566,106 @@ def test_training_goes_on_during_a_background_write_and_a_kill_mid_write_resumes
     assert resumed[STEPS]["epoch"] > 1 and straight[steps_per_epoch]["epoch"] == 1
     for step in range(4, STEPS + 1):
         assert resumed[step]["loss"] == straight[step]["loss"] and resumed[step]["lr"] == straight[step]["lr"], step
+
+
+def consolidated(checkpoint):
+    """A checkpoint's weights as DeepSpeed's zero_to_fp32 gives them, or its model.safetensors."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    if (checkpoint / "pytorch_model").is_dir():
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
+    return load_file(checkpoint / "model.safetensors")
+
+
+def averages_to_the_fp32_mean(checkpoints, soup, command=False):
+    """The averaged model folder holds the fp32 mean of the checkpoints' consolidated weights (1e-7), its tied head
+    once, and loads with from_pretrained beside its tokenizer. `command`: run as a user does, with python -m."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pretrain import average_checkpoints
+
+    argv = ["--checkpoints", *map(str, checkpoints), "--output_dir", str(soup)]
+    if command:
+        result = subprocess.run([sys.executable, "-m", "pretrain.average_checkpoints", *argv], cwd=ROOT,
+                                env=launch_env(), capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        average_checkpoints.main(argv)
+    weights = [consolidated(checkpoint) for checkpoint in checkpoints]
+    averaged = load_file(soup / "model.safetensors")
+    assert "lm_head.weight" not in averaged and len(averaged) > 10
+    for name, value in averaged.items():
+        mean = torch.stack([w[name].float() for w in weights]).mean(dim=0)
+        assert value.dtype == torch.float32 and torch.allclose(value, mean, rtol=0, atol=1e-7), name
+    assert not torch.equal(averaged["model.embed_tokens.weight"], weights[-1]["model.embed_tokens.weight"].float())
+    model = AutoModelForCausalLM.from_pretrained(soup)
+    assert torch.equal(model.lm_head.weight, averaged["model.embed_tokens.weight"])
+    assert len(AutoTokenizer.from_pretrained(soup)) == model.config.vocab_size
+    assert json.loads((soup / "soup.json").read_text())["checkpoints"] == [str(c) for c in checkpoints]
+
+
+def test_averaged_checkpoints_are_the_fp32_mean_of_zero2_one_process_and_ddp_weights(runs, tmp_path):
+    averages_to_the_fp32_mean([runs / "zero2" / "checkpoint-6", runs / "zero2" / f"checkpoint-{STEPS}"],
+                              tmp_path / "zero2", command=True)
+    averages_to_the_fp32_mean([runs / "single" / "checkpoint-6", runs / "ddp" / f"checkpoint-{STEPS}",
+                               runs / "zero2" / f"checkpoint-{STEPS}"], tmp_path / "mixed")
+
+
+def test_averaging_evaluates_each_checkpoint_as_its_run_did_and_the_average(runs, tmp_path, capsys):
+    """--evaluate: each checkpoint's eval_loss and eval_bpb are those its run logged at its step (the same
+    held-out blocks), and the average's are measured beside them."""
+    from pretrain import average_checkpoints
+
+    checkpoints = [runs / "single" / "checkpoint-6", runs / "single" / f"checkpoint-{STEPS}"]
+    found = average_checkpoints.main(["--checkpoints", *map(str, checkpoints), "--output_dir",
+                                      str(tmp_path / "soup"), "--evaluate"])["evaluation"]
+    _, logged = read_metrics(runs / "single")
+    for checkpoint, record in zip(checkpoints, logged, strict=True):
+        measured = found[f"single/{checkpoint.name}"]
+        assert measured["eval_loss"] == pytest.approx(record["eval_loss"], rel=1e-6)
+        assert measured["eval_bpb"] == pytest.approx(record["eval_bpb"], rel=1e-6)
+    assert found["average"]["eval_loss"] not in {record["eval_loss"] for record in logged}
+    out = capsys.readouterr().out
+    assert "| average |" in out and "average against single/checkpoint-12: eval_loss " in out
+
+
+def test_averaging_refuses_bad_checkpoints_in_one_line(runs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from pretrain import average_checkpoints
+
+    def refused(*checkpoints, output=tmp_path / "soup"):
+        with pytest.raises(SystemExit) as exited:
+            average_checkpoints.cli(["--checkpoints", *map(str, checkpoints), "--output_dir", str(output)])
+        assert not output.exists() or output == runs
+        return exited.value.code
+
+    six = runs / "single" / "checkpoint-6"
+    assert refused(six) == "error: --checkpoints: 1 given; an average needs at least 2"
+    assert refused(six, six) == f"error: --checkpoints: {six} is given twice; give each checkpoint once"
+    assert refused(six, runs / "single" / "checkpoint-7") == \
+        f"error: --checkpoints: {runs / 'single' / 'checkpoint-7'}: no such checkpoint folder"
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(runs / "single" / "run_config.json", other)
+    shutil.copytree(six, other / "checkpoint-6")
+    weights = load_file(six / "model.safetensors")
+    weights["model.layers.0.mlp.up_proj.weight"] = torch.zeros(256, 64)  # a checkpoint of a wider model
+    save_file(weights, other / "checkpoint-6" / "model.safetensors")
+    manifest = json.loads((six / "manifest.json").read_text())
+    manifest["model.safetensors"] = (other / "checkpoint-6" / "model.safetensors").stat().st_size
+    (other / "checkpoint-6" / "manifest.json").write_text(json.dumps(manifest))
+    assert refused(six, other / "checkpoint-6") == (
+        f"error: --checkpoints: {six} and {other / 'checkpoint-6'} hold models of different shapes "
+        f"(model.layers.0.mlp.up_proj.weight: [128, 64] against [256, 64]); average checkpoints of one model")
+    assert refused(other / "checkpoint-6", runs / "zero2" / "checkpoint-6").startswith(
+        f"error: --checkpoints: {other / 'checkpoint-6'} and {runs / 'zero2' / 'checkpoint-6'} hold models of "
+        f"different shapes")
+    (other / "checkpoint-6" / "model.safetensors").write_bytes(b"cut")  # a copy cut short
+    assert refused(six, other / "checkpoint-6") == (
+        f"error: --checkpoints: {other / 'checkpoint-6'} is incomplete (truncated model.safetensors (3 of "
+        f"{manifest['model.safetensors']} bytes)); pick a complete checkpoint")
+    assert refused(six, runs / "zero2" / "checkpoint-6", output=runs) == \
+        f"error: --output_dir {runs}: already holds files; give a new or empty folder"

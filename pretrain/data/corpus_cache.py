@@ -17,6 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from pretrain.base.arguments import DEFAULT_CACHE_ROOT, DataArguments
+from pretrain.base.errors import DataError
+from pretrain.data.corpus_files import resolve_files
+from pretrain.data.hub_datasets import dataset_files
+
 CACHE_FORMAT_VERSION = 2  # 2: streamed build, validation documents chosen by a seeded hash of their position
 
 logger = logging.getLogger("data_utils")
@@ -55,6 +60,35 @@ def cache_description(train: list[Path], validation: list[Path] | None, split_pe
 def cache_key(description: dict[str, Any]) -> str:
     """The cache folder's name: a hash of its description (which the build saves beside it as key.json)."""
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@dataclass
+class CacheSite:
+    """Where the packed blocks of some data flags live, and what their key is made of."""
+    train_files: list[Path]
+    validation_files: list[Path] | None
+    root: Path  # --data_cache_dir
+    tokenizer_json: str  # the backend's to_str(), for the build's workers too
+    description: dict[str, Any]
+    directory: Path  # root / the key
+
+
+def cache_site(args: DataArguments, tokenizer: Any, seed: int, flag: str) -> CacheSite:
+    """The cache folder of these data flags and tokenizer (`flag`: what the errors name as the training files),
+    built or not; the training files and the --validation_files resolved."""
+    train_files = resolve_files(args.train_files or [], flag)
+    if args.dataset_name:  # after --train_files: for now one stream of both
+        train_files += dataset_files(args.dataset_name, args.dataset_config_name, args.dataset_split,
+                                     args.dataset_revision)
+    if not train_files:
+        raise DataError(f"{flag}: no training files given")
+    validation_files = resolve_files(args.validation_files, "--validation_files") if args.validation_files else None
+    root = Path(args.data_cache_dir or DEFAULT_CACHE_ROOT / "data").expanduser().absolute()  # workers: cwd ROOT
+    tokenizer_json = tokenizer.backend_tokenizer.to_str()  # once: for the cache's key and the workers' copy
+    description = cache_description(train_files, validation_files, args.validation_split_percentage,
+                                    args.block_size, args.text_column, tokenizer, seed, args.parse_special_tokens,
+                                    tokenizer_json)
+    return CacheSite(train_files, validation_files, root, tokenizer_json, description, root / cache_key(description))
 
 
 KEY_FIELD_MEANING = {"split": "the validation split (--validation_split_percentage, --data_seed)",
