@@ -23,9 +23,9 @@ The table gives each model's final eval loss, its tokens, their ratio to its bra
 against cosine's; midtraining.png shows the learning rates against steps and eval loss against tokens.
 
     pip install -r bench/requirements.txt          # matplotlib, for the picture
-    python bench/midtraining.py [--steps 160] [--save_every 16] [--branch_points 0.4 0.6 0.8] [--branch_decay 0.25] \
+    python bench/midtraining.py [--steps 100] [--save_every 10] [--branch_points 0.4 0.6 0.8] [--branch_decay 0.25] \
         [--average_last 4] [--layers 2] [--hidden_size 64] [--block_size 64] [--batch 8] [--lr 1e-2] \
-        [--warmup 16] [--eval_every 16] [--eval_blocks 32] [--documents 30000] [--tokenizer_size 70000] \
+        [--warmup 10] [--eval_every 10] [--eval_blocks 32] [--documents 30000] [--tokenizer_size 70000] \
         [--output bench/midtraining.png]
 """
 
@@ -142,8 +142,9 @@ def print_table(runs: list[dict], averaged: dict, average_steps: list[int], stab
     cosine = runs[0]["curve"][-1][1]
     last = f"stable/checkpoint-{average_steps[-1]}"
     tokens = stable_tokens(stable, average_steps[-1])
-    rows = [(run["name"], run["curve"][-1][1], run["curve"][-1][0], run.get("branch_tokens")) for run in runs]
-    rows += [(f"stable, last checkpoint (step {average_steps[-1]})", averaged[last]["eval_loss"], tokens, None),
+    rows = [(run["name"], run["curve"][-1][1], run["curve"][-1][0], run.get("branch_tokens")) for run in runs
+            if run is not stable]  # its end is the last checkpoint below
+    rows += [(f"stable, its last checkpoint (step {average_steps[-1]})", averaged[last]["eval_loss"], tokens, None),
              (f"average of stable steps {', '.join(map(str, average_steps))}", averaged["average"]["eval_loss"],
               tokens, None)]
     print("\n| model | final eval loss | tokens | / tokens at its branch point | eval loss / cosine's |")
@@ -155,8 +156,8 @@ def print_table(runs: list[dict], averaged: dict, average_steps: list[int], stab
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=160, help="S: the cosine's and WSD's length")
-    parser.add_argument("--save_every", type=int, default=16, help="the stable run's checkpoint spacing (steps)")
+    parser.add_argument("--steps", type=int, default=100, help="S: the cosine's and WSD's length")
+    parser.add_argument("--save_every", type=int, default=10, help="the stable run's checkpoint spacing (steps)")
     parser.add_argument("--branch_points", type=float, nargs="+", default=[0.4, 0.6, 0.8],
                         help="fractions of S, each a multiple of --save_every; the last is where the stable run ends")
     parser.add_argument("--branch_decay", type=float, default=0.25, help="a branch's decay over its branch step")
@@ -166,8 +167,8 @@ def main() -> None:
     parser.add_argument("--block_size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8, help="blocks per step")
     parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--warmup", type=int, default=16)
-    parser.add_argument("--eval_every", type=int, default=16, help="steps between evaluations")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--eval_every", type=int, default=10, help="steps between evaluations")
     parser.add_argument("--eval_blocks", type=int, default=32, help="held-out blocks of each evaluation")
     parser.add_argument("--documents", type=int, default=30000, help="documents of the generated corpus")
     parser.add_argument("--tokenizer_size", type=int, default=70000, help="entries of the byte-level BPE")

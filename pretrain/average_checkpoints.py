@@ -93,8 +93,7 @@ def check_shapes(checkpoints: list[Path], model) -> None:
             raise UsageError(f"--checkpoints: {checkpoints[0]} and {checkpoint} hold models of different shapes "
                              f"({name}: {list(first.get(name, ()))} against {list(shapes.get(name, ()))}); average "
                              f"checkpoints of one model")
-    unfit = sorted(set(first) ^ set(expected)) or \
-        [name for name in first if first[name] != expected[name]]
+    unfit = sorted(set(first) ^ set(expected)) or [name for name in first if first[name] != expected[name]]
     if unfit:
         raise UsageError(f"--checkpoints: {checkpoints[0]} does not fit the model of its run's {RUN_CONFIG} "
                          f"({unfit[0]}: {list(first.get(unfit[0], ()))} against {list(expected.get(unfit[0], ()))})")
