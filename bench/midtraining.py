@@ -10,9 +10,8 @@ Chinese-like and the tokenizer a byte-level BPE of more than 65,536 entries trai
   --save_every steps;
 - branches: from the stable run's checkpoint at each --branch_points (fractions of S), a 1-sqrt decay over
   --branch_decay of its branch step, so that the finished model costs 1 + branch_decay times the tokens at its
-  branch point. A branch is the checkpoint copied alone into a new folder and resumed there with the new schedule
-  (`--max_steps B+D --lr_scheduler_type wsd --decay_steps D`), which the resume takes up from step B
-  (docs/schedules.md);
+  branch point: `--branch_from STABLE/checkpoint-B --max_steps B+D --lr_scheduler_type wsd --decay_steps D` in a
+  new --output_dir (docs/mid-training.md);
 - WSD with a 20 % 1-sqrt cooldown: by default the branch at 0.8 S, whose schedule over its S steps is exactly
   `--lr_scheduler_type wsd --decay_ratio 0.2 --decay_type 1-sqrt` from the same weights, optimizer state and data
   position as the in-line run has at that step, so it is not trained twice;
@@ -34,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -59,7 +57,7 @@ def base_flags(work: Path, options, output: Path) -> list[str]:
 
 
 def train(work: Path, options, name: str, *flags: str, output: Path | None = None) -> dict:
-    """One train_loop.py run (or the resume of a copied checkpoint in `output`); its eval curve and rates."""
+    """One train_loop.py run (in `output`, or a folder named after it); its eval curve and rates."""
     output = output or work / name
     started = time.monotonic()
     result = subprocess.run([sys.executable, str(ROOT / "train_loop.py"), *base_flags(work, options, output),
@@ -79,13 +77,12 @@ def train(work: Path, options, name: str, *flags: str, output: Path | None = Non
 def branch(work: Path, options, stable: dict, at: int) -> dict:
     """A cooldown from the stable run's checkpoint at step `at`, over branch_decay of it, in a folder of its own."""
     decay = round(options.branch_decay * at)
-    folder = work / f"branch_{at}"
-    shutil.copytree(stable["output"] / f"checkpoint-{at}", folder / f"checkpoint-{at}")
     name = f"branch at {at}, decay {decay}"
     if at + decay == options.steps:
         name = f"WSD, {decay / options.steps:.0%} 1-sqrt cooldown (= {name})"
-    run = train(work, options, name, "--max_steps", at + decay, "--lr_scheduler_type",
-                "wsd", "--decay_steps", decay, "--decay_type", "1-sqrt", "--save_strategy", "no", output=folder)
+    run = train(work, options, name, "--branch_from", stable["output"] / f"checkpoint-{at}", "--max_steps",
+                at + decay, "--lr_scheduler_type", "wsd", "--decay_steps", decay, "--decay_type", "1-sqrt",
+                "--save_strategy", "no", output=work / f"branch_{at}")
     run.update(branch_tokens=stable_tokens(stable, at), branch_step=at)
     run["curve"] = [point for point in run["curve"] if point[0] > run["branch_tokens"]]
     return run
