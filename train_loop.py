@@ -35,6 +35,7 @@ from pretrain.data.document_mask import BlockCollator, use_document_mask
 from pretrain.data.mixture import Mixture
 from pretrain.distributed.launch import build_accelerator, create_output_dirs, deepspeed_config, \
     fill_deepspeed_config, run_program, warn_if_precision_is_emulated
+from pretrain.distributed.restarts import say_restart
 from pretrain.evaluation.heldout import eval_blocks, evaluate_sources, token_byte_lengths, validation_sets
 from pretrain.evaluation.tasks import Task, load_tasks, score_tasks
 from pretrain.model.chunked_loss import compute_loss_in_chunks, losses_of
@@ -119,10 +120,12 @@ def main(argv: list[str] | None = None) -> str:
         # The loop.
         run_config = {"model": asdict(model_args), "data": asdict(data_args), "train": asdict(args),
                       "num_processes": accelerator.num_processes, "total_steps": plan.total_steps}
+        # RunControl exits first: when a rank is gone, a background write waits for its part in vain (one line instead).
         with MetricsLogger(accelerator, args, plan.total_steps, state, run_config) as metrics, \
+                CheckpointWriter(accelerator, run.model, args.save_in_background) as writer, \
                 RunControl(args, accelerator.num_processes, accelerator.process_index,
-                           accelerator.local_process_index) as control, \
-                CheckpointWriter(accelerator, run.model, args.save_in_background) as writer:
+                           accelerator.local_process_index) as control:
+            say_restart(accelerator, metrics, checkpoint, state.step)  # an attempt that torch elastic restarted
             ended = train(accelerator, run, plan, state, args, metrics, control, writer)
         if ended != "done":
             if accelerator.is_main_process:

@@ -77,11 +77,12 @@ def launch_env():
     return env
 
 
-def launch_in_background(config, num_processes, argv, log, extra_env=None, **popen):
-    """`accelerate launch` left running, its output in the file `log`."""
+def launch_in_background(config, num_processes, argv, log, extra_env=None, extra_launch=(), **popen):
+    """`accelerate launch` left running, its output in the file `log`; `extra_launch`: more flags of the launcher."""
     env = {**launch_env(), **(extra_env or {})}
-    return LoggedProcess(launch_command(config, num_processes, argv, ("--main_process_port", env["MASTER_PORT"])),
-                         log, env=env, **popen)
+    return LoggedProcess(launch_command(config, num_processes, argv,
+                                        ("--main_process_port", env["MASTER_PORT"], *extra_launch)), log, env=env,
+                         **popen)
 
 
 def launch(config, num_processes, argv, timeout=300, extra_launch=(), cwd=ROOT, script=ROOT / "train_loop.py",
@@ -165,6 +166,20 @@ def cosine_lr(step, peak, warmup, total):
     if step < warmup:
         return peak * step / warmup
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+def processes_of(output_dir):
+    """The processes still running whose command line names `output_dir`: a launch's workers left behind."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if str(output_dir) in " ".join(process.info["cmdline"] or []):
+                found.append(process)
+        except psutil.Error:
+            pass
+    return found
 
 
 def kill_tree(process, sig=9):

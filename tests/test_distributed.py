@@ -17,7 +17,7 @@ import torch
 
 from conftest import ROOT, LoggedProcess, assert_stopped_under_the_launcher, checkpoint_estimate_error, cosine_lr, \
     data_stats, free_port, kill_tree, launch, launch_command, launch_env, launch_in_background, logged_steps, \
-    read_metrics, run_in_process, scalars, tiny_flags
+    processes_of, read_metrics, run_in_process, scalars, tiny_flags
 
 from pretrain.checkpointing.checkpoints import checkpoint_damage
 
@@ -27,6 +27,7 @@ STEPS = 12
 # Rank 1 of the ZeRO-2 run is slow in compute at steps 2-3, then in reading data at 9-10 (0.2 s per micro-batch: the
 # faults only sleep, so the losses stay those of every other layout); the writes of checkpoint-6 are over by then.
 SLOW_RANK = "slow_compute@step=2-3@rank=1,slow_data@step=9-10@rank=1"
+RESTARTS_WITHIN_S = 150  # from a worker's kill to the end of the job that restarted by itself (measured: see docs)
 
 
 def flags(assets, output, cache, micro, accumulation, *extra):
@@ -669,3 +670,47 @@ def test_averaging_refuses_bad_checkpoints_in_one_line(runs, tmp_path):
         f"{manifest['model.safetensors']} bytes)); pick a complete checkpoint")
     assert refused(six, runs / "zero2" / "checkpoint-6", output=runs) == \
         f"error: --output_dir {runs}: already holds files; give a new or empty folder"
+
+
+def test_in_job_restarts_resume_after_a_killed_worker_and_a_hung_rank_to_the_bit(assets, runs, tmp_path):
+    """`accelerate launch --max_restarts 2`, with nobody to rerun anything. At step 6 rank 1 is SIGKILLed while
+    checkpoint-4 is still being written in the background (its write starts 5 s late): the first restart resumes from
+    checkpoint-2, the newest complete one. In that attempt rank 1 hangs at step 9: the watchdog ends it after
+    --hang_timeout, and the second restart resumes from checkpoint-8 and finishes. Exit 0 within a bound after the
+    kill, each restart one line and one record, every step of every attempt bitwise the uninterrupted run's, and no
+    process left behind."""
+    output = tmp_path / "restarts"
+    fault = "slow_write@step=4@attempt=0,kill@step=6@rank=1@attempt=0,hang@step=9@rank=1@attempt=1"
+    process = launch_in_background("zero2.yaml", 2, flags(assets, output, runs / "cache", 2, 2, "--save_steps", 2,
+                                                           "--hang_timeout", 2), tmp_path / "launch.log",
+                                   extra_env={"PRETRAIN_FAULT": fault}, extra_launch=("--max_restarts", "2"))
+    try:
+        process.wait_until(lambda: "rank 1 is killed (SIGKILL) at step 6" in process.output())
+        killed_at = time.monotonic()
+        out = process.output(timeout=RESTARTS_WITHIN_S)
+        print(f"the job ended {time.monotonic() - killed_at:.1f} s after the kill")
+    finally:
+        kill_tree(process)
+    assert process.returncode == 0, out[-4000:]
+    assert not processes_of(output)
+    restarts = re.findall(r"WARNING restart (\d) of 2 \(--max_restarts\): the last attempt ended \((.+)\); resumed "
+                          r"from (\S+) at step (\d+)$", out, re.M)
+    assert [(number, where, step) for number, _, where, step in restarts] == [
+        ("1", str(output / "checkpoint-2"), "2"), ("2", str(output / "checkpoint-8"), "8")], out[-4000:]
+    assert restarts[0][1] == "rank 1 (node 0) went away at step 6"
+    assert re.fullmatch(rf"no optimizer step finished for [\d.]+ s after step 8 \(limit 2.0 s, --hang_timeout\): every "
+                        rf"rank's Python stack is in {output}/hang-rank\{{0\.\.1\}}\.txt", restarts[1][1])
+    assert f"the newest complete checkpoint is {output / 'checkpoint-2'}: the launcher restarts every worker to " \
+           f"resume (restart 1 of 2, --max_restarts)" in out
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [{key: r[key] for key in ("step", "restart", "max_restarts", "previous_attempt_ended", "resumed_from")}
+            for r in records if r.get("event") == "restart"] == [
+        {"step": int(step), "restart": int(number), "max_restarts": 2, "previous_attempt_ended": why,
+         "resumed_from": where} for number, why, where, step in restarts]
+    straight, _ = read_metrics(runs / "zero2")
+    trained = [r for r in records if "loss" in r]
+    assert sorted({r["step"] for r in trained}) == list(range(1, STEPS + 1))
+    assert [r["step"] for r in trained].count(3) == 2  # steps 3-5 ran in the first attempt and again after it
+    for record in trained:
+        assert (record["loss"], record["lr"]) == (straight[record["step"]]["loss"], straight[record["step"]]["lr"])
+    final_model_matches_checkpoint(output, output / f"checkpoint-{STEPS}")

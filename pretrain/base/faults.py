@@ -1,12 +1,13 @@
 """The fault-injection hook, for tests and for trying the loop's defences by hand: off unless PRETRAIN_FAULT is set.
 
-    PRETRAIN_FAULT="KIND@WHEN[@rank=R][,KIND@WHEN...]"
+    PRETRAIN_FAULT="KIND@WHEN[@rank=R][@attempt=A][,KIND@WHEN...]"
 
 KIND is what goes wrong:
   spike     the loss is multiplied by 1000 before backward (a loss and gradient spike)
   nan_loss  the loss is NaN (so is every gradient)
   nan_grad  one gradient (the input embedding's) is NaN, the loss stays finite
   hang      the process sleeps for an hour before its backward (a stuck filesystem, a deadlock), saying so first
+  kill      the process sends itself SIGKILL before its backward (the out-of-memory killer), saying so first
   slow_write  the background write of the checkpoint saved at that step starts 5 s late (a slow disk: room to
             see training go on, or to kill the run mid-write)
   slow_compute  each micro-batch's forward takes 0.2 s longer (a throttled GPU, a busy host): a straggler that
@@ -15,7 +16,9 @@ KIND is what goes wrong:
             whose wait shows in its data wait
 WHEN is when: `step=K` or `step=K-L` (optimizer steps as logged, from 1), or `batch=K` / `batch=K-L` (the global
 batches of the data order, from 1: what a poisoned stretch of the corpus would do, which a rewind skips past).
-`@rank=R` limits the fault to the process of global rank R (default: every rank).
+`@rank=R` limits the fault to the process of global rank R (default: every rank). `@attempt=A` limits it to attempt A
+of a launch with in-job restarts (`accelerate launch --max_restarts N`: 0 is the first, torch elastic's
+TORCHELASTIC_RESTART_COUNT); by default it fires at every attempt that reaches its step, as a deterministic fault does.
 
 It only multiplies what it is told to; it never runs unless the variable is set.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -36,12 +40,12 @@ from pretrain.base.state import TrainState
 
 logger = logging.getLogger("train_loop")
 
-KINDS = ("spike", "nan_loss", "nan_grad", "hang", "slow_write", "slow_compute", "slow_data")
+KINDS = ("spike", "nan_loss", "nan_grad", "hang", "kill", "slow_write", "slow_compute", "slow_data")
 SPIKE_FACTOR = 1000.0
 HANG_S = 3600.0
 SLOW_WRITE_S = 5.0
 SLOW_S = 0.2  # slow_compute and slow_data, per micro-batch: well above the straggler verdict's floor
-SPEC = re.compile(r"^(\w+)@(step|batch)=(\d+)(?:-(\d+))?(?:@rank=(\d+))?$")
+SPEC = re.compile(r"^(\w+)@(step|batch)=(\d+)(?:-(\d+))?(?:@rank=(\d+))?(?:@attempt=(\d+))?$")
 
 
 @dataclass
@@ -51,20 +55,27 @@ class Fault:
     first: int
     last: int
     rank: int | None  # None: every rank
+    attempt: int | None = None  # None: every attempt of a launch that restarts its workers
+
+
+def launch_attempt() -> int:
+    """Which attempt of the launch this process belongs to: 0, or the restarts torch elastic has made so far."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def parse_faults(text: str, rank: int) -> list[Fault]:
-    """The faults PRETRAIN_FAULT names for the process of this rank."""
+    """The faults PRETRAIN_FAULT names for the process of this rank in this attempt."""
     faults = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         match = SPEC.match(item)
         if not match or match.group(1) not in KINDS:
             raise UsageError(f"PRETRAIN_FAULT: '{item}' is not KIND@step=K[-L] or KIND@batch=K[-L], optionally "
-                             f"followed by @rank=R, with KIND one of {', '.join(KINDS)}; unset it for a normal run")
-        kind, counted_in, first, last, only_rank = match.groups()
-        faults.append(Fault(kind, counted_in, int(first), int(last or first), None if only_rank is None else
-                            int(only_rank)))
-    return [fault for fault in faults if fault.rank in (None, rank)]
+                             f"followed by @rank=R and @attempt=A, with KIND one of {', '.join(KINDS)}; unset it for "
+                             f"a normal run")
+        kind, counted_in, first, last, only_rank, only_attempt = match.groups()
+        faults.append(Fault(kind, counted_in, int(first), int(last or first),
+                            *(None if value is None else int(value) for value in (only_rank, only_attempt))))
+    return [fault for fault in faults if fault.rank in (None, rank) and fault.attempt in (None, launch_attempt())]
 
 
 class FaultInjector:
@@ -91,6 +102,9 @@ class FaultInjector:
         if "hang" in self.now:
             logger.warning(f"PRETRAIN_FAULT: rank {self.rank} hangs at step {state.step + 1}")
             time.sleep(HANG_S)
+        if "kill" in self.now:
+            logger.warning(f"PRETRAIN_FAULT: rank {self.rank} is killed (SIGKILL) at step {state.step + 1}")
+            os.kill(os.getpid(), signal.SIGKILL)
         if "slow_compute" in self.now:
             time.sleep(SLOW_S)
         return loss

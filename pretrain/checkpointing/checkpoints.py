@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 
 from pretrain.base.arguments import TrainArguments
 from pretrain.base.errors import CheckpointError, UsageError, first_line
+from pretrain.base.faults import launch_attempt
 from pretrain.base.state import TrainState
 from pretrain.checkpointing.background_save import sync_to_disk
 from pretrain.checkpointing.universal import UNIVERSAL, load_universal, universal_copy
@@ -158,6 +159,11 @@ def find_resume_checkpoint(args: TrainArguments) -> Path | None:
         shutil.rmtree(leftover, ignore_errors=True)
         logger.info(f"removed {leftover.name}, left by a save or a deletion that did not finish")
     requested = args.resume_from_checkpoint
+    # A restart (--max_restarts) goes on from where the attempt before got, whatever the flags say.
+    newest = next((path for path in reversed(list_checkpoints(output_dir)) if checkpoint_damage(path) is None),
+                  None) if launch_attempt() > 0 else None
+    if newest is not None:
+        return newest
     if requested and requested != "latest":
         path = Path(requested)
         if not path.is_dir():

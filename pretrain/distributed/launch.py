@@ -23,6 +23,7 @@ import torch
 from pretrain.base.arguments import TrainArguments
 from pretrain.base.flag_values import read_json_object
 from pretrain.base.errors import UsageError, unwritable
+from pretrain.distributed.restarts import join_process_group
 from pretrain.telemetry.tracking import requested_trackers, tracker_folders
 
 logger = logging.getLogger("train_loop")
@@ -51,9 +52,9 @@ def build_accelerator(args: TrainArguments):
     launched = "LOCAL_RANK" in os.environ
     if args.ddp_timeout <= 0:
         raise UsageError(f"--ddp_timeout {args.ddp_timeout}: must be a positive number of seconds")
-    # The timeout reaches torch.distributed.init_process_group, or deepspeed.comm.init_distributed under DeepSpeed
-    # (whose own default is 10 minutes). Accelerate forwards only values that differ from its class defaults (nccl,
-    # 600 s), so --ddp_timeout 600 means each backend's own default: 600 s, except 1800 s for gloo without DeepSpeed.
+    # The process group's timeout. Under torch elastic the loop joins the group itself (join_process_group) with it;
+    # elsewhere Accelerate forwards only values that differ from its class defaults (nccl, 600 s), so there
+    # --ddp_timeout 600 means each backend's own default: 600 s, except 1800 s for gloo without DeepSpeed.
     timeout = timedelta(seconds=args.ddp_timeout)
     backend = "gloo" if not torch.cuda.is_available() and launched else "nccl"  # gloo: DeepSpeed/DDP on a CPU
     handlers = [InitProcessGroupKwargs(backend=backend, timeout=timeout)]
@@ -64,6 +65,8 @@ def build_accelerator(args: TrainArguments):
     if written is not None:  # refused before DeepSpeed loads, and perhaps compiles, its op: no work done yet
         refuse_what_deepspeed_cannot_run(args, written)
     op_build_seconds = load_deepspeed_comm_op() if uses_deepspeed else None
+    if launched:  # on keys of this attempt's own: a restart must not read the keys of the attempt before
+        join_process_group(backend, timeout)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision="fp8" if args.fp8 else "bf16" if args.bf16 else "fp16" if args.fp16 else "no",

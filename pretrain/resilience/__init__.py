@@ -6,6 +6,7 @@ evaluation). It must not end a run with a hang or a silent wrong result: a run i
 
 Modules:
 step_guard    skipped steps (spikes, non-finite) and rewinds past trouble (checkpointing, distributed)
-watchdog      a rank gone or a run hung: the launch ends with one line, every rank's stack in a file (checkpointing)
+watchdog      a rank gone or a run hung: the launch ends with one line, every rank's stack in a file (checkpointing,
+              distributed.restarts)
 run_control   stop signals, the watchdog, the profiler, non-finite checks (watchdog)
 """

@@ -30,6 +30,7 @@ from typing import Iterator
 from pretrain.base.arguments import TrainArguments
 from pretrain.base.errors import first_line, report_to_launcher
 from pretrain.checkpointing.checkpoints import checkpoint_damage, list_checkpoints
+from pretrain.distributed.restarts import attempt_store, what_follows
 
 logger = logging.getLogger("train_loop")
 
@@ -132,7 +133,8 @@ class Watchdog:
         return max(self.hang_timeout, HANG_MULTIPLE * median)
 
     def _check_progress(self) -> None:
-        if not self.hang_timeout or self.pauses or self.last_progress is None:
+        # Once a collective has failed, a peer is gone: the heartbeats name it within seconds; it is no hang.
+        if not self.hang_timeout or self.pauses or self.last_progress is None or self.collective_failed.is_set():
             return
         waited, limit = time.monotonic() - self.last_progress, self.limit_s()
         if waited <= limit:
@@ -157,23 +159,19 @@ class Watchdog:
         newest = next((str(path) for path in reversed(list_checkpoints(self.output_dir))
                        if checkpoint_damage(path) is None), None)
         where = f"the newest complete checkpoint is {newest}" if newest else "there is no complete checkpoint yet"
-        line = (f"error: {what}{'' if hang else f' at step {self.step + 1}'}; {where}: rerun every node's command "
-                f"to resume")
+        line = f"error: {what}{'' if hang else f' at step {self.step + 1}'}; {where}: {what_follows()}"
         printer = self.rank == 0 if hang else self.prints
         report_to_launcher(line, printer)
         os._exit(1)
 
 
 def connect_to_store():
-    """A client of its own to the launch's store (MASTER_ADDR:MASTER_PORT), with a short timeout: the default
-    store's is the collectives' (--ddp_timeout), far too long to notice a lost node by."""
-    import torch.distributed as dist
-
+    """A client of its own to the launch's store, on this attempt's keys (distributed.restarts), with a short timeout:
+    the default store's is the collectives' (--ddp_timeout), far too long to notice a lost node by."""
     if "MASTER_ADDR" not in os.environ:
         return None
     try:
-        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                             timeout=timedelta(seconds=10), wait_for_workers=False)
+        return attempt_store(timedelta(seconds=10))
     except Exception as error:  # a launcher whose store is elsewhere: train on, without this check
         logger.warning(f"no heartbeats: the launch's store at MASTER_ADDR:MASTER_PORT cannot be reached "
                        f"({first_line(error)}); a lost node is noticed only at --ddp_timeout")

@@ -92,7 +92,8 @@ class MetricsLogger:
                              disable=not sys.stderr.isatty())  # a log file gets the record lines, not redrawn bars
         start_trackers(accelerator, args, state, run_config)
 
-    def log(self, record: dict[str, Any]) -> None:
+    def log(self, record: dict[str, Any], show: bool = True) -> None:
+        """Write the record to metrics.jsonl and the trackers; `show`: as a line on the console too."""
         if not self.enabled:
             return
         if record.get("loss") is not None:
@@ -103,9 +104,9 @@ class MetricsLogger:
             self.say_eval_cost(record["eval_s"], record["step_time_s"])
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                         if not k.startswith(CONSOLE_LEAVES_OUT))
-        self.progress.write(shown)
+        if show:
+            self.progress.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in record.items() if not k.startswith(CONSOLE_LEAVES_OUT)))
         self.accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
                              step=record["step"])
 
