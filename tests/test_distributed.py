@@ -187,7 +187,7 @@ def test_zero2_final_model_is_complete(runs):
     final_model_matches_checkpoint(runs / "zero2", runs / "zero2" / f"checkpoint-{STEPS}")
 
 
-def two_nodes(argv, logs, fault_on_node1=None):
+def two_nodes(argv, logs, fault_on_node1=None, max_restarts=0):
     """Two launches acting as two nodes of one process each (zero2.yaml), rendezvous on 127.0.0.1, left running;
     their output in `logs`-node0.log and -node1.log."""
     port, nodes = str(free_port()), []
@@ -197,7 +197,7 @@ def two_nodes(argv, logs, fault_on_node1=None):
         if rank == 1 and fault_on_node1:
             env["PRETRAIN_FAULT"] = fault_on_node1
         node_flags = ("--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-                      "--main_process_port", port)
+                      "--main_process_port", port, "--max_restarts", str(max_restarts))
         nodes.append(LoggedProcess(launch_command("zero2.yaml", 2, argv, node_flags), f"{logs}-node{rank}.log",
                                    env=env))
     return nodes
@@ -206,8 +206,9 @@ def two_nodes(argv, logs, fault_on_node1=None):
 def test_two_machines_match_one_launch_and_a_lost_one_ends_the_run_in_a_line(assets, runs, tmp_path):
     """(a) Two nodes build a new cache together and train as one launch of 2 processes does, for 10 steps; (b) at
     step 11 node 1's rank hangs and every process of node 1 is SIGKILLed: node 0 ends within 60 s with one line, no
-    summary, its checkpoint intact; (c) both commands again resume from checkpoint-6, step for step as the run
-    before the kill; (d) the checkpoint resumes on one machine too."""
+    summary, its checkpoint intact; (c) both commands again, with --max_restarts 1, resume from checkpoint-6, step
+    for step as the run before the kill; node 1's worker is SIGKILLed at step 9, both nodes restart their workers by
+    themselves, resume from checkpoint-6 again and finish; (d) the checkpoint resumes on one machine too."""
     output = tmp_path / "two_nodes"
     argv = flags(assets, output, tmp_path / "cache", 2, 2, "--save_steps", 6)
     nodes = two_nodes(argv, tmp_path / "a", fault_on_node1="hang@step=11@rank=1")
@@ -231,10 +232,19 @@ def test_two_machines_match_one_launch_and_a_lost_one_ends_the_run_in_a_line(ass
     assert (output / "error-rank0.txt").read_text().startswith("Traceback")  # the whole story, kept in a file
     assert checkpoint_damage(output / "checkpoint-6") is None and not (output / "checkpoint-12").exists()
 
-    nodes = two_nodes(argv, tmp_path / "b")
-    for node in nodes:
-        assert node.wait(400) == 0, node.output()[-4000:]
-    assert f"resumed from {output / 'checkpoint-6'} at step 6" in nodes[0].output()
+    nodes = two_nodes(argv, tmp_path / "b", fault_on_node1="kill@step=9@rank=1@attempt=0", max_restarts=1)
+    try:
+        nodes[1].wait_until(lambda: "rank 1 is killed (SIGKILL) at step 9" in nodes[1].output())
+        killed_at = time.monotonic()
+        for node in nodes:
+            assert node.wait(RESTARTS_WITHIN_S) == 0, node.output()[-4000:]
+        print(f"both nodes ended {time.monotonic() - killed_at:.1f} s after the kill")
+    finally:
+        for node in nodes:
+            kill_tree(node)
+    assert not processes_of(output)
+    assert re.search(rf"WARNING restart 1 of 1 \(--max_restarts\): the last attempt ended \(rank 1 \(node 1\) went away "
+                     rf"at step 9\); resumed from {output / 'checkpoint-6'} at step 6$", nodes[0].output(), re.M)
     resumed, _ = read_metrics(output)
     assert [resumed[step]["loss"] for step in range(7, 11)] == [before_kill[step]["loss"] for step in range(7, 11)]
     for step in range(11, STEPS + 1):

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -82,6 +83,41 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(assets, tmp_pa
     assert "taking over the lock of a run that is gone (pid 999999 on gone, started 2026-01-01 00:00:00)" in \
         capfd.readouterr().err
     assert read_metrics(output)[0].keys() == {1, 2}
+
+
+@pytest.mark.slow
+def test_a_restart_waits_for_its_own_launchs_lock_and_another_launch_is_refused_at_once(tmp_path, monkeypatch):
+    """Under --max_restarts a process forked by the attempt before (a DataLoader worker) may hold the lock a moment
+    longer: the restart waits for it, without a warning. A lock of another launch is refused at once, restart or not."""
+    from pretrain.base.errors import UsageError
+    from pretrain.checkpointing.output_lock import _acquire, _release
+
+    path = tmp_path / LOCK_FILE
+    holder = """if True:
+        import fcntl, json, os, socket, sys, time
+        fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "2026-12-07 00:00:00",
+                                  "launcher": int(sys.argv[2])}).encode(), 0)
+        print("locked", flush=True)
+        time.sleep(float(sys.argv[3]))"""
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    for launcher, holds_s in ((os.getppid(), 1.5), (os.getpid(), 30)):  # this process's launcher, then another's
+        process = subprocess.Popen([sys.executable, "-c", holder, str(path), str(launcher), str(holds_s)],
+                                   stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline() == "locked\n"
+        start = time.monotonic()
+        try:
+            if launcher == os.getppid():
+                _release(path, _acquire(path))
+                assert time.monotonic() - start >= 1.0  # it waited for the attempt before to go away
+            else:
+                with pytest.raises(UsageError, match="another run is using it"):
+                    _acquire(path)
+                assert time.monotonic() - start < 1.0
+        finally:
+            process.kill()
+            process.wait()
 
 
 @pytest.mark.slow

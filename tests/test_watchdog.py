@@ -7,35 +7,78 @@ import time
 
 import psutil
 import pytest
-from conftest import kill_tree, launch_in_background, logged_steps, read_metrics, tiny_flags
+from conftest import kill_tree, launch_in_background, logged_steps, processes_of, read_metrics, tiny_flags
 
 from pretrain.base.errors import UsageError
 from pretrain.base.faults import parse_faults
 
 
-def test_a_fault_can_be_limited_to_one_rank():
+def test_a_fault_can_be_limited_to_one_rank_and_one_attempt(monkeypatch):
     assert [f.kind for f in parse_faults("hang@step=3@rank=1,spike@step=5", rank=1)] == ["hang", "spike"]
     assert [f.kind for f in parse_faults("hang@step=3@rank=1,spike@step=5", rank=0)] == ["spike"]
-    with pytest.raises(UsageError, match="optionally followed by @rank=R"):
+    with pytest.raises(UsageError, match="optionally followed by @rank=R and @attempt=A"):
         parse_faults("hang@step=3@rank=x", rank=0)
+    faults = "kill@step=3@rank=1@attempt=0,hang@step=4@attempt=1,spike@step=5"
+    assert [f.kind for f in parse_faults(faults, rank=1)] == ["kill", "spike"]  # outside torch elastic: attempt 0
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torch elastic's first restart
+    assert [f.kind for f in parse_faults(faults, rank=1)] == ["hang", "spike"]
+
+
+def test_a_restart_that_not_every_process_comes_back_to_ends_in_a_line(monkeypatch, capsys):
+    """The roll call of a restart, on the keys of its attempt in a real store: a node gone for good ends the restart
+    after the limit with one line, instead of a wait in the process group until --ddp_timeout."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from conftest import free_port
+
+    from pretrain.distributed.restarts import attempt_store, roll_call
+
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_RESTART_COUNT": "1",
+                        "TORCHELASTIC_MAX_RESTARTS": "2"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("TORCHELASTIC_ERROR_FILE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    server.add("pretrain/attempt-0/back", 2)  # the roll of the attempt before does not count
+    with pytest.raises(SystemExit):
+        roll_call(attempt_store(timedelta(seconds=5)), world_size=2, limit_s=1)
+    assert capsys.readouterr().err.strip() == (
+        "error: restart 1: 1 of 2 processes came back within 1 s; the others' node is gone or cannot restart them: "
+        "the launcher restarts every worker to resume (restart 2 of 2, --max_restarts)")
+    server.add("pretrain/attempt-1/back", 1)  # one more process came back: now the roll is complete
+    roll_call(attempt_store(timedelta(seconds=5)), world_size=3, limit_s=1)
 
 
 @pytest.mark.slow
 def test_a_hung_rank_leaves_every_ranks_stack_and_one_line_and_long_evaluations_are_no_hang(assets, tmp_path):
+    """The hang comes back at every attempt of a launch with --max_restarts 1: the restart resumes from checkpoint-9,
+    hangs again at step 11, and the job ends after its one restart with one last line, exit 1, nothing left running."""
     output = tmp_path / "run"
     argv = tiny_flags(assets, output, tmp_path / "cache", "--max_steps", 40, "--eval_steps", 3, "--save_steps", 3,
                       "--hang_timeout", 1, "--validation_files", assets["corpus"], "--max_eval_samples", 1000,
                       "--per_device_eval_batch_size", 1)
     process = launch_in_background("zero2.yaml", 2, argv, tmp_path / "launch.log",
-                                   extra_env={"PRETRAIN_FAULT": "hang@step=11@rank=1"})
-    out = process.output(timeout=240)
-    assert process.returncode == 1, out[-3000:]
+                                   extra_env={"PRETRAIN_FAULT": "hang@step=11@rank=1"},
+                                   extra_launch=("--max_restarts", "1"))
+    try:
+        out = process.output(timeout=300)
+    finally:
+        kill_tree(process)
+    assert process.returncode == 1 and not processes_of(output), out[-3000:]
     pattern = (r"^error: no optimizer step finished for ([\d.]+) s after step 10 \(limit ([\d.]+) s, --hang_timeout\): "
                r"every rank's Python stack is in (\S+)/hang-rank\{0\.\.1\}\.txt; the newest complete checkpoint is "
-               r"(\S+)/checkpoint-9: rerun every node's command to resume$")
+               r"(\S+)/checkpoint-9: (.+)$")
     lines = re.findall(pattern, out, re.M)
-    assert len(lines) == 1, out[-3000:]
-    waited, limit, folder, _ = lines[0]
+    assert [what_follows for *_, what_follows in lines] == [
+        "the launcher restarts every worker to resume (restart 1 of 1, --max_restarts)",
+        "that was the last of 2 attempts (--max_restarts 1): rerun every node's command to resume once the cause is "
+        "fixed"], out[-3000:]
+    assert re.search(rf"WARNING restart 1 of 1 \(--max_restarts\): the last attempt ended \(no optimizer step finished "
+                     rf"for [\d.]+ s after step 10 .+\); resumed from {output}/checkpoint-9 at step 9$", out, re.M)
+    assert out.rstrip().splitlines()[-1].startswith("===") and "last of 2 attempts" in out.split("Root Cause")[1]
+    waited, limit, folder, *_ = lines[-1]
     assert folder == str(output) and float(waited) >= float(limit) >= 1
     asleep, waiting = (output / "hang-rank1.txt").read_text(), (output / "hang-rank0.txt").read_text()
     assert 'faults.py", line' in asleep and "in loss" in asleep  # where the hung rank sleeps

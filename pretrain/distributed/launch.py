@@ -66,7 +66,7 @@ def build_accelerator(args: TrainArguments):
         refuse_what_deepspeed_cannot_run(args, written)
     op_build_seconds = load_deepspeed_comm_op() if uses_deepspeed else None
     if launched:  # on keys of this attempt's own: a restart must not read the keys of the attempt before
-        join_process_group(backend, timeout)
+        join_process_group(backend, timeout, args.heartbeat_timeout)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision="fp8" if args.fp8 else "bf16" if args.bf16 else "fp16" if args.fp16 else "no",

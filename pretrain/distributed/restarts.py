@@ -6,7 +6,8 @@ one `accelerate launch` uses, on one node or several) serves one key-value store
 launch, and every attempt's workers join their process group through it, under the same keys. The keys of the
 attempt before are still there: a restarted rank reads a dead rank's address from them and gloo fails with
 "connectFullMesh failed ... Connection refused", or waits on a counter that is already past. So each attempt joins
-on keys of its own, `pretrain/attempt-N/`, and so do the watchdog's heartbeats and verdict (docs/restarts.md).
+on keys of its own, `pretrain/attempt-N/`, and so do the watchdog's heartbeats and verdict (docs/restarts.md). A
+restart first calls the roll, so that a node gone for good ends it in minutes, not at --ddp_timeout.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
+from pretrain.base.errors import report_to_launcher
 from pretrain.base.faults import launch_attempt
 
 logger = logging.getLogger("train_loop")
+REJOIN_S = 60.0  # a restart's processes all come back within this, beyond twice --heartbeat_timeout
 
 
 def max_restarts() -> int:
@@ -34,21 +39,41 @@ def attempt_store(timeout: timedelta):
 
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                           timeout=timeout, wait_for_workers=False)
-    return dist.PrefixStore(f"pretrain/attempt-{launch_attempt()}/", store)
+    return dist.PrefixStore(f"pretrain/attempt-{launch_attempt()}", store)  # keys: pretrain/attempt-N/KEY
 
 
-def join_process_group(backend: str, timeout: timedelta) -> None:
+def join_process_group(backend: str, timeout: timedelta, heartbeat_timeout: float) -> None:
     """Under torch elastic, whose launcher serves the store: the default process group, joined on this attempt's keys
-    (Accelerate and DeepSpeed then use it as it is). Elsewhere Accelerate joins as it always does."""
+    (Accelerate and DeepSpeed then use it as it is), after a roll call on a restart. Elsewhere Accelerate joins as it
+    always does."""
     import torch
     import torch.distributed as dist
 
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
         return
+    store, world_size = attempt_store(timeout), int(os.environ["WORLD_SIZE"])
+    if launch_attempt() > 0:
+        roll_call(store, world_size, REJOIN_S + 2 * heartbeat_timeout)
     # NCCL bound to this rank's GPU at once, as DeepSpeed binds it
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if backend == "nccl" else None
-    dist.init_process_group(backend, store=attempt_store(timeout), rank=int(os.environ["RANK"]),
-                            world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout, device_id=device)
+    dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world_size,
+                            timeout=timeout, device_id=device)
+
+
+def roll_call(store, world_size: int, limit_s: float) -> None:
+    """On a restart, every process says it is back. Each node's launcher restarts its workers once its own have
+    failed, up to --heartbeat_timeout after the others; a process still missing after `limit_s` is on a node that is
+    gone for good, and the process group would wait for it until --ddp_timeout, at every restart left. One line
+    instead, and exit status 1 (the next restart, if any, calls the roll again)."""
+    store.add("back", 1)
+    deadline = time.monotonic() + limit_s
+    while (back := store.add("back", 0)) < world_size:
+        if time.monotonic() > deadline:
+            report_to_launcher(f"error: restart {launch_attempt()}: {back} of {world_size} processes came back within "
+                               f"{limit_s:.0f} s; the others' node is gone or cannot restart them: "
+                               f"{what_follows()}", printer=os.environ.get("LOCAL_RANK", "0") == "0")
+            sys.exit(1)
+        time.sleep(0.5)
 
 
 def what_follows() -> str:
