@@ -243,8 +243,8 @@ def test_two_machines_match_one_launch_and_a_lost_one_ends_the_run_in_a_line(ass
         for node in nodes:
             kill_tree(node)
     assert not processes_of(output)
-    assert re.search(rf"WARNING restart 1 of 1 \(--max_restarts\): the last attempt ended \(rank 1 \(node 1\) went away "
-                     rf"at step 9\); resumed from {output / 'checkpoint-6'} at step 6$", nodes[0].output(), re.M)
+    assert re.search(rf"WARNING restart 1 of 1 \(--max_restarts\): the last attempt ended \(rank 1 \(node 1\) went "
+                     rf"away at step 9\); resumed from {output / 'checkpoint-6'} at step 6$", nodes[0].output(), re.M)
     resumed, _ = read_metrics(output)
     assert [resumed[step]["loss"] for step in range(7, 11)] == [before_kill[step]["loss"] for step in range(7, 11)]
     for step in range(11, STEPS + 1):
@@ -548,35 +548,54 @@ def test_background_saves_hold_what_synchronous_saves_hold(assets, runs, tmp_pat
                           torch.load(runs / "zero2" / relative, weights_only=False), str(relative))
 
 
-def test_training_goes_on_during_a_background_write_and_a_kill_mid_write_resumes_from_the_one_before(
-        assets, runs, tmp_path):
-    """The write of checkpoint-6 starts 5 s late (PRETRAIN_FAULT=slow_write): steps 7 and 8 train meanwhile, then
-    SIGKILL. checkpoint-6 never became visible; the rerun of the same command resumes from checkpoint-3 mid-epoch,
-    crosses the epoch boundary at step 10 bit for bit as the run never interrupted, and, with its last write slow
-    too, ends only once checkpoint-12 is complete."""
-    output = tmp_path / "killed"
-    argv = flags(assets, output, runs / "cache", 2, 2, "--save_steps", 3)
-    process = launch_in_background("zero2.yaml", 2, argv, tmp_path / "killed.log",
-                                   extra_env={"PRETRAIN_FAULT": "slow_write@step=6"})
-    process.wait_until(lambda: max(logged_steps(output), default=0) >= 8)
-    assert (output / "checkpoint-6.tmp").is_dir() and not (output / "checkpoint-6").exists()
-    kill_tree(process)
-    process.wait()
-    assert checkpoint_damage(output / "checkpoint-3") is None and not (output / "checkpoint-6").exists()
-
-    rerun = launch_in_background("zero2.yaml", 2, argv, tmp_path / "rerun.log",
-                                 extra_env={"PRETRAIN_FAULT": "slow_write@step=12"})
-    out = rerun.output(timeout=400)
-    assert rerun.returncode == 0, out[-4000:]
-    assert f"resumed from {output / 'checkpoint-3'} at step 3" in out
+def test_in_job_restarts_after_a_kill_mid_write_and_a_hung_rank_resume_to_the_bit(assets, runs, tmp_path):
+    """`accelerate launch --max_restarts 2`, with nobody to rerun anything. The write of checkpoint-6 starts 5 s late
+    (PRETRAIN_FAULT=slow_write): steps 7 and 8 train meanwhile, then rank 1 is SIGKILLed at step 9. checkpoint-6 never
+    became visible: restart 1 resumes from checkpoint-3, the newest complete one. In that attempt rank 1 hangs at step
+    10: the watchdog ends it after --hang_timeout, and restart 2 resumes from checkpoint-9, crosses the epoch boundary
+    at step 10 and, with its last write slow too, ends only once checkpoint-12 is complete. Exit 0 within a bound after
+    the kill, each restart one line and one record, every step of every attempt bitwise the uninterrupted run's, and
+    no process left behind."""
+    output = tmp_path / "restarts"
+    fault = "slow_write@step=6@attempt=0,kill@step=9@rank=1@attempt=0,hang@step=10@rank=1@attempt=1," \
+            "slow_write@step=12@attempt=2"
+    process = launch_in_background("zero2.yaml", 2, flags(assets, output, runs / "cache", 2, 2, "--save_steps", 3,
+                                                           "--hang_timeout", 2), tmp_path / "launch.log",
+                                   extra_env={"PRETRAIN_FAULT": fault}, extra_launch=("--max_restarts", "2"))
+    try:
+        process.wait_until(lambda: max(logged_steps(output), default=0) >= 8)
+        assert (output / "checkpoint-6.tmp").is_dir() and not (output / "checkpoint-6").exists()
+        process.wait_until(lambda: "rank 1 is killed (SIGKILL) at step 9" in process.output())
+        killed_at = time.monotonic()
+        out = process.output(timeout=RESTARTS_WITHIN_S)
+        print(f"the job ended {time.monotonic() - killed_at:.1f} s after the kill")
+    finally:
+        kill_tree(process)
+    assert process.returncode == 0, out[-4000:]
+    assert not processes_of(output)
+    restarts = re.findall(r"WARNING restart (\d) of 2 \(--max_restarts\): the last attempt ended \((.+)\); resumed "
+                          r"from (\S+) at step (\d+)$", out, re.M)
+    assert [(number, where, step) for number, _, where, step in restarts] == [
+        ("1", str(output / "checkpoint-3"), "3"), ("2", str(output / "checkpoint-9"), "9")], out[-4000:]
+    assert restarts[0][1] == "rank 1 (node 0) went away at step 9"
+    assert re.fullmatch(rf"no optimizer step finished for [\d.]+ s after step 9 \(limit 2.0 s, --hang_timeout\): every "
+                        rf"rank's Python stack is in {output}/hang-rank\{{0\.\.1\}}\.txt", restarts[1][1])
+    assert f"the newest complete checkpoint is {output / 'checkpoint-3'}: the launcher restarts every worker to " \
+           f"resume (restart 1 of 2, --max_restarts)" in out
     assert out.index("starts writing checkpoint-12 5 s late") < out.index(f"saved {output / 'checkpoint-12'}") < \
         out.index("saved the final model")
-    resumed, _ = read_metrics(output)
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [{key: r[key] for key in ("step", "restart", "max_restarts", "previous_attempt_ended", "resumed_from")}
+            for r in records if r.get("event") == "restart"] == [
+        {"step": int(step), "restart": int(number), "max_restarts": 2, "previous_attempt_ended": why,
+         "resumed_from": where} for number, why, where, step in restarts]
     straight, _ = read_metrics(runs / "zero2")
-    steps_per_epoch = 10  # the tiny corpus holds 87 blocks: 10 global batches of 8
-    assert resumed[STEPS]["epoch"] > 1 and straight[steps_per_epoch]["epoch"] == 1
-    for step in range(4, STEPS + 1):
-        assert resumed[step]["loss"] == straight[step]["loss"] and resumed[step]["lr"] == straight[step]["lr"], step
+    trained = [r for r in records if "loss" in r]
+    assert sorted({r["step"] for r in trained}) == list(range(1, STEPS + 1)) and trained[-1]["epoch"] > 1
+    assert [r["step"] for r in trained].count(4) == 2  # steps 4-8 ran in the first attempt and again after it
+    for record in trained:
+        assert (record["loss"], record["lr"]) == (straight[record["step"]]["loss"], straight[record["step"]]["lr"])
+    final_model_matches_checkpoint(output, output / f"checkpoint-{STEPS}")
 
 
 def consolidated(checkpoint):
@@ -680,47 +699,3 @@ def test_averaging_refuses_bad_checkpoints_in_one_line(runs, tmp_path):
         f"{manifest['model.safetensors']} bytes)); pick a complete checkpoint")
     assert refused(six, runs / "zero2" / "checkpoint-6", output=runs) == \
         f"error: --output_dir {runs}: already holds files; give a new or empty folder"
-
-
-def test_in_job_restarts_resume_after_a_killed_worker_and_a_hung_rank_to_the_bit(assets, runs, tmp_path):
-    """`accelerate launch --max_restarts 2`, with nobody to rerun anything. At step 6 rank 1 is SIGKILLed while
-    checkpoint-4 is still being written in the background (its write starts 5 s late): the first restart resumes from
-    checkpoint-2, the newest complete one. In that attempt rank 1 hangs at step 9: the watchdog ends it after
-    --hang_timeout, and the second restart resumes from checkpoint-8 and finishes. Exit 0 within a bound after the
-    kill, each restart one line and one record, every step of every attempt bitwise the uninterrupted run's, and no
-    process left behind."""
-    output = tmp_path / "restarts"
-    fault = "slow_write@step=4@attempt=0,kill@step=6@rank=1@attempt=0,hang@step=9@rank=1@attempt=1"
-    process = launch_in_background("zero2.yaml", 2, flags(assets, output, runs / "cache", 2, 2, "--save_steps", 2,
-                                                           "--hang_timeout", 2), tmp_path / "launch.log",
-                                   extra_env={"PRETRAIN_FAULT": fault}, extra_launch=("--max_restarts", "2"))
-    try:
-        process.wait_until(lambda: "rank 1 is killed (SIGKILL) at step 6" in process.output())
-        killed_at = time.monotonic()
-        out = process.output(timeout=RESTARTS_WITHIN_S)
-        print(f"the job ended {time.monotonic() - killed_at:.1f} s after the kill")
-    finally:
-        kill_tree(process)
-    assert process.returncode == 0, out[-4000:]
-    assert not processes_of(output)
-    restarts = re.findall(r"WARNING restart (\d) of 2 \(--max_restarts\): the last attempt ended \((.+)\); resumed "
-                          r"from (\S+) at step (\d+)$", out, re.M)
-    assert [(number, where, step) for number, _, where, step in restarts] == [
-        ("1", str(output / "checkpoint-2"), "2"), ("2", str(output / "checkpoint-8"), "8")], out[-4000:]
-    assert restarts[0][1] == "rank 1 (node 0) went away at step 6"
-    assert re.fullmatch(rf"no optimizer step finished for [\d.]+ s after step 8 \(limit 2.0 s, --hang_timeout\): every "
-                        rf"rank's Python stack is in {output}/hang-rank\{{0\.\.1\}}\.txt", restarts[1][1])
-    assert f"the newest complete checkpoint is {output / 'checkpoint-2'}: the launcher restarts every worker to " \
-           f"resume (restart 1 of 2, --max_restarts)" in out
-    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    assert [{key: r[key] for key in ("step", "restart", "max_restarts", "previous_attempt_ended", "resumed_from")}
-            for r in records if r.get("event") == "restart"] == [
-        {"step": int(step), "restart": int(number), "max_restarts": 2, "previous_attempt_ended": why,
-         "resumed_from": where} for number, why, where, step in restarts]
-    straight, _ = read_metrics(runs / "zero2")
-    trained = [r for r in records if "loss" in r]
-    assert sorted({r["step"] for r in trained}) == list(range(1, STEPS + 1))
-    assert [r["step"] for r in trained].count(3) == 2  # steps 3-5 ran in the first attempt and again after it
-    for record in trained:
-        assert (record["loss"], record["lr"]) == (straight[record["step"]]["loss"], straight[record["step"]]["lr"])
-    final_model_matches_checkpoint(output, output / f"checkpoint-{STEPS}")
