@@ -47,6 +47,7 @@ from pretrain.optim.schedule import build_scheduler, check_schedule, schedule_of
 from pretrain.preflight import describe_model, describe_run
 from pretrain.resilience.run_control import RunControl, ensure_finite, ensure_savable
 from pretrain.resilience.step_guard import StepGuard, rewind
+from pretrain.telemetry.layer_stats import LayerTelemetry
 from pretrain.telemetry.metrics import LogWindow, MetricsLogger, device_peak_tflops, flops_per_token, throughput
 from pretrain.telemetry.tracking import check_tracker
 
@@ -266,12 +267,14 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
     window = LogWindow(accelerator.device, len(plan.mixture.names) if plan.mixture else 0)
     guard = StepGuard(accelerator, optimizer, args, state, accelerator.unwrap_model(model).config.vocab_size)
     faults = FaultInjector(accelerator.unwrap_model(model), accelerator.process_index)
+    telemetry = LayerTelemetry(accelerator, model, optimizer, args)  # per-layer norms every --telemetry_steps
     stopping = False
     model.train()
     for micro_batches in optimizer_steps(accelerator, run.train_loader, state, plan, window, faults):
         # Forward and backward on each micro-batch; at the last one the gradients are reduced and clipped, and the
         # guard decides whether the step is applied (under DeepSpeed it decides inside the engine's step).
         skipped = False
+        telemetry.start(state.step + 1)
         for batch in micro_batches:
             sources = batch.pop("source", None)  # a mixture's blocks name their source, which is no model input
             with accelerator.accumulate(model):
@@ -281,12 +284,14 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
                 guard.add_loss(loss, last=accelerator.sync_gradients)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
+                    telemetry.gradients()  # before clipping
                     clip_norm = clip_gradients(accelerator, model, args.max_grad_norm)
                     skipped = guard.skips(clip_norm)
                 if not skipped:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             window.add_loss(loss, sources, block_sums)
+        telemetry.finish(metrics)  # on its steps: one all-gather, values for this step's record
 
         # Schedule and bookkeeping: a skipped step keeps the schedule going; an fp16 overflow makes it wait.
         if skipped or not accelerator.optimizer_step_was_skipped:
@@ -306,7 +311,7 @@ def train(accelerator, run: Prepared, plan: RunPlan, state: TrainState, args: Tr
         guard.stop_if_diverged(accelerator, args, state.step, scheduler.get_last_lr()[0], metrics, writer)
 
         # Log: the loss over the window's micro-batches and processes (and per source of a mixture), throughput, memory.
-        if is_due(args.logging_strategy, args.logging_steps, state, epoch_done) or last:
+        if is_due(args.logging_strategy, args.logging_steps, state, epoch_done) or last or telemetry.due:
             record = log_window(accelerator, window, plan, state, args, metrics, lr=scheduler.get_last_lr()[0],
                                 grad_norm=grad_norm_after_step(accelerator, model, clip_norm, args.optim))
             control.warn_if_a_stop_cannot_save(record["step_time_s"])

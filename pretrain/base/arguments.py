@@ -219,6 +219,8 @@ class TrainArguments:
         "help": "Global batches of data skipped past the trouble on a rewind (PaLM skipped 200-500 batches)."})
     divergence_steps: int = field(default=20, metadata={"help": "Steps in a row whose loss is above a uniform guess "
         "over the vocabulary and twice the run's lowest stop the run as diverged (docs/spikes.md); 0: never."})
+    telemetry_steps: int = field(default=50, metadata={"help": "Every N optimizer steps, per layer: gradient, update "
+        "and weight norms, and the largest attention logit, in that step's log record (docs/telemetry.md); 0: off."})
     report_to: list[str] = field(default_factory=lambda: ["swanlab"], metadata={
         "help": "Trackers, through Accelerate's tracker classes: swanlab, tensorboard, wandb, trackio (several, "
                 "space- or comma-separated), all (every one installed) or none.", "nargs": "+"})
@@ -349,6 +351,7 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, args: Tr
         (args.spike_window < 4, "--spike_window must be at least 4"),
         (min(args.rewind_after_skips, args.rewind_margin_steps, args.divergence_steps) < 0,
          "--rewind_after_skips, --rewind_margin_steps and --divergence_steps must be >= 0"),
+        (args.telemetry_steps < 0, "--telemetry_steps must be >= 0 (0 turns per-layer telemetry off)"),
         (args.loss_chunk_size < 0, "--loss_chunk_size must be >= 0 (0 turns chunking off)"),
         (args.eval_tasks_num_fewshot < 0 or (args.eval_tasks_steps or 1) < 1,
          "--eval_tasks_num_fewshot must be >= 0 and --eval_tasks_steps at least 1"),

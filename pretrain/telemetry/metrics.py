@@ -80,6 +80,7 @@ class MetricsLogger:
         self.eval_every = args.eval_tasks_steps or args.eval_steps or args.save_steps
         self.eval_cost_said = args.eval_strategy != "steps"
         self.stragglers = Stragglers(accelerator.num_processes, self.enabled, self.log)
+        self.staged: dict[str, Any] = {}  # per-layer telemetry, for the step's training record
         if not self.enabled:
             return
         from tqdm.auto import tqdm
@@ -92,10 +93,16 @@ class MetricsLogger:
                              disable=not sys.stderr.isatty())  # a log file gets the record lines, not redrawn bars
         start_trackers(accelerator, args, state, run_config)
 
+    def stage(self, values: dict[str, Any]) -> None:
+        """Values measured at this step (pretrain.telemetry.layer_stats), written with its training record."""
+        self.staged.update(values)
+
     def log(self, record: dict[str, Any], show: bool = True) -> None:
-        """Write the record to metrics.jsonl and the trackers; `show`: as a line on the console too."""
+        """Write the record to metrics.jsonl and the trackers; `show`: as a line on the console too. A training
+        record takes the values staged for its step."""
         if not self.enabled:
             return
+        staged, self.staged = (self.staged, {}) if "loss" in record else ({}, self.staged)
         if record.get("loss") is not None:
             self.losses.append((record["step"], record["loss"]))
         if self.compiling:
@@ -103,12 +110,13 @@ class MetricsLogger:
         if not self.eval_cost_said and record.get("eval_s") and record.get("step_time_s"):
             self.say_eval_cost(record["eval_s"], record["step_time_s"])
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps({**record, **staged}) + "\n")
         if show:
             self.progress.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                         for k, v in record.items() if not k.startswith(CONSOLE_LEAVES_OUT)))
-        self.accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
-                             step=record["step"])
+                                         for k, v in record.items() if not k.startswith(CONSOLE_LEAVES_OUT))
+                                + (f" (+{len(staged)} per-layer values)" if staged else ""))
+        self.accelerator.log({k: v for k, v in {**record, **staged}.items()
+                              if k != "step" and isinstance(v, (int, float))}, step=record["step"])
 
     def say_eval_cost(self, eval_s: float, step_time_s: float) -> None:
         """Once, after the first evaluation: its share of the run's time at this cadence."""
