@@ -10,6 +10,8 @@ range of the per-round ratios.
     python bench/train_throughput.py --sides "train_loop.py --skip_bad_steps false" --rounds 6   # the guard's cost
     python bench/train_throughput.py --sides "bare PyTorch loop" "train_loop.py --train_mixture" --vocab_size 151936 \
         --layers 2 --block_size 128 --batch 4 --steps 24 --warmup 4 --rounds 4    # at Qwen's vocabulary
+    python bench/train_throughput.py --sides "train_loop.py --telemetry_steps 0" "train_loop.py --telemetry_steps 1" \
+        --vocab_size 151936 --layers 2 --block_size 128 --batch 4 --steps 16 --warmup 4 --rounds 4  # telemetry's cost
 """
 
 from __future__ import annotations
@@ -123,6 +125,15 @@ def run_train_loop_mixture(spec: dict) -> list[float]:
     return [r["step_time_s"] for r in records]
 
 
+def run_train_loop_telemetry(every: int):
+    """train_loop.py with per-layer telemetry every `every` steps (0: off): what --telemetry_steps costs."""
+    def run(spec: dict) -> list[float]:
+        records = train_loop_records(spec, Path(spec["work"]) / f"telemetry_{every}_out", "--weight_decay", "0",
+                                     "--telemetry_steps", str(every))
+        return [r["step_time_s"] for r in records]
+    return run
+
+
 def run_bare(spec: dict) -> list[float]:
     """The minimal hand-written loop: no Accelerate, no logging beyond reading the loss."""
     import torch
@@ -204,7 +215,9 @@ def run_trainer(spec: dict) -> list[float]:
 
 RUNNERS = {"train_loop.py": run_train_loop, "bare PyTorch loop": run_bare, "transformers.Trainer": run_trainer,
            "train_loop.py --skip_bad_steps false": run_train_loop_unguarded,
-           "train_loop.py --train_mixture": run_train_loop_mixture}
+           "train_loop.py --train_mixture": run_train_loop_mixture,
+           "train_loop.py --telemetry_steps 0": run_train_loop_telemetry(0),
+           "train_loop.py --telemetry_steps 1": run_train_loop_telemetry(1)}
 
 
 def main() -> None:

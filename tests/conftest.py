@@ -221,3 +221,19 @@ def scalars(folder):
         for tag in events.Tags()["scalars"]:
             steps.setdefault(tag, []).extend(event.step for event in events.Scalars(tag))
     return steps
+
+
+def weight_norms_by_part(weights):
+    """{"layer_weight_norm/PART": norm} of weights by name, as --telemetry_steps names the parts; a tied head (equal
+    to the embedding, which a ZeRO checkpoint may list again) counted once, as the model's parameters count it."""
+    import torch
+
+    from pretrain.telemetry.layer_stats import KINDS, part_of
+
+    embedding = weights.get("model.embed_tokens.weight")
+    squares = {}
+    for name, tensor in weights.items():
+        if "lm_head" in name and embedding is not None and torch.equal(tensor, embedding):
+            continue
+        squares[part_of(name, 1)] = squares.get(part_of(name, 1), 0.0) + float(tensor.double().square().sum())
+    return {f"{KINDS[3]}/{part}": value ** 0.5 for part, value in squares.items()}

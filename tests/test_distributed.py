@@ -4,6 +4,7 @@ The same global batch of 8 blocks per step must give the same losses and learnin
 """
 
 import json
+import math
 import re
 import shutil
 import signal
@@ -17,9 +18,10 @@ import torch
 
 from conftest import ROOT, LoggedProcess, assert_stopped_under_the_launcher, checkpoint_estimate_error, cosine_lr, \
     data_stats, free_port, kill_tree, launch, launch_command, launch_env, launch_in_background, logged_steps, \
-    processes_of, read_metrics, run_in_process, scalars, tiny_flags
+    processes_of, read_metrics, run_in_process, scalars, tiny_flags, weight_norms_by_part
 
 from pretrain.checkpointing.checkpoints import checkpoint_damage
+from pretrain.telemetry.layer_stats import KINDS
 
 pytestmark = pytest.mark.slow  # every test here launches training processes
 
@@ -28,6 +30,7 @@ STEPS = 12
 # faults only sleep, so the losses stay those of every other layout); the writes of checkpoint-6 are over by then.
 SLOW_RANK = "slow_compute@step=2-3@rank=1,slow_data@step=9-10@rank=1"
 RESTARTS_WITHIN_S = 150  # from a worker's kill to the end of the job that restarted by itself (measured: see docs)
+COUNTED = ROOT / "tests" / "collectives_counted.py"  # train_loop.py with torch.distributed's collectives counted
 
 
 def flags(assets, output, cache, micro, accumulation, *extra):
@@ -41,17 +44,22 @@ def flags(assets, output, cache, micro, accumulation, *extra):
 def runs(assets, tmp_path_factory):
     """(a) 1 process mb 2 x GA 4; (b) ddp.yaml 2 x mb 2 x GA 2; (c) zero2.yaml 2 x mb 2 x GA 2 (checkpoints at 6, 12;
     rank 1 slow at times: SLOW_RANK; TensorBoard); (d) as (a) with attention masked at documents, and (e) as (c) with
-    attention masked at documents and the loss computed in chunks."""
+    attention masked at documents and the loss computed in chunks. (a)-(c) log per-layer telemetry every 2 steps, (e)
+    none; (c) and (e) count their collectives (tests/collectives_counted.py)."""
     root = tmp_path_factory.mktemp("layouts")
     cache = root / "cache"
-    run_in_process(flags(assets, root / "single", cache, 2, 4, "--save_steps", 6))
-    launch("ddp.yaml", 2, flags(assets, root / "ddp", cache, 2, 2))
+    telemetry = ("--telemetry_steps", 2)
+    run_in_process(flags(assets, root / "single", cache, 2, 4, "--save_steps", 6, *telemetry))
+    launch("ddp.yaml", 2, flags(assets, root / "ddp", cache, 2, 2, *telemetry))
     (root / "zero2.log").write_text(launch("zero2.yaml", 2, flags(assets, root / "zero2", cache, 2, 2,
-                                                                   "--save_steps", 6, "--report_to", "tensorboard"),
-                                           env_changes={"PRETRAIN_FAULT": SLOW_RANK}).stderr)
+                                                                   "--save_steps", 6, "--report_to", "tensorboard",
+                                                                   *telemetry), script=COUNTED,
+                                           env_changes={"PRETRAIN_FAULT": SLOW_RANK,
+                                                        "COUNT_FILE": str(root / "zero2")}).stderr)
     run_in_process(flags(assets, root / "single_masked", cache, 2, 4, "--attn_mask_type", "block_causal"))
     launch("zero2.yaml", 2, flags(assets, root / "zero2_masked", cache, 2, 2, "--attn_mask_type", "block_causal",
-                                  "--loss_chunk_size", 50))
+                                  "--loss_chunk_size", 50, "--save_steps", 6, "--telemetry_steps", 0),
+           script=COUNTED, env_changes={"COUNT_FILE": str(root / "zero2_masked")})
     return root
 
 
@@ -64,6 +72,41 @@ def test_same_losses_and_lrs_on_every_layout(runs):
             assert other[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-4), (layout, step)
             assert other[step]["lr"] == pytest.approx(single[step]["lr"], rel=1e-4, abs=1e-12), (layout, step)
             assert other[step]["tokens_seen"] == single[step]["tokens_seen"]
+
+
+def telemetry_records(output):
+    return {step: record for step, record in read_metrics(output)[0].items() if f"{KINDS[0]}/embed" in record}
+
+
+def test_per_layer_norms_add_up_to_the_global_norm_and_match_on_one_process_ddp_and_zero2(runs):
+    """At every second step: the root of the summed squares of the per-layer gradient norms is the step's gradient
+    norm (clip_grad_norm_'s, DeepSpeed's) within 1e-5, and every per-layer value (gradient, update, update ratio and
+    weight norms, the largest attention logit) of DDP and ZeRO-2 x 2 equals one process's within 1e-6."""
+    single = telemetry_records(runs / "single")
+    assert sorted(single) == list(range(2, STEPS + 1, 2))
+    layers = [key for key in single[2] if "/" in key]
+    assert len(layers) == 4 * 8 + 2 and all(single[2][key] is not None for key in layers)
+    for layout in ("single", "ddp", "zero2"):
+        records = telemetry_records(runs / layout)
+        for step, record in records.items():
+            squares = sum(record[key] ** 2 for key in layers if key.startswith(f"{KINDS[0]}/"))
+            assert math.sqrt(squares) == pytest.approx(record["grad_norm"], rel=1e-5), (layout, step)
+            assert [record[key] for key in layers] == pytest.approx([single[step][key] for key in layers],
+                                                                    rel=1e-6), (layout, step)
+
+
+def test_telemetry_steps_add_one_all_gather_and_the_steps_between_none(runs):
+    """ZeRO-2 x 2 with telemetry every 2 steps against the same launch with it off (the masked run: the same
+    collectives otherwise, as its counts show), rank by rank: one all_gather more in each telemetry step, the same
+    calls in every other step, in the set-up and in the steps with a save and an evaluation."""
+    for rank in (0, 1):
+        on = json.loads((runs / f"zero2-rank{rank}.json").read_text())
+        off = json.loads((runs / f"zero2_masked-rank{rank}.json").read_text())
+        assert sorted(on, key=int) == sorted(off, key=int) == [str(step) for step in range(STEPS + 1)]
+        for finished in on:  # step k's optimizer step and telemetry are counted under k - 1 steps finished
+            extra = {"all_gather": 1} if (int(finished) + 1) % 2 == 0 and int(finished) < STEPS else {}
+            assert on[finished] == {name: off[finished].get(name, 0) + extra.get(name, 0)
+                                    for name in {**off[finished], **extra}}, (rank, finished)
 
 
 def test_document_masked_zero2_matches_one_process_and_differs_from_causal(runs):
@@ -162,7 +205,8 @@ def test_zero2_says_what_runs_and_estimates_its_checkpoints_within_ten_percent(r
 
 
 def final_model_matches_checkpoint(output, checkpoint):
-    """The saved HF model gives the logits of the fp32 weights DeepSpeed held at the end of training."""
+    """The saved HF model gives the logits of the fp32 weights DeepSpeed held at the end of training (returned, by
+    name)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -172,8 +216,8 @@ def final_model_matches_checkpoint(output, checkpoint):
         assert "lm_head.weight" not in tensors.keys()  # tied: stored once, as save_pretrained stores it
     reloaded = AutoModelForCausalLM.from_pretrained(output).eval()
     trained = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(output)).eval()
-    missing, unexpected = trained.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint)),
-                                                  strict=False)
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
+    missing, unexpected = trained.load_state_dict(weights, strict=False)
     assert unexpected == [] and set(missing) <= {"lm_head.weight"}  # tied to the embedding
     trained.tie_weights()
     ids = torch.randint(0, reloaded.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -181,10 +225,12 @@ def final_model_matches_checkpoint(output, checkpoint):
         expected = trained(input_ids=ids).logits
         assert torch.allclose(reloaded(input_ids=ids).logits, expected, atol=1e-5)
         assert not torch.allclose(expected, AutoModelForCausalLM.from_config(trained.config)(input_ids=ids).logits)
+    return weights
 
 
 def test_zero2_final_model_is_complete(runs):
-    final_model_matches_checkpoint(runs / "zero2", runs / "zero2" / f"checkpoint-{STEPS}")
+    weights = final_model_matches_checkpoint(runs / "zero2", runs / "zero2" / f"checkpoint-{STEPS}")
+    assert_weight_norms_are(weights, telemetry_records(runs / "zero2")[STEPS])  # read from the partitions
 
 
 def two_nodes(argv, logs, fault_on_node1=None, max_restarts=0):
@@ -506,11 +552,26 @@ def reuse_and_redo_the_universal_conversion(assets, runs, resumed, work):
 def test_zero3_final_model_is_complete_and_resumes_on_fewer_processes(assets, runs, tmp_path):
     straight = tmp_path / "zero3"
     # From tmp_path, the yaml's relative "ds_config_zero3.json" is found beside train_loop.py.
-    launch("zero3.yaml", 2, flags(assets, straight, runs / "cache", 2, 2, "--save_steps", 6), cwd=tmp_path)
+    launch("zero3.yaml", 2, flags(assets, straight, runs / "cache", 2, 2, "--save_steps", 6, "--telemetry_steps", 6),
+           cwd=tmp_path)
     assert list(straight.glob(f"checkpoint-{STEPS}/pytorch_model/zero_pp_rank_1_*_model_states.pt"))  # ZeRO-3 ran
-    final_model_matches_checkpoint(straight, straight / f"checkpoint-{STEPS}")
+    weights = final_model_matches_checkpoint(straight, straight / f"checkpoint-{STEPS}")
     averages_to_the_fp32_mean([straight / "checkpoint-6", straight / f"checkpoint-{STEPS}"], tmp_path / "soup")
+    # Per-layer telemetry from the partitions: the gradient norms add up to DeepSpeed's, the weight norms are the
+    # checkpoint's (1e-6)
+    records = telemetry_records(straight)
+    assert sorted(records) == [6, STEPS]
+    for step, record in records.items():
+        squares = sum(value ** 2 for key, value in record.items() if key.startswith(f"{KINDS[0]}/"))
+        assert math.sqrt(squares) == pytest.approx(record["grad_norm"], rel=1e-5), step
+    assert_weight_norms_are(weights, records[STEPS])
     reshard(assets, runs / "cache", straight, "zero3.yaml", 1, 2, 4, tmp_path)
+
+
+def assert_weight_norms_are(weights, record):
+    """A telemetry record's per-layer weight norms are those of the weights by name (1e-6)."""
+    assert weight_norms_by_part(weights) == pytest.approx(
+        {key: value for key, value in record.items() if key.startswith(f"{KINDS[3]}/")}, rel=1e-6)
 
 
 def same_contents(a, b, where=""):

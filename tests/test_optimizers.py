@@ -9,11 +9,12 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, TINY_MODEL, checkpoint_estimate_error, launch, launch_env, read_metrics, run_in_process, \
-    tiny_flags
+    tiny_flags, weight_norms_by_part
 
 from pretrain.base.arguments import TrainArguments
 from pretrain.base.errors import UsageError
 from pretrain.optim.optimizers import MuonWithAdamW, describe_split, parameter_groups
+from pretrain.telemetry.layer_stats import KINDS
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic of Keller Jordan's Muon, torch's default
 
@@ -190,6 +191,25 @@ def test_muon_under_zero3_is_refused_in_one_line_before_any_work(assets, tmp_pat
     assert not (tmp_path / "cache").exists()  # refused before the data was read
 
 
+def per_layer_telemetry_under_muon(runs):
+    """At step 5 of the Muon runs: on one process and DDP the per-layer gradient norms add up to the step's (1e-5);
+    under ZeRO-2, whose partitions hold Muon's orthogonalized update by then, the parts with a Muon matrix have none,
+    and the weight norms read from the partitions are those of checkpoint-5 (1e-6)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    for layout in ("single", "ddp", "zero2"):
+        record = read_metrics(runs / layout)[0][5]
+        gradients = {key: value for key, value in record.items() if key.startswith(f"{KINDS[0]}/")}
+        if layout != "zero2":
+            assert math.sqrt(sum(v ** 2 for v in gradients.values())) == pytest.approx(record["grad_norm"], rel=1e-5)
+            continue
+        assert sorted(key for key, value in gradients.items() if value is None) == [
+            f"{KINDS[0]}/layers.{i}.{kind}" for i in (0, 1) for kind in ("attn", "mlp")]
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(runs / layout / "checkpoint-5"))
+        assert weight_norms_by_part(weights) == pytest.approx(
+            {key: value for key, value in record.items() if key.startswith(f"{KINDS[3]}/")}, rel=1e-6)
+
+
 @pytest.mark.slow
 def test_one_process_ddp_and_zero2_take_the_same_muon_steps_and_zero2_resumes_exactly(assets, tmp_path):
     """One process x micro-batch 2 x accumulation 2 (torch's Muon) against ddp.yaml and zero2.yaml x 2 processes x
@@ -199,7 +219,7 @@ def test_one_process_ddp_and_zero2_take_the_same_muon_steps_and_zero2_resumes_ex
     def argv(output, *layout):
         return tiny_flags(assets, output, tmp_path / "cache", "--train_files", assets["tiny"], "--optim", "muon",
                           "--max_grad_norm", 0, "--max_steps", 10, "--num_train_epochs", 2, "--save_steps", 5,
-                          "--validation_split_percentage", 0, *layout)
+                          "--validation_split_percentage", 0, "--telemetry_steps", 5, *layout)
 
     run_in_process(argv(tmp_path / "single", "--gradient_accumulation_steps", 2))
     launch("ddp.yaml", 2, argv(tmp_path / "ddp"))
@@ -211,6 +231,7 @@ def test_one_process_ddp_and_zero2_take_the_same_muon_steps_and_zero2_resumes_ex
         other, _ = read_metrics(tmp_path / layout)
         for step in single:
             assert other[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-5), (layout, step)
+    per_layer_telemetry_under_muon(tmp_path)
     straight, _ = read_metrics(tmp_path / "zero2")
     launch("zero2.yaml", 2, argv(tmp_path / "resumed", "--resume_from_checkpoint",
                                  tmp_path / "zero2" / "checkpoint-5"))
