@@ -214,6 +214,8 @@ def watch_attention(attention, logits: torch.Tensor, index: int) -> list[Any]:
         seen["q"] = output
 
     def on_k(module, args, output):
+        if seen.get("rope") is None:  # an attention called without position_embeddings: not one measured here
+            return
         with torch.no_grad():
             largest = largest_logit(attention, seen.pop("q"), output, *seen["rope"], seen["positions"])
             torch.maximum(logits[index], largest, out=logits[index])

@@ -95,7 +95,8 @@ class MetricsLogger:
 
     def stage(self, values: dict[str, Any]) -> None:
         """Values measured at this step (pretrain.telemetry.layer_stats), written with its training record."""
-        self.staged.update(values)
+        if self.enabled:
+            self.staged.update(values)
 
     def log(self, record: dict[str, Any], show: bool = True) -> None:
         """Write the record to metrics.jsonl and the trackers; `show`: as a line on the console too. A training
