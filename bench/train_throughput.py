@@ -12,6 +12,8 @@ range of the per-round ratios.
         --layers 2 --block_size 128 --batch 4 --steps 24 --warmup 4 --rounds 4    # at Qwen's vocabulary
     python bench/train_throughput.py --sides "train_loop.py --telemetry_steps 0" "train_loop.py --telemetry_steps 1" \
         --vocab_size 151936 --layers 2 --block_size 128 --batch 4 --steps 16 --warmup 4 --rounds 4  # telemetry's cost
+    python bench/train_throughput.py --telemetry_pairs --vocab_size 151936 --layers 2 --block_size 128 --batch 4 \
+        --steps 24 --warmup 4      # a telemetry step against the step before it, in one run
 """
 
 from __future__ import annotations
@@ -134,6 +136,20 @@ def run_train_loop_telemetry(every: int):
     return run
 
 
+def telemetry_pairs(spec: dict, warmup: int) -> None:
+    """--telemetry_pairs: train_loop.py with per-layer telemetry every second step, so that each telemetry step has
+    a step without it just before it, under the same load of a shared machine; prints the median of their ratios and
+    what that makes at the default cadence (one telemetry step in 50)."""
+    from pretrain.base.arguments import TrainArguments
+
+    records = train_loop_records(spec, Path(spec["work"]) / "pairs_out", "--weight_decay", "0", "--telemetry_steps", "2")
+    times = {record["step"]: record["step_time_s"] for record in records}
+    ratios = [times[step] / times[step - 1] for step in times if step % 2 == 0 and step - 1 > warmup]
+    ratio, every = statistics.median(ratios), TrainArguments.telemetry_steps
+    print(f"telemetry step / the step before it: median {ratio:.3f} over {len(ratios)} pairs (range {min(ratios):.3f} - "
+          f"{max(ratios):.3f}); at --telemetry_steps {every}: {(ratio - 1) / every:+.2%} of the step time")
+
+
 def run_bare(spec: dict) -> list[float]:
     """The minimal hand-written loop: no Accelerate, no logging beyond reading the loss."""
     import torch
@@ -226,6 +242,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="runs of each loop, in rotated order")
     parser.add_argument("--sides", nargs="+", default=list(RUNNERS)[:3], choices=list(RUNNERS),
                         help="the loops to compare (train_loop.py always among them)")
+    parser.add_argument("--telemetry_pairs", action="store_true",
+                        help="instead of the sides: the cost of a --telemetry_steps step against the step before it")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one side, print its step times
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -236,6 +254,8 @@ def main() -> None:
         spec = prepare(Path(work), options)
         vocabulary = json.loads((Path(spec["config"]) / "config.json").read_text())["vocab_size"]
         packed_blocks(spec)  # build the cache once, outside every timing
+        if options.telemetry_pairs:
+            return telemetry_pairs(spec, options.warmup)
         tokens_per_step = spec["batch"] * spec["block_size"]
         names = list(dict.fromkeys(["train_loop.py", *options.sides]))
         rounds = [{} for _ in range(options.rounds)]

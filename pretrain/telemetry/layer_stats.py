@@ -72,7 +72,9 @@ class LayerTelemetry:
         self.parts = list(dict.fromkeys(part_of(n, width) for n, _ in named))
         self.part_index = torch.tensor([self.parts.index(part_of(n, width)) for n, _ in named],
                                        device=accelerator.device)
-        self.attention = [(f"layers.{i:0{width}d}", m) for i, m in enumerate(attention_modules(self.model))]
+        # Compiled layers do not run hooks registered after compiling them: no logits under --torch_compile
+        self.attention = [] if args.torch_compile else [(f"layers.{i:0{width}d}", module)
+                                                        for i, module in enumerate(attention_modules(self.model))]
         # Muon's matrices under ZeRO-2 hold no gradient after the backward (the module docstring): their parts' null
         self.no_gradient = {self.parts.index(part_of(n, width)) for n, p in named
                             if self.stage == 2 and getattr(p, "use_muon", False)}
@@ -153,7 +155,8 @@ class LayerTelemetry:
             values[f"{KINDS[1]}/{part}"] = update[index]
             values[f"{KINDS[2]}/{part}"] = update[index] / before[index] if before[index] > 0 else None
             values[f"{KINDS[3]}/{part}"] = after[index]
-        values.update({f"{LOGIT}/{name}": logit for (name, _), logit in zip(self.attention, logits)})
+        values.update({f"{LOGIT}/{name}": logit if math.isfinite(logit) else None
+                       for (name, _), logit in zip(self.attention, logits)})
         return values
 
     def add_squares(self, row: int, tensors: list[torch.Tensor | None]) -> None:
