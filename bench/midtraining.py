@@ -19,12 +19,14 @@ Chinese-like and the tokenizer a byte-level BPE of more than 65,536 entries trai
   against the last one.
 
 The table gives each model's final eval loss, its tokens, their ratio to its branch point's, and its eval loss
-against cosine's; midtraining.png shows the learning rates against steps and eval loss against tokens.
+against cosine's; a second one the eval noise: each finished model's loss on the two halves of the held-out blocks,
+its difference from cosine's on each half, and that difference's paired standard error over the blocks.
+midtraining.png shows the learning rates against steps and eval loss against tokens.
 
     pip install -r bench/requirements.txt          # matplotlib, for the picture
-    python bench/midtraining.py [--steps 100] [--save_every 10] [--branch_points 0.4 0.6 0.8] [--branch_decay 0.25] \
-        [--average_last 4] [--layers 2] [--hidden_size 64] [--block_size 64] [--batch 8] [--lr 1e-2] \
-        [--warmup 10] [--eval_every 10] [--eval_blocks 32] [--documents 30000] [--tokenizer_size 70000] \
+    python bench/midtraining.py [--steps 300] [--save_every 30] [--branch_points 0.4 0.6 0.8] [--branch_decay 0.25] \
+        [--average_last 4] [--layers 2] [--hidden_size 64] [--block_size 128] [--batch 8] [--lr 1e-2] \
+        [--warmup 20] [--eval_every 30] [--eval_blocks 256] [--documents 30000] [--tokenizer_size 70000] \
         [--output bench/midtraining.png]
 """
 
@@ -106,6 +108,40 @@ def average(work: Path, stable: dict, steps: list[int]) -> dict:
     return json.loads((soup / "soup.json").read_text())["evaluation"]
 
 
+def halves(work: Path, options, runs: list[dict]) -> None:
+    """The eval noise: each finished model's loss on the two halves of the held-out blocks that every evaluation
+    reads, and each one's difference from cosine on both halves with its paired standard error (over blocks)."""
+    import numpy
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+    blocks = torch.from_numpy(numpy.array(numpy.load(next((work / "cache").glob("*/validation.npy")),
+                                                      mmap_mode="r")[:options.eval_blocks], dtype=numpy.int64))
+    finished = [run for run in runs if not run["name"].startswith("stable")]
+    losses = {}
+    with torch.no_grad():
+        for run in finished:
+            model = AutoModelForCausalLM.from_pretrained(run["output"]).eval()
+            losses[run["name"]] = torch.cat([model(input_ids=chunk, labels=chunk).loss.reshape(1)
+                                             for chunk in blocks.split(1)])
+    cosine, half = losses["cosine"], len(blocks) // 2
+    print(f"\nthe eval noise, over {len(blocks)} held-out blocks (the loss is each block's mean, and its mean over "
+          "them the run's final eval_loss):\n")
+    print("| model | final eval loss (run / here) | first half | second half | - cosine's, first half | second half "
+          "| - cosine's, all, +- paired s.e. |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for run in finished:
+        loss = losses[run["name"]]
+        difference = loss - cosine
+        print(f"| {run['name']} | {run['curve'][-1][1]:.4f} / {loss.mean():.4f} | {loss[:half].mean():.4f} | "
+              f"{loss[half:].mean():.4f} | {difference[:half].mean():+.4f} | {difference[half:].mean():+.4f} | "
+              f"{difference.mean():+.4f} +- {difference.std() / len(blocks) ** 0.5:.4f} "
+              f"({difference.mean() / cosine.mean():+.2%}) |")
+
+
 def draw(runs: list[dict], averaged: tuple[int, float, float], path: Path, title: str) -> None:
     import matplotlib
 
@@ -153,20 +189,20 @@ def print_table(runs: list[dict], averaged: dict, average_steps: list[int], stab
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=100, help="S: the cosine's and WSD's length")
-    parser.add_argument("--save_every", type=int, default=10, help="the stable run's checkpoint spacing (steps)")
+    parser.add_argument("--steps", type=int, default=300, help="S: the cosine's and WSD's length")
+    parser.add_argument("--save_every", type=int, default=30, help="the stable run's checkpoint spacing (steps)")
     parser.add_argument("--branch_points", type=float, nargs="+", default=[0.4, 0.6, 0.8],
                         help="fractions of S, each a multiple of --save_every; the last is where the stable run ends")
     parser.add_argument("--branch_decay", type=float, default=0.25, help="a branch's decay over its branch step")
     parser.add_argument("--average_last", type=int, default=4, help="stable checkpoints averaged")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden_size", type=int, default=64)
-    parser.add_argument("--block_size", type=int, default=64)
+    parser.add_argument("--block_size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8, help="blocks per step")
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--eval_every", type=int, default=10, help="steps between evaluations")
-    parser.add_argument("--eval_blocks", type=int, default=32, help="held-out blocks of each evaluation")
+    parser.add_argument("--lr", type=float, default=1e-2, help="the peak (tuned for cosine: 3e-3, 1e-2, 3e-2)")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--eval_every", type=int, default=30, help="steps between evaluations")
+    parser.add_argument("--eval_blocks", type=int, default=256, help="held-out blocks of each evaluation")
     parser.add_argument("--documents", type=int, default=30000, help="documents of the generated corpus")
     parser.add_argument("--tokenizer_size", type=int, default=70000, help="entries of the byte-level BPE")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "midtraining.png")
@@ -195,6 +231,7 @@ def main() -> None:
                                    options.save_every))
         averaged = average(work, stable, average_steps)
         print_table(runs, averaged, average_steps, stable)
+        halves(work, options, runs)
         last = averaged[f"stable/checkpoint-{average_steps[-1]}"]["eval_loss"]
         draw(runs, (stable_tokens(stable, points[-1]), last, averaged["average"]["eval_loss"]), options.output,
              title)
