@@ -24,9 +24,9 @@ its difference from cosine's on each half, and that difference's paired standard
 midtraining.png shows the learning rates against steps and eval loss against tokens.
 
     pip install -r bench/requirements.txt          # matplotlib, for the picture
-    python bench/midtraining.py [--steps 300] [--save_every 30] [--branch_points 0.4 0.6 0.8] [--branch_decay 0.25] \
+    python bench/midtraining.py [--steps 120] [--save_every 12] [--branch_points 0.4 0.6 0.8] [--branch_decay 0.25] \
         [--average_last 4] [--layers 2] [--hidden_size 64] [--block_size 128] [--batch 8] [--lr 1e-2] \
-        [--warmup 20] [--eval_every 30] [--eval_blocks 256] [--documents 30000] [--tokenizer_size 70000] \
+        [--warmup 12] [--eval_every 24] [--eval_blocks 128] [--documents 30000] [--tokenizer_size 70000] \
         [--output bench/midtraining.png]
 """
 
@@ -189,8 +189,8 @@ def print_table(runs: list[dict], averaged: dict, average_steps: list[int], stab
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300, help="S: the cosine's and WSD's length")
-    parser.add_argument("--save_every", type=int, default=30, help="the stable run's checkpoint spacing (steps)")
+    parser.add_argument("--steps", type=int, default=120, help="S: the cosine's and WSD's length")
+    parser.add_argument("--save_every", type=int, default=12, help="the stable run's checkpoint spacing (steps)")
     parser.add_argument("--branch_points", type=float, nargs="+", default=[0.4, 0.6, 0.8],
                         help="fractions of S, each a multiple of --save_every; the last is where the stable run ends")
     parser.add_argument("--branch_decay", type=float, default=0.25, help="a branch's decay over its branch step")
@@ -200,9 +200,9 @@ def main() -> None:
     parser.add_argument("--block_size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8, help="blocks per step")
     parser.add_argument("--lr", type=float, default=1e-2, help="the peak (tuned for cosine: 3e-3, 1e-2, 3e-2)")
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--eval_every", type=int, default=30, help="steps between evaluations")
-    parser.add_argument("--eval_blocks", type=int, default=256, help="held-out blocks of each evaluation")
+    parser.add_argument("--warmup", type=int, default=12)
+    parser.add_argument("--eval_every", type=int, default=24, help="steps between evaluations")
+    parser.add_argument("--eval_blocks", type=int, default=128, help="held-out blocks of each evaluation")
     parser.add_argument("--documents", type=int, default=30000, help="documents of the generated corpus")
     parser.add_argument("--tokenizer_size", type=int, default=70000, help="entries of the byte-level BPE")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "midtraining.png")
