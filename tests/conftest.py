@@ -95,7 +95,17 @@ def launch(config, num_processes, argv, timeout=300, extra_launch=(), cwd=ROOT, 
         env.pop(name, None) if value is None else env.__setitem__(name, value)
     command = launch_command(config, num_processes, argv,
                              ("--main_process_port", env["MASTER_PORT"], *extra_launch), script, python)
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    # In a session of its own, so that a launch past its timeout is killed with its workers: torch elastic's
+    # workers outlive a SIGKILLed launcher and would train on, holding the CPU, through the rest of the suite.
+    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"the launch ran past {timeout} s (killed with its workers):\n{stdout[-3000:]}{stderr[-5000:]}")
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
