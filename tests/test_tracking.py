@@ -36,6 +36,26 @@ def test_report_to_all_starts_every_installed_tracker(assets, tmp_path, monkeypa
     assert ("swanlab" in installed) == (output / "swanlog").is_dir()
     assert ("tensorboard" in installed) == bool(list((output / "tensorboard").rglob("events.out.tfevents.*")))
     assert ("wandb" in installed) == (output / "wandb").is_dir()
+    assert tensorboard_charts(output / "tensorboard") == {
+        "per layer": {"layer_grad_norm": ["^layer_grad_norm/"], "layer_update_norm": ["^layer_update_norm/"],
+                      "layer_update_ratio": ["^layer_update_ratio/"], "layer_weight_norm": ["^layer_weight_norm/"],
+                      "attn_logit_max": ["^attn_logit_max/"]},
+        "stragglers": {f"straggler/{kind}": [f"^straggler/{kind}_(slowest|fastest)_s$"]
+                       for kind in ("step_time", "data_wait", "forward")}}
+
+
+def tensorboard_charts(folder):
+    """The Custom Scalars layout a run wrote to TensorBoard, read back from its event file: {category: {chart: regexes
+    of its lines}}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    events = EventAccumulator(str(next(folder.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    return {category.title: {chart.title: list(chart.multiline.tag) for chart in category.chart}
+            for category in layout.category}
 
 
 def test_a_tracker_that_is_not_installed_is_one_line(assets, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from typing import Any
 from pretrain.base.arguments import TrainArguments
 from pretrain.base.errors import UsageError, first_line
 from pretrain.base.state import TrainState
+from pretrain.telemetry import layer_stats, stragglers
 
 TRACKERS = {"swanlab": "swanlab", "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # -> package
 
@@ -118,12 +119,23 @@ def start_trackers(accelerator, args: TrainArguments, state: TrainState, run_con
     try:
         accelerator.init_trackers(args.swanlab_project, config=None if resumed else config,
                                   init_kwargs={tracker: init_kwargs[tracker] for tracker in trackers})
-        for tracker in accelerator.trackers if resumed else ():
-            if tracker.name != "tensorboard":  # TensorBoard's hparams are a new subrun each time: once per run
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_custom_scalars(tensorboard_layout())
+            elif resumed:  # TensorBoard's hparams are a new subrun each time: once per run
                 tracker.store_init_configuration(config)
     except Exception as error:  # a login, network or folder problem, before any step is trained
         raise UsageError(f"--report_to {' '.join(trackers)}: a tracker did not start ({first_line(error)}); fix "
                          f"that, or pass --report_to none") from None
+
+
+def tensorboard_layout() -> dict[str, dict[str, list]]:
+    """TensorBoard's Custom Scalars page: one chart per kind of per-layer value with a line per layer, and one per
+    straggler timing with its slowest and fastest rank (its scalars page makes a chart per name)."""
+    per_layer = {kind: ["Multiline", [rf"^{kind}/"]] for kind in (*layer_stats.KINDS, layer_stats.LOGIT)}
+    per_rank = {f"straggler/{kind}": ["Multiline", [rf"^straggler/{kind}_(slowest|fastest)_s$"]]
+                for kind in stragglers.KINDS}
+    return {"per layer": per_layer, "stragglers": per_rank}
 
 
 def flat_config(run_config: dict[str, Any]) -> dict[str, Any]:
