@@ -144,8 +144,10 @@ def run_arguments(checkpoint: Path) -> tuple[ModelArguments, DataArguments, Trai
         names = {field.name for field in fields(kind) if field.init}
         return kind(**{key: value for key, value in values.items() if key in names})
 
-    return (build(ModelArguments, record["model"]), build(DataArguments, record["data"]),
-            build(TrainArguments, record["train"]), record)
+    model_args, data_args = build(ModelArguments, record["model"]), build(DataArguments, record["data"])
+    if not (model_args.model_name_or_path or model_args.config_name or model_args.tokenizer_name):
+        data_args.train_files = None  # the demo, which records its own corpus: loading it finds its tokenizer again
+    return model_args, data_args, build(TrainArguments, record["train"]), record
 
 
 def load_model(model_args: ModelArguments, data_args: DataArguments):

@@ -58,6 +58,13 @@ def test_demo_command_from_a_fresh_checkout(tmp_path):
     assert "error:" not in debug.stderr and "NameError" not in debug.stdout
     assert "is as long as the run" not in debug.stderr  # its --warmup_steps 0 holds on the demo
 
+    # Averaging the demo's last two checkpoints, as docs/averaging.md shows: the demo records no tokenizer flag.
+    last_two = sorted(output.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))[-2:]
+    soup = subprocess.run([sys.executable, "-m", "pretrain.average_checkpoints", "--checkpoints", *map(str, last_two),
+                           "--output_dir", "output/soup"], cwd=checkout, env=env, text=True, capture_output=True,
+                          timeout=300)
+    assert soup.returncode == 0 and (checkout / "output" / "soup" / "model.safetensors").is_file(), soup.stderr[-2000:]
+
 
 def test_swanlab_run_id_survives_a_resume(assets, tmp_path):
     output = tmp_path / "run"
