@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 import data_utils
-from pretrain.base.arguments import DEMO_DEFAULTS, DataArguments, ModelArguments, TrainArguments, is_demo, \
-    order_seed, parse_args, split_seed
+from pretrain.base.arguments import DataArguments, ModelArguments, TrainArguments, demo_defaults_in_use, \
+    is_demo, order_seed, parse_args, split_seed
 from pretrain.base.errors import SEEN_BY_EVERY_RANK, CheckpointError, DataError, Diverged, NonFiniteLoss, UsageError, \
     exit_with, first_line
 from pretrain.base.faults import FaultInjector
@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> str:
     with hold_output_dir(accelerator, args.output_dir):  # one run per folder: a second one is refused
         torch.manual_seed(args.seed)
         if demo and accelerator.is_main_process:  # its defaults are not the ones --help shows
-            logger.info(f"the built-in demo, with its own defaults for the flags not given: {DEMO_DEFAULTS}")
+            logger.info(f"the built-in demo, with its own defaults for the flags not given: "
+                        f"{demo_defaults_in_use(data_args, args)}")
 
         # What the run resumes from, the tokenizer, the tasks and the model come before the data build, so that a
         # foreign --output_dir, a bad task file or a model that cannot be built is refused before that work.

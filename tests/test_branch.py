@@ -108,6 +108,11 @@ def test_a_branch_is_the_inline_wsd_run_to_the_bit_under_zero2_too(assets, cache
     assert sorted(c) == list(range(BRANCH + 1, TOTAL + 1))
     assert [(c[s]["loss"], c[s]["lr"]) for s in c] == [(a[s]["loss"], a[s]["lr"]) for s in c]
     assert same_weights(tmp_path / "A", tmp_path / "C") and folder_hashes(tmp_path / "B") == before
+    # The same branch on one process without DeepSpeed cannot load ZeRO shards: one line that says how to launch it.
+    with pytest.raises(UsageError, match=r"was written with DeepSpeed and this launch runs without it; .*; a branch "
+                                         r"is launched as its parent was \(its accelerate config and --optim\)$"):
+        run_in_process(flags(assets, tmp_path / "D", cache, *INLINE, "--branch_from", checkpoint))
+    assert folder_hashes(tmp_path / "B") == before
 
 
 def test_the_manifest_records_the_branch_point_its_hash_schedule_and_mixture(inline):

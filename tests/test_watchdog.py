@@ -114,3 +114,27 @@ def test_a_frozen_rank_is_found_by_its_missing_heartbeats(assets, tmp_path):
         kill_tree(process)
     step, folder, saved = line.search(process.output()).groups()
     assert 5 <= waited < 30 and folder == str(output) and int(saved) % 5 == 0 and 5 <= int(saved) < int(step)
+
+
+@pytest.mark.parametrize("attempt", [0, 1])
+def test_the_first_step_after_a_restart_is_watched_with_a_grace(attempt, tmp_path, monkeypatch):
+    """A first attempt's first step is not watched (it holds the data build and the compilation); a restart's is,
+    from the loop's start, with FIRST_STEP_AFTER_A_RESTART_S more: a fault that comes back in that step ends the
+    attempt instead of holding it until --ddp_timeout."""
+    from pretrain.base.arguments import TrainArguments
+    from pretrain.resilience import watchdog
+
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(attempt))
+    monkeypatch.setattr(watchdog, "FIRST_STEP_AFTER_A_RESTART_S", 0.5)
+    ended = []
+    monkeypatch.setattr(watchdog.Watchdog, "_end", lambda self, what, hang=False: (ended.append(what), self.stop()))
+    dog = watchdog.Watchdog(TrainArguments(output_dir=str(tmp_path), hang_timeout=0.5), 0, 1, 0)
+    try:
+        time.sleep(2.5)  # two beats past the limit of 0.5 s + 0.5 s
+    finally:
+        dog.stop()
+    if attempt == 0:
+        assert ended == []
+    else:
+        assert len(ended) == 1 and re.match(r"no optimizer step finished for [\d.]+ s since the restarted loop began "
+                                            r"\(limit 1\.0 s, --hang_timeout\)", ended[0]), ended

@@ -296,6 +296,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     return model_args, data_args, train_args
 
 
+def demo_defaults_in_use(data_args: DataArguments, args: TrainArguments) -> dict[str, Any]:
+    """The demo's own defaults that this run has (those the user did not set otherwise)."""
+    return {name: value for name, value in DEMO_DEFAULTS.items()
+            if getattr(data_args if hasattr(data_args, name) else args, name) == value}
+
+
 def split_seed(args: TrainArguments) -> int:
     """The validation split's seed: part of the data cache's key."""
     return DEFAULT_SPLIT_SEED if args.data_seed is None else args.data_seed

@@ -249,7 +249,8 @@ def resume(accelerator, checkpoint: Path | None, state: TrainState, args: TrainA
     accelerator.step = 0
     logger.info(f"resumed from {checkpoint} at step {saved.step} (epoch {saved.epoch}, step {saved.step_in_epoch})"
                 + (f", resharded from {saved.num_processes} to {state.num_processes} processes" if reshard else ""))
-    take_up_changed_schedule(saved, state, scheduler, peaks, accelerator.is_main_process)
+    # A branch says in its own line which rate it goes on from (checkpointing.branch)
+    take_up_changed_schedule(saved, state, scheduler, peaks, accelerator.is_main_process and not args.branch_from)
     logged_epoch = saved.epochs_done() if saved.train_blocks and saved.global_batch_blocks else None
     changed = carry_mixture_position(saved, state, mixture) if mixture is not None else None
     if mixture is None:
@@ -284,6 +285,8 @@ def layout_mismatch(saved: TrainState, current: TrainState, checkpoint: Path) ->
 
 
 def start_afresh_advice(args: TrainArguments) -> str:
+    if args.branch_from:
+        return "a branch is launched as its parent was (its accelerate config and --optim)"
     if args.resume_from_checkpoint not in (None, "latest"):
         return "or pass another --resume_from_checkpoint"
     return (f"or start a new run with another --output_dir (or --overwrite_output_dir, which deletes the "

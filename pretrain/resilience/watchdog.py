@@ -29,6 +29,7 @@ from typing import Iterator
 
 from pretrain.base.arguments import TrainArguments
 from pretrain.base.errors import first_line, report_to_launcher
+from pretrain.base.faults import launch_attempt
 from pretrain.checkpointing.checkpoints import checkpoint_damage, list_checkpoints
 from pretrain.distributed.restarts import attempt_store, what_follows
 
@@ -37,6 +38,7 @@ logger = logging.getLogger("train_loop")
 BEAT_S = 1.0  # how often each rank adds to its counter, and rank 0 reads them
 AFTER_A_FAILED_COLLECTIVE_S = 3.0  # a collective already failed: a counter still this long is a rank gone
 HANG_MULTIPLE = 10  # of the median step
+FIRST_STEP_AFTER_A_RESTART_S = 60.0  # see Watchdog.__init__
 FILES_WAIT_S = 5.0  # rank 0 waits this long for the other ranks' stack files before saying where they are
 PREFIX = "pretrain_watchdog/"
 
@@ -50,7 +52,12 @@ class Watchdog:
         self.heartbeat_timeout = args.heartbeat_timeout if world_size > 1 else 0
         self.store = connect_to_store() if self.heartbeat_timeout > 0 else None
         self.step = 0
-        self.last_progress: float | None = None  # when the last step finished (or a pause ended); None before one
+        # After a restart the first step is watched too, from the loop's start, with FIRST_STEP_AFTER_A_RESTART_S
+        # more for what the attempt before had built (compiled graphs, DeepSpeed's set-up): a fault that comes back
+        # in that step would otherwise hold every attempt until --ddp_timeout.
+        self.first_step_grace_s = FIRST_STEP_AFTER_A_RESTART_S if launch_attempt() > 0 else 0.0
+        # when the last step finished (or a pause ended); None before one, unless after a restart
+        self.last_progress: float | None = time.monotonic() if self.first_step_grace_s else None
         self.step_seconds: deque[float] = deque(maxlen=101)
         self.pauses = 0
         self.collective_failed = threading.Event()
@@ -64,9 +71,9 @@ class Watchdog:
 
     def step_done(self, step: int) -> None:
         now = time.monotonic()
-        if self.last_progress is not None:
+        if self.last_progress is not None and not self.first_step_grace_s:
             self.step_seconds.append(now - self.last_progress)
-        self.step, self.last_progress = step, now
+        self.step, self.last_progress, self.first_step_grace_s = step, now, 0.0
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -130,7 +137,7 @@ class Watchdog:
     def limit_s(self) -> float:
         """The hang limit: --hang_timeout, or 10 x the median step when that is longer."""
         median = statistics.median(self.step_seconds) if self.step_seconds else 0.0
-        return max(self.hang_timeout, HANG_MULTIPLE * median)
+        return max(self.hang_timeout, HANG_MULTIPLE * median) + self.first_step_grace_s
 
     def _check_progress(self) -> None:
         # Once a collective has failed, a peer is gone: the heartbeats name it within seconds; it is no hang.
@@ -141,7 +148,7 @@ class Watchdog:
             return
         stacks = self.output_dir / f"hang-rank{self.rank}.txt"
         with open(stacks, "w") as handle:
-            handle.write(f"rank {self.rank}: no optimizer step finished for {waited:.1f} s after step {self.step} "
+            handle.write(f"rank {self.rank}: no optimizer step finished for {waited:.1f} s {self.since()} "
                          f"(limit {limit:.1f} s); every thread's Python stack:\n")
             handle.flush()
             faulthandler.dump_traceback(handle, all_threads=True)
@@ -151,8 +158,11 @@ class Watchdog:
                     (self.output_dir / f"hang-rank{rank}.txt").exists() for rank in range(self.world_size)):
                 time.sleep(0.1)
         files = f"hang-rank{{0..{self.world_size - 1}}}.txt" if self.world_size > 1 else "hang-rank0.txt"
-        self._end(f"no optimizer step finished for {waited:.1f} s after step {self.step} (limit {limit:.1f} s, "
+        self._end(f"no optimizer step finished for {waited:.1f} s {self.since()} (limit {limit:.1f} s, "
                   f"--hang_timeout): every rank's Python stack is in {self.output_dir / files}", hang=True)
+
+    def since(self) -> str:
+        return "since the restarted loop began" if self.first_step_grace_s else f"after step {self.step}"
 
     def _end(self, what: str, hang: bool = False) -> None:
         """Say why the run ends (each node's first process; rank 0 alone for a hang) and end this process."""
