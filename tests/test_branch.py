@@ -92,6 +92,21 @@ def test_a_branch_from_a_stable_checkpoint_is_the_inline_wsd_run_to_the_bit(inli
     assert None not in run_ids and run_ids[0] != run_ids[1]  # the branch is a run of its own in the trackers
 
 
+def test_a_branch_resumed_from_its_own_checkpoint_with_a_longer_schedule_says_so(inline, assets, cache, tmp_path):
+    """Past its branch point a branch is a run like any: a resume with another schedule says which rate it takes."""
+    root, _, _ = inline
+    shutil.copytree(root / "C", tmp_path / "C")  # the branch and its own checkpoint-60, left as the others read it
+    log = tmp_path / "C.log"
+    handler = logging_to(log)
+    try:
+        run_in_process(flags(assets, tmp_path / "C", cache, *INLINE, "--branch_from",
+                             root / "B" / f"checkpoint-{BRANCH}", "--max_steps", TOTAL + 4))
+    finally:
+        handler()
+    assert f"resumed from {tmp_path / 'C' / f'checkpoint-{TOTAL}'} at step {TOTAL}" in log.read_text()
+    assert "the learning-rate schedule changed since the checkpoint" in log.read_text()
+
+
 def test_a_branch_is_the_inline_wsd_run_to_the_bit_under_zero2_too(assets, cache, tmp_path):
     """A, B (stopped at 48: its constant rate does not depend on the length) and the branch C, each launched with
     zero2.yaml on 2 processes (micro-batch 1, the same global batch of 2 blocks)."""

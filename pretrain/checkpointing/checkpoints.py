@@ -249,8 +249,9 @@ def resume(accelerator, checkpoint: Path | None, state: TrainState, args: TrainA
     accelerator.step = 0
     logger.info(f"resumed from {checkpoint} at step {saved.step} (epoch {saved.epoch}, step {saved.step_in_epoch})"
                 + (f", resharded from {saved.num_processes} to {state.num_processes} processes" if reshard else ""))
-    # A branch says in its own line which rate it goes on from (checkpointing.branch)
-    take_up_changed_schedule(saved, state, scheduler, peaks, accelerator.is_main_process and not args.branch_from)
+    # At its branch point a branch says in its own line which rate it goes on from (checkpointing.branch)
+    take_up_changed_schedule(saved, state, scheduler, peaks,
+                             accelerator.is_main_process and not is_branch_point(args, checkpoint))
     logged_epoch = saved.epochs_done() if saved.train_blocks and saved.global_batch_blocks else None
     changed = carry_mixture_position(saved, state, mixture) if mixture is not None else None
     if mixture is None:
